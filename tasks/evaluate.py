@@ -1,0 +1,90 @@
+"""Evaluation: loss, accuracy and macro-F1 for classifiers; the confusion matrix for the final model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def classification_metrics(preds, labels, num_labels: int) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0)),
+    }
+
+
+def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
+    """Mean loss over examples, accuracy, macro-F1, and the predictions (for the confusion matrix)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.device import autocast
+
+    model.eval()
+    total, n, preds, labels = 0.0, 0, [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                out = model(**batch)
+            bs = batch["labels"].shape[0]
+            total += out.loss.float().item() * bs
+            n += bs
+            preds += out.logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+    model.train()
+    m = classification_metrics(preds, labels, model.config.num_labels)
+    return {"loss": total / max(n, 1), **m, "preds": preds, "labels": labels}
+
+
+def confusion_matrix_artifacts(preds, labels, label_names: list[str], out_dir: str | Path) -> list[str]:
+    """Writes confusion_matrix.json and .png; returns their paths (logged to MLflow by the tracking task)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cm = confusion_matrix(labels, preds, labels=list(range(len(label_names))))
+    (out / "confusion_matrix.json").write_text(json.dumps({"labels": label_names, "matrix": cm.tolist()}, indent=2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(label_names) + 2, 1.2 * len(label_names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(label_names)), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_title("confusion matrix (eval split)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+    return [str(out / "confusion_matrix.json"), str(out / "confusion_matrix.png")]
+
+
+def loss_curve_artifact(history: list[dict], out_dir: str | Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("train_loss", "eval_loss"):
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=100)
+    plt.close(fig)
+    return str(out / "loss_curve.png")

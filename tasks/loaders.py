@@ -1,0 +1,42 @@
+"""Build PyTorch DataLoaders from a tokenized dataset on disk. The loaders stay in the flow's process and go to
+training in memory (caching and result persistence off: the one deliberate exception to passing paths)."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import resolve_model
+
+
+def build_dataloaders(
+    tokenized_path: str,
+    model: str,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    pad_to_max_length: bool = False,
+    collator=None,
+) -> dict:
+    """Seeded shuffle for train; dynamic padding per batch unless everything was padded to max_length.
+    `collator` (e.g. the MLM masking collator) replaces the padding collator."""
+    import torch
+    from datasets import load_from_disk
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
+
+    dd = load_from_disk(tokenized_path)
+    dd.set_format("torch")
+    if collator is None:
+        collator = (
+            default_data_collator
+            if pad_to_max_length
+            else DataCollatorWithPadding(AutoTokenizer.from_pretrained(resolve_model(model)))
+        )
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "train": DataLoader(dd["train"], batch_size=batch_size, shuffle=True, generator=gen, collate_fn=collator),
+        "eval": DataLoader(dd["eval"], batch_size=eval_batch_size, shuffle=False, collate_fn=collator),
+    }
+
+
+build_dataloaders_task = task(build_dataloaders, name="build-dataloaders", cache_policy=NO_CACHE, persist_result=False)

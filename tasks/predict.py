@@ -1,0 +1,82 @@
+"""Prediction from the Model Registry: `models:/NAME@ALIAS` or `models:/NAME/VERSION`, loaded in this process.
+Text classification returns label + score per text; fill-mask returns the top-k candidates per mask."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flows.config import ConfigError
+
+MASK_PLACEHOLDER = "[MASK]"
+
+
+def model_task(model_uri: str) -> str:
+    """The transformers task recorded in the logged model's MLmodel file."""
+    from mlflow.models import get_model_info
+
+    info = get_model_info(model_uri)
+    return (info.flavors.get("transformers") or {}).get("task", "")
+
+
+def to_model_mask(texts: list[str], mask_token: str) -> list[str]:
+    """`[MASK]` (and `<mask>`) map to the model's own mask token; a text without one is an error."""
+    out, bad = [], []
+    for i, t in enumerate(texts):
+        m = re.sub(r"\[MASK\]|<mask>", lambda _: mask_token, t)
+        if mask_token not in m:
+            bad.append(i)
+        out.append(m)
+    if bad:
+        raise ConfigError(
+            f"text(s) {bad} have no mask: put {MASK_PLACEHOLDER} where the word to predict goes, "
+            f'e.g. "This is a {MASK_PLACEHOLDER} movie!"'
+        )
+    return out
+
+
+def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
+    """Classification: [{text, label, score}]. Fill-mask: [{text, masks: [[{token_str, score, sequence}]...]}]."""
+    import mlflow
+
+    from tasks import tracking
+
+    if not texts:
+        raise ConfigError("no texts to predict: pass them as arguments or with --file")
+    tracking.configure()
+    try:
+        task = model_task(model_uri)
+    except Exception as e:
+        raise ConfigError(
+            f"could not find {model_uri} in the registry at {tracking.tracking_uri()}: {str(e).splitlines()[0]}. "
+            "Check the model name, alias or version (finetune compare lists them) and MLFLOW_TRACKING_URI."
+        ) from None
+    if task == "fill-mask":
+        pipe = mlflow.transformers.load_model(model_uri)
+        masked = to_model_mask(texts, pipe.tokenizer.mask_token)
+        results = []
+        for text, m in zip(texts, masked):
+            r = pipe(m, top_k=top_k)
+            per_mask = r if (r and isinstance(r[0], list)) else [r]
+            per_mask = [sorted(c, key=lambda x: -x["score"]) for c in per_mask]
+            results.append(
+                {"text": text, "masks": [[{"token_str": c["token_str"].strip(), "score": float(c["score"]),
+                                           "sequence": c["sequence"]} for c in cands] for cands in per_mask]}
+            )
+        return results
+    model = mlflow.pyfunc.load_model(model_uri)
+    df = model.predict(texts)
+    return [{"text": t, "label": str(row["label"]), "score": float(row["score"])} for t, (_, row) in zip(texts, df.iterrows())]
+
+
+def format_predictions(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if "label" in r:
+            lines.append(f"{r['label']}\t{r['score']:.4f}\t{r['text']}")
+        else:
+            lines.append(r["text"])
+            for i, cands in enumerate(r["masks"]):
+                prefix = f"  mask {i + 1}: " if len(r["masks"]) > 1 else "  "
+                for rank, c in enumerate(cands, 1):
+                    lines.append(f"{prefix}{rank}. {c['token_str']:<15} {c['score']:.4f}  {c['sequence']}")
+    return "\n".join(lines)

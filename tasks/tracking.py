@@ -1,0 +1,205 @@
+"""MLflow tracking: where the store is, one run per flow run, params, per-epoch metrics (with retry and backoff
+so a short server outage does not kill training), artifacts, and the model in the transformers flavor.
+Every call passes `run_id` explicitly: MLflow's fluent active run is thread-local and Prefect runs tasks in
+worker threads."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import PROJECT_ROOT, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Local default store (no server to start): sqlite for runs + registry, a folder for artifacts.
+STORE_DIR = Path(os.environ.get("FINETUNE_MLFLOW_STORE", PROJECT_ROOT / "mlflow" / "store"))
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a real server or another store), else the local sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def configure() -> str:
+    """Point MLflow (process-wide) at the resolved store; sqlite waits for concurrent writers instead of failing."""
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_wal(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def _sqlite_wal(uri: str) -> None:
+    """WAL lets readers and one writer work at once; the busy timeout makes a second writer wait (30 s)."""
+    import sqlite3
+
+    path = uri[len("sqlite:///"):]
+    try:
+        con = sqlite3.connect(path, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.close()
+    except sqlite3.Error as e:  # pragma: no cover - a read-only location is reported by MLflow itself
+        log.warning("could not enable WAL on %s: %s", path, e)
+
+
+def client():
+    from mlflow import MlflowClient
+
+    uri = configure()
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def check_tracking_server(timeout: float = 5.0) -> str:
+    """Fail fast, before any training, when MLFLOW_TRACKING_URI points at a server that does not answer."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            r.raise_for_status()
+        except Exception as e:
+            raise ConfigError(
+                f"MLflow tracking server {uri} is unreachable ({type(e).__name__}): start it "
+                "(see mlflow/README.md), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store"
+            ) from None
+    configure()
+    return uri
+
+
+def _retry(fn, *args, attempts: int | None = None, **kwargs):
+    """Retries with exponential backoff (1, 2, 4 ... 30 s), about 2 minutes in all by default
+    (FINETUNE_MLFLOW_RETRY_SECONDS): a restarted tracking server gets the metrics once it is back."""
+    budget = float(os.environ.get("FINETUNE_MLFLOW_RETRY_SECONDS", "120"))
+    delay, waited, i = 1.0, 0.0, 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            i += 1
+            if waited >= budget or (attempts is not None and i >= attempts):
+                raise
+            log.warning("MLflow call %s failed (%s); retrying in %.0f s", getattr(fn, "__name__", fn), e, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 30.0)
+
+
+def _experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if tracking_uri().startswith("sqlite:///"):
+        artifact_location = (STORE_DIR / "artifacts" / name).resolve().as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another run
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    """Creates the run (status RUNNING) and logs the whole resolved config as params; returns the run id."""
+    from mlflow.entities import Param
+
+    c = client()
+    run = c.create_run(_experiment_id(c, experiment), run_name=run_name, tags=tags or {})
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        _retry(c.log_batch, run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def find_run(experiment: str, tag: str, value: str) -> str | None:
+    """An earlier run of the same job (same flow run, or same resume key), to continue instead of duplicating."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1, order_by=["start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+class MetricsLogger:
+    """`on_metrics` callback for training: one point per metric per epoch (`step=epoch`), retried with backoff."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._client = client()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        _retry(self._client.log_batch, self.run_id, metrics=batch)
+
+
+def logged_epochs(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client().get_metric_history(run_id, key))
+
+
+def log_artifacts(run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> None:
+    c = client()
+    for p in paths:
+        _retry(c.log_artifact, run_id, p, artifact_path)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for k, v in tags.items():
+        _retry(c.set_tag, run_id, k, str(v))
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """FINISHED only on success; FAILED on an exception; KILLED on SIGTERM or cancellation."""
+    _retry(client().set_terminated, run_id, status, attempts=5)
+
+
+# Explicit requirements: the inferred ones pull in torchvision (and fail to import without it).
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    reqs = []
+    for pkg in ("torch", "transformers", "tokenizers", "accelerate", "mlflow"):
+        try:
+            v = version(pkg).split("+")[0]
+            reqs.append(f"{pkg}=={v}")
+        except Exception:
+            pass
+    return reqs
+
+
+def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = None) -> str:
+    """Logs the saved checkpoint with MLflow's transformers flavor; returns the logged model's URI."""
+    import mlflow
+
+    configure()
+    info = _retry(
+        mlflow.transformers.log_model,
+        transformers_model=model_dir,
+        task=hf_task,
+        name="model",
+        run_id=run_id,
+        pip_requirements=pip_requirements(),
+        input_example=input_example,
+        attempts=3,
+    )
+    return info.model_uri
+
+
+log_model_task = task(log_model, name="log-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)

@@ -1,0 +1,300 @@
+"""Sequence-classification training: setup -> fit -> evaluate, by a plain PyTorch loop (`manual`) or by the HF
+Trainer (`trainer`). Both report the same metric names per epoch through `on_metrics`, so runs compare side by
+side in MLflow, and both end with the model, tokenizer, resolved config and metrics saved in `run_dir/model`."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import BaseModel
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import ClassifyConfig
+from tasks.data import PreparedData
+
+log = logging.getLogger(__name__)
+MetricsFn = Callable[[dict, int], None]
+
+
+class TrainResult(BaseModel):
+    model_dir: str
+    history: list[dict]
+    final: dict
+    device: str
+    train_samples_per_second: float | None = None
+    resumed_from: str | None = None
+
+
+def _write_run_files(model_dir: Path, cfg, history, final) -> None:
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (model_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=2))
+
+
+def _load_model(cfg: ClassifyConfig, data: PreparedData):
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.common import resolve_model
+
+    names = data.label_names
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(cfg.train.model),
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+
+
+def _optimizer_and_scheduler(model, t, steps_per_epoch: int):
+    """AdamW without decay on biases and LayerNorm weights; warmup then the configured decay."""
+    import torch
+    from transformers import get_scheduler
+
+    no_decay = ("bias", "LayerNorm.weight", "layernorm", "layer_norm")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)], "weight_decay": t.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=t.learning_rate)
+    total = steps_per_epoch * t.epochs
+    sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=math.ceil(t.warmup_ratio * total), num_training_steps=total)
+    return opt, sched, total
+
+
+def fit_manual(
+    cfg, model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None, device, dtype
+) -> tuple[list[dict], dict, float, str | None]:
+    """The plain loop shared by both jobs: AdamW, scheduler, clipping, mean train loss per epoch, an evaluation
+    each epoch, and an atomic checkpoint each epoch (and every N steps) that a later run resumes from."""
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from tasks.device import autocast
+
+    t = cfg.train
+    train_loader = loaders["train"]
+    gen = train_loader.generator
+    steps_per_epoch = len(train_loader)
+    opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    history: list[dict] = []
+    start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
+    ckpt_root = run_dir / "checkpoints"
+
+    if t.resume:
+        found = load_latest_checkpoint(ckpt_root)
+        if found:
+            path, st = found
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"])
+            gen.set_state(st["epoch_start_gen_state"])
+            history, step = st["history"], st["step"]
+            start_epoch, skip_batches = st["epoch"], st["batches_done"]
+            if skip_batches >= steps_per_epoch:
+                start_epoch, skip_batches = start_epoch + 1, 0
+                gen.set_state(st["gen_state"])
+            resumed_from = str(path)
+            log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
+
+    def checkpoint(epoch: int, batches_done: int, epoch_start_gen) -> None:
+        save_checkpoint(
+            ckpt_root,
+            step,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng_state(),
+                "gen_state": gen.get_state(),
+                "epoch_start_gen_state": epoch_start_gen,
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "step": step,
+                "history": history,
+                "config": cfg.model_dump(),
+            },
+        )
+
+    log.info(
+        "training: %d examples, %d epochs, batch %d, %d optimizer steps, device %s",
+        len(train_loader.dataset), t.epochs, t.batch_size, total, device,
+    )
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, t.epochs + 1):
+        epoch_start_gen = gen.get_state()
+        loss_sum, loss_n = 0.0, 0
+        if skip_batches and history and history[-1].get("_partial_epoch") == epoch:
+            part = history.pop()
+            loss_sum, loss_n = part["_loss_sum"], part["_loss_n"]
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch)
+        for i, batch in enumerate(bar):
+            if i < skip_batches:
+                continue  # same permutation as the interrupted run: skip what it already trained on
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                loss = model(**batch).loss
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            (scaler.step(opt), scaler.update()) if scaler else opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bs = next(iter(batch.values())).shape[0]
+            seen += bs
+            loss_sum += loss.item() * bs
+            loss_n += bs
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
+                history.append({"_partial_epoch": epoch, "_loss_sum": loss_sum, "_loss_n": loss_n})
+                checkpoint(epoch, i + 1, epoch_start_gen)
+                history.pop()
+        skip_batches = 0
+        row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
+        history.append(row)
+        if on_metrics:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        checkpoint(epoch + 1, 0, gen.get_state())
+    elapsed = time.perf_counter() - t0
+    return history, history[-1] if history else {}, seen / elapsed if elapsed and seen else 0.0, resumed_from
+
+
+def train_classifier(
+    cfg: ClassifyConfig,
+    data: PreparedData,
+    tokenized_path: str,
+    run_dir: str,
+    loaders: dict | None = None,
+    on_metrics: MetricsFn | None = None,
+) -> TrainResult:
+    """Plain function. Writes `run_dir/model` (save_pretrained + tokenizer + config.yaml + metrics.json) and
+    `run_dir/eval_predictions.json` for the confusion matrix."""
+    from transformers import AutoTokenizer
+
+    from tasks.common import resolve_model, seed_everything
+    from tasks.device import amp_dtype, describe, select_device
+    from tasks.evaluate import evaluate_classifier
+    from tasks.loaders import build_dataloaders
+
+    # --- setup
+    t = cfg.train
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = select_device(t.device)
+    dtype = amp_dtype(device, t.precision)
+    seed_everything(t.seed)
+    model = _load_model(cfg, data).to(device)
+    tok = AutoTokenizer.from_pretrained(resolve_model(t.model))
+    if loaders is None:
+        loaders = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed, cfg.data.pad_to_max_length)
+    preds: dict = {}
+
+    def evaluate_fn(m, desc):
+        r = evaluate_classifier(m, loaders["eval"], device, dtype, desc=desc)
+        preds.update(preds=r.pop("preds"), labels=r.pop("labels"))
+        return {f"eval_{k}": v for k, v in r.items()}
+
+    # --- fit
+    if cfg.engine == "manual":
+        history, final, sps, resumed = fit_manual(cfg, model, loaders, run, evaluate_fn, on_metrics, device, dtype)
+    else:
+        history, final, sps, resumed = fit_trainer(cfg, model, tok, tokenized_path, run, on_metrics, device, dtype, preds)
+
+    # --- save
+    model_dir = run / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _write_run_files(model_dir, cfg, history, final)
+    (run / "eval_predictions.json").write_text(json.dumps(preds))
+    return TrainResult(
+        model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
+        train_samples_per_second=sps, resumed_from=resumed,
+    )
+
+
+def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, dtype, preds: dict):
+    """The same model and data through transformers.Trainer; its per-epoch logs are mapped onto our names."""
+    import math
+
+    import numpy as np
+    import torch
+    from datasets import load_from_disk
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from tasks.evaluate import classification_metrics
+
+    t = cfg.train
+    dd = load_from_disk(tokenized_path)
+    steps_per_epoch = math.ceil(len(dd["train"]) / t.batch_size)
+    history: list[dict] = []
+
+    class ToMetrics(TrainerCallback):
+        pending: dict = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and "eval_loss" not in logs:
+                self.pending["train_loss"] = float(logs["loss"])
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            epoch = int(round(state.epoch or 0))
+            row = {"epoch": epoch, **self.pending}
+            row.update({k: float(v) for k, v in (metrics or {}).items() if k in ("eval_loss", "eval_accuracy", "eval_f1")})
+            self.pending = {}
+            history.append(row)
+            if on_metrics:
+                on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+
+    def compute_metrics(p):
+        pred = np.argmax(p.predictions, axis=-1)
+        preds.update(preds=pred.tolist(), labels=p.label_ids.tolist())
+        return classification_metrics(pred, p.label_ids, model.config.num_labels)
+
+    args = TrainingArguments(
+        output_dir=str(run / "trainer"),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs),
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+    collator = default_data_collator if cfg.data.pad_to_max_length else DataCollatorWithPadding(tok)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"], data_collator=collator,
+        processing_class=tok, compute_metrics=compute_metrics, callbacks=[ToMetrics()],
+    )
+    resume = get_last_checkpoint(args.output_dir) if t.resume and Path(args.output_dir).exists() else None
+    out = trainer.train(resume_from_checkpoint=resume)
+    sps = float(out.metrics.get("train_samples_per_second", 0.0))
+    return history, history[-1] if history else {}, sps, resume
+
+
+train_classifier_task = task(train_classifier, name="train-classifier", cache_policy=NO_CACHE, persist_result=False)
