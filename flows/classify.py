@@ -36,7 +36,7 @@ def log_evaluation(run_id: str, run_dir: str, history: list[dict], label_names: 
     return paths
 
 
-@flow(name="classify-finetune", flow_run_name=_run_name, log_prints=True)
+@flow(name="classify-finetune", flow_run_name=_run_name)
 def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
     """Fine-tune a BERT-family classifier, track it in MLflow and register it in the Model Registry."""
     from tasks import tracking

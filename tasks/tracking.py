@@ -187,11 +187,14 @@ def pip_requirements() -> list[str]:
 def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = None) -> str:
     """Logs the saved checkpoint with MLflow's transformers flavor; returns the logged model's URI."""
     import mlflow
+    from transformers import pipeline
 
     configure()
+    # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
+    pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
     info = _retry(
         mlflow.transformers.log_model,
-        transformers_model=model_dir,
+        transformers_model=pipe,
         task=hf_task,
         name="model",
         run_id=run_id,

@@ -78,6 +78,9 @@ def fit_manual(
     from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from tasks.device import autocast
 
+    from tasks.common import run_logger
+
+    log = run_logger(__name__)
     t = cfg.train
     train_loader = loaders["train"]
     gen = train_loader.generator
