@@ -50,7 +50,10 @@ def _load_raw(cfg: DataConfig):
             raise ConfigError(f"unknown embedded source {source!r}: use '{EMBEDDED_DATASET}:imdb' or ':rotten_tomatoes'")
         ds = datasets.load_dataset("csv", data_files={"train": str(embedded_csv())}, split="train")
         ds = ds.filter(lambda b: [s == source for s in b["source"]], batched=True, desc="select embedded source")
-        return datasets.DatasetDict({"train": ds.remove_columns(["source"])})
+        ds = ds.remove_columns(["source"])
+        if cfg.label_column == "label":  # both sources use 0 = negative, 1 = positive
+            ds = ds.cast_column("label", datasets.ClassLabel(names=["negative", "positive"]))
+        return datasets.DatasetDict({"train": ds})
 
     path = Path(src).expanduser()
     looks_like_file = path.suffix.lower() in FILE_BUILDERS or src.startswith((".", "/", "~"))
