@@ -35,7 +35,7 @@ def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
     if masked_lm:
         if tok.mask_token is None:
             problems.append(f"model {model!r} has no mask token, so it cannot be a masked LM: use a BERT/RoBERTa-style model")
-        from transformers import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
         if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             problems.append(f"model type {config.model_type!r} has no masked-LM head class: use a BERT/RoBERTa-style model")
