@@ -110,7 +110,10 @@ def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, lis
     else:
         values = set()
         for split in dd.values():
-            values.update(split.unique(label_col))
+            try:
+                values.update(split.unique(label_col))
+            except Exception:  # e.g. a JSON column of mixed types: arrow has no `unique` for it
+                values.update(v if not isinstance(v, (list, dict)) else str(v) for v in split[label_col])
         if None in values:
             raise ConfigError(f"label column {label_col!r} has missing values: fill or drop those rows")
         kinds = {type(v).__name__ for v in values}
@@ -193,7 +196,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
 
     names = None
     if cfg.label_column:
-        dd, names = _encode_labels(dd, "label", num_labels)
+        dd, names = _encode_labels(dd, cfg.label_column, num_labels)
     stratify = cfg.label_column is not None
     if "eval" not in dd:
         if len(dd["train"]) < 2:
