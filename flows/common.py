@@ -52,22 +52,33 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def resume_key(cfg: JobConfig) -> str:
+    """Identifies "the same job": the resolved config without the resume flag. `--resume` continues the newest
+    unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the run id)."""
+    from tasks.common import stable_hash
+
+    return stable_hash(cfg.model_dump(exclude={"train": {"resume"}}))
+
+
 @contextlib.contextmanager
-def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key: str | None = None) -> Iterator[str]:
+def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key_: str | None = None, **_) -> Iterator[str]:
     """One MLflow run per flow run, FINISHED only when the body succeeds: FAILED on an exception, KILLED on
-    SIGTERM, Ctrl-C or a Prefect cancellation. With `resume_key` an unfinished earlier run is continued."""
+    SIGTERM, Ctrl-C or a Prefect cancellation. With `train.resume` an unfinished earlier run of the same config
+    is continued (same run id, so its metrics continue without duplicates)."""
     from tasks import tracking
 
     name, fr_id = flow_run_info()
-    tags = {"prefect.flow_run_id": str(fr_id or ""), "prefect.flow_run_name": name, "finetune.job": cfg.job}
+    key = resume_key_ or resume_key(cfg)
+    tags = {"prefect.flow_run_id": str(fr_id or ""), "prefect.flow_run_name": name, "finetune.job": cfg.job,
+            "finetune.resume_key": key}
     tags.update(extra_tags or {})
     run_id = None
-    if resume_key:
-        tags["finetune.resume_key"] = resume_key
-        run_id = tracking.find_run(cfg.experiment, "finetune.resume_key", resume_key)
+    if cfg.train.resume:
+        run_id = tracking.find_unfinished_run(cfg.experiment, "finetune.resume_key", key)
         if run_id:
             tracking.client().update_run(run_id, status="RUNNING")
             tracking.set_tags(run_id, {"prefect.flow_run_id": str(fr_id or ""), "finetune.resumed": "true"})
+            get_logger().info("resuming MLflow run %s", run_id)
     if run_id is None:
         run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
     try:

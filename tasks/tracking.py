@@ -22,7 +22,12 @@ STORE_DIR = Path(os.environ.get("FINETUNE_MLFLOW_STORE", PROJECT_ROOT / "mlflow"
 
 
 def default_tracking_uri() -> str:
-    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+    # timeout: a writer waits up to 60 s for another process's transaction instead of failing "database is locked"
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}?timeout=60"
+
+
+def _sqlite_path(uri: str) -> str:
+    return uri[len("sqlite:///"):].split("?", 1)[0]
 
 
 def tracking_uri() -> str:
@@ -36,7 +41,7 @@ def configure() -> str:
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(_sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
         _sqlite_wal(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
@@ -47,7 +52,7 @@ def _sqlite_wal(uri: str) -> None:
     """WAL lets readers and one writer work at once; the busy timeout makes a second writer wait (30 s)."""
     import sqlite3
 
-    path = uri[len("sqlite:///"):]
+    path = _sqlite_path(uri)
     try:
         con = sqlite3.connect(path, timeout=30)
         con.execute("PRAGMA journal_mode=WAL")
@@ -124,29 +129,45 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     return run.info.run_id
 
 
-def find_run(experiment: str, tag: str, value: str) -> str | None:
-    """An earlier run of the same job (same flow run, or same resume key), to continue instead of duplicating."""
+def find_unfinished_run(experiment: str, tag: str, value: str) -> str | None:
+    """The newest run with `tag=value` that did not finish (FAILED, KILLED or still RUNNING after a crash):
+    `--resume` continues it instead of starting a duplicate."""
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1, order_by=["start_time DESC"])
-    return runs[0].info.run_id if runs else None
+    runs = c.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'", max_results=20, order_by=["start_time DESC"])
+    for r in runs:
+        if r.info.status != "FINISHED":
+            return r.info.run_id
+        return None  # the newest matching run finished: nothing to resume
+    return None
 
 
 class MetricsLogger:
-    """`on_metrics` callback for training: one point per metric per epoch (`step=epoch`), retried with backoff."""
+    """`on_metrics` callback for training: one point per metric per epoch (`step=epoch`), retried with backoff.
+    Idempotent per (metric, step): a resumed run replays its history and only the missing points are logged."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._client = client()
+        run = _retry(self._client.get_run, run_id)
+        self._logged = {
+            (k, m.step) for k in run.data.metrics for m in _retry(self._client.get_metric_history, run_id, k)
+        }
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        _retry(self._client.log_batch, self.run_id, metrics=batch)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k, step) not in self._logged
+        ]
+        if batch:
+            _retry(self._client.log_batch, self.run_id, metrics=batch)
+            self._logged.update((m.key, step) for m in batch)
 
 
 def logged_epochs(run_id: str, key: str) -> list[int]:

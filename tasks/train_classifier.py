@@ -30,6 +30,45 @@ class TrainResult(BaseModel):
     resumed_from: str | None = None
 
 
+def resume_on_retry(cfg):
+    """A Prefect retry of the training task continues from the last complete checkpoint instead of restarting."""
+    try:
+        from prefect.runtime import task_run
+
+        if (task_run.run_count or 1) > 1 and not cfg.train.resume:
+            return cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": True})})
+    except Exception:
+        pass
+    return cfg
+
+
+def save_model_dir(run: Path, write) -> Path:
+    """`write(tmp_dir)` then rename to run/model; disk-full or permission errors become one clear error."""
+    import errno
+    import shutil
+
+    final, tmp = run / "model", run / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists():
+            old = run / ".model.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EFBIG):
+            raise OSError(e.errno, f"could not save the model under {run}: {e.strerror}. Free disk space or point "
+                          "--output-dir at a writable location; earlier checkpoints were left intact") from e
+        raise
+    return final
+
+
 def _write_run_files(model_dir: Path, cfg, history, final) -> None:
     (model_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (model_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=2))
@@ -107,6 +146,10 @@ def fit_manual(
                 gen.set_state(st["gen_state"])
             resumed_from = str(path)
             log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
+            if on_metrics:  # idempotent: only epochs the interrupted run did not get to log are sent
+                for row in history:
+                    if "_partial_epoch" not in row:
+                        on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen) -> None:
         save_checkpoint(
@@ -168,10 +211,11 @@ def fit_manual(
         skip_batches = 0
         row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
         history.append(row)
+        # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
+        checkpoint(epoch + 1, 0, gen.get_state())
         if on_metrics:
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
-        checkpoint(epoch + 1, 0, gen.get_state())
     elapsed = time.perf_counter() - t0
     return history, history[-1] if history else {}, seen / elapsed if elapsed and seen else 0.0, resumed_from
 
@@ -194,6 +238,7 @@ def train_classifier(
     from tasks.loaders import build_dataloaders
 
     # --- setup
+    cfg = resume_on_retry(cfg)
     t = cfg.train
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -217,11 +262,9 @@ def train_classifier(
     else:
         history, final, sps, resumed = fit_trainer(cfg, model, tok, tokenized_path, run, on_metrics, device, dtype, preds)
 
-    # --- save
-    model_dir = run / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    _write_run_files(model_dir, cfg, history, final)
+    # --- save (atomically: a full disk leaves the previous model dir and the checkpoints intact)
+    model_dir = save_model_dir(run, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
+                                               _write_run_files(d, cfg, history, final)))
     (run / "eval_predictions.json").write_text(json.dumps(preds))
     return TrainResult(
         model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
@@ -237,7 +280,6 @@ def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, 
     import torch
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tasks.evaluate import classification_metrics
 
@@ -294,10 +336,54 @@ def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, 
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"], data_collator=collator,
         processing_class=tok, compute_metrics=compute_metrics, callbacks=[ToMetrics()],
     )
-    resume = get_last_checkpoint(args.output_dir) if t.resume and Path(args.output_dir).exists() else None
+    resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
     out = trainer.train(resume_from_checkpoint=resume)
     sps = float(out.metrics.get("train_samples_per_second", 0.0))
+    history = history_from_trainer(trainer.state.log_history)
+    if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
+        for row in history:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
     return history, history[-1] if history else {}, sps, resume
+
+
+def history_from_trainer(log_history: list[dict]) -> list[dict]:
+    """Per-epoch rows from Trainer's log history (which survives resume inside trainer_state.json)."""
+    rows: dict[int, dict] = {}
+    for e in log_history:
+        if "epoch" not in e:
+            continue
+        ep = int(round(e["epoch"]))
+        if "loss" in e and "eval_loss" not in e:
+            rows.setdefault(ep, {"epoch": ep})["train_loss"] = float(e["loss"])
+        for k in ("eval_loss", "eval_accuracy", "eval_f1"):
+            if k in e:
+                rows.setdefault(ep, {"epoch": ep})[k] = float(e[k])
+    return [rows[k] for k in sorted(rows) if k > 0]
+
+
+def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
+    """Newest Trainer checkpoint whose state, weights and optimizer all load; torn ones are skipped."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    root = Path(output_dir)
+    if not root.exists():
+        return None
+    cands = sorted((p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for c in cands:
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+            with safe_open(str(c / "model.safetensors"), "pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+            torch.load(c / "optimizer.pt", map_location="cpu", weights_only=False)
+            return str(c)
+        except Exception as e:
+            log.warning("skipping incomplete Trainer checkpoint %s: %s", c, e)
+    return None
 
 
 train_classifier_task = task(train_classifier, name="train-classifier", cache_policy=NO_CACHE, persist_result=False)
