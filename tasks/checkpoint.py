@@ -3,6 +3,7 @@ checksum so a truncated or corrupt checkpoint is detected and skipped in favour 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -57,8 +58,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], kee
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        buf = io.BytesIO()  # serialise in memory first, so a full disk surfaces as a plain OSError on write
+        torch.save(state, buf)
         with (tmp / STATE).open("wb") as f:
-            torch.save(state, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         marker = {"step": step, "epoch": state.get("epoch"), "sha256": _sha256(tmp / STATE)}
@@ -66,6 +69,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], kee
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not write checkpoint {final.name} under {root}: {e.strerror}. Free disk "
+                      "space or point --output-dir at a writable location; the previous checkpoint is intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,158 @@
+"""Checkpoints, resume, honest failure states and clear errors, in-process (the subprocess and server faults
+are in test_faults.py)."""
+import os
+import resource
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.config import ClassifyConfig, ConfigError
+from tasks.checkpoint import load_latest_checkpoint, save_checkpoint
+from tasks.data import prepare_dataset
+from tasks.tokenize import tokenize_dataset
+from tasks.train_classifier import train_classifier
+
+METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_f1")
+
+
+def cfg_for(csv, model, out, **train):
+    return ClassifyConfig.model_validate({
+        "engine": train.pop("engine", "manual"),
+        "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
+                 "eval_fraction": 0.25},
+        "train": {"model": model, "epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "output_dir": str(out), **train},
+    })
+
+
+class Boom(Exception):
+    pass
+
+
+def _prepare(cfg):
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    return data, tokenize_dataset(data.path, cfg.train.model, cfg.data.max_length)
+
+
+def test_corrupt_or_truncated_checkpoint_is_skipped(tmp_path):
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1, "x": np.arange(10)})
+    save_checkpoint(root, 2, {"epoch": 2, "x": np.arange(20)})
+    path, st = load_latest_checkpoint(root)
+    assert path.name == "step-00000002" and st["epoch"] == 2
+    # truncate the newest: the previous complete one is used
+    f = root / "step-00000002" / "state.pt"
+    f.write_bytes(f.read_bytes()[:50])
+    path, st = load_latest_checkpoint(root)
+    assert path.name == "step-00000001" and st["epoch"] == 1
+    # a dir left by a crash before its marker was written is ignored too
+    (root / "step-00000003").mkdir()
+    (root / "step-00000003" / "state.pt").write_bytes(b"partial")
+    assert load_latest_checkpoint(root)[0].name == "step-00000001"
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
+    """RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, as a full disk would."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1, "x": np.zeros(10)})
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+    try:
+        with pytest.raises(OSError):
+            save_checkpoint(root, 2, {"epoch": 2, "x": np.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temp dir left behind
+    assert load_latest_checkpoint(root)[1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_resume_after_interruption_matches_uninterrupted(engine, sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    cfg = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "a", engine=engine, checkpoint_every_steps=2)
+    data, tok = _prepare(cfg)
+    full = train_classifier(cfg, data, tok, str(tmp_path / "full"))
+
+    logged: list[int] = []
+
+    def crash_after_epoch_2(metrics, step):
+        logged.append(step)
+        if step == 2:
+            raise Boom("killed after epoch 2")
+
+    with pytest.raises(Boom):
+        train_classifier(cfg, data, tok, str(tmp_path / "interrupted"), on_metrics=crash_after_epoch_2)
+    assert logged == [1, 2]
+
+    resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": True})})
+    more: list[int] = []
+    res = train_classifier(resumed_cfg, data, tok, str(tmp_path / "interrupted"), on_metrics=lambda m, s: more.append(s))
+    assert res.resumed_from
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    for k in METRICS:
+        np.testing.assert_allclose(res.final[k], full.final[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert 3 in more
+
+
+def test_metrics_logger_is_idempotent_per_step(isolated):
+    from tasks import tracking
+
+    run_id = tracking.start_run("idem", "r", {"a": 1})
+    log = tracking.MetricsLogger(run_id)
+    log({"train_loss": 1.0}, 1)
+    log({"train_loss": 0.5}, 2)
+    again = tracking.MetricsLogger(run_id)  # as after a restart
+    again({"train_loss": 9.0}, 2)
+    again({"train_loss": 0.25}, 3)
+    assert [(m.step, m.value) for m in tracking.client().get_metric_history(run_id, "train_loss")] == [
+        (1, 1.0), (2, 0.5), (3, 0.25)]
+
+
+def test_unreachable_tracking_server_fails_fast(monkeypatch):
+    import socket
+    import time
+
+    from tasks import tracking
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="unreachable"):
+        tracking.check_tracking_server()
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_failed_training_marks_run_failed_and_registers_nothing(sentiment_csv, tiny_model_dir, tmp_path, isolated,
+                                                                monkeypatch):
+    from mlflow import MlflowClient
+
+    import tasks.train_classifier as tc
+    from flows.classify import classify_flow
+
+    base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=1)
+    cfg = base.model_copy(update={"tracking": base.tracking.model_copy(update={"registered_model": "rel-model",
+                                                                              "experiment": "rel"})})
+    first = classify_flow(cfg)  # a champion exists
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert str(c.get_model_version_by_alias("rel-model", "champion").version) == first["version"]
+
+    def broken_fit(*a, **k):
+        raise RuntimeError("injected failure in training")
+
+    monkeypatch.setattr(tc, "fit_manual", broken_fit)
+    state = classify_flow(cfg, return_state=True)
+    assert state.is_failed()
+    assert "injected failure" in str(state.result(raise_on_failure=False))
+    runs = c.search_runs([c.get_experiment_by_name("rel").experiment_id], order_by=["start_time DESC"])
+    assert runs[0].info.status == "FAILED" and "injected failure" in runs[0].data.tags["finetune.error"]
+    assert runs[1].info.status == "FINISHED"
+    versions = c.search_model_versions("name='rel-model'")
+    assert len(versions) == 1
+    assert str(c.get_model_version_by_alias("rel-model", "champion").version) == first["version"]
