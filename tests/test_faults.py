@@ -1,0 +1,230 @@
+"""Fault injection, for real: training subprocesses killed with SIGKILL and SIGTERM mid-training, a real
+`mlflow server` stopped and restarted during training, a size-limited output directory, two concurrent
+retraining runs of the same registered model. Checks the Prefect state, the MLflow run status and metrics, and
+the registry aliases afterwards. Slow: a real Prefect server for the module, a subprocess per training run."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import NEGATIVE, POSITIVE
+from tests.servers import MlflowServer, prefect_server
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_f1")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-faults")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def big_csv(tmp_path_factory) -> str:
+    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    rows = rows * 40
+    random.Random(0).shuffle(rows)
+    p = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "sentiment"])
+        w.writerows(rows)
+    return str(p)
+
+
+def env_for(tmp: Path, prefect_api: str, tracking_uri: str | None = None, **extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api, "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}?timeout=60",
+           "FINETUNE_CACHE_DIR": str(tmp / "cache"), "FINETUNE_LOCK_DIR": str(tmp / "locks"),
+           "FINETUNE_MLFLOW_STORE": str(tmp / "store"), "FINETUNE_MLFLOW_RETRY_SECONDS": "120"}
+    env.update(extra)
+    return env
+
+
+def classify_cmd(csv_path, model, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv_path, "--text-column", "review",
+            "--label-column", "sentiment", "--model", model, "--max-length", "16", "--batch-size", "4",
+            "--learning-rate", "5e-3", "--epochs", "3", "--output-dir", str(out), *extra]
+
+
+def run_cli(cmd, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def wait_for(pattern: str, proc: subprocess.Popen, timeout=300) -> None:
+    t0 = time.monotonic()
+    while not glob.glob(pattern):
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {pattern} appeared")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(pattern)
+        time.sleep(0.02)
+
+
+def mlflow_client(env):
+    from mlflow import MlflowClient
+
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def runs_of(c, experiment):
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], order_by=["start_time ASC"]) if exp else []
+
+
+def flow_run_states(prefect_api: str) -> list[str]:
+    r = requests.post(f"{prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=10)
+    r.raise_for_status()
+    return [fr["state"]["type"] for fr in r.json()]
+
+
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_sigkill_mid_training_then_resume(engine, big_csv, tiny_model_dir, tmp_path, prefect_api):
+    env = env_for(tmp_path, prefect_api)
+    out = tmp_path / "out"
+    cmd = classify_cmd(big_csv, tiny_model_dir, out, "--engine", engine, "--experiment", "faults",
+                       "--registered-model", "faults-model", "--checkpoint-every-steps", "10")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = str(out / "classify" / "*" / ("checkpoints/step-*" if engine == "manual" else "trainer/checkpoint-*"))
+    wait_for(ckpts, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+
+    c = mlflow_client(env)
+    [killed] = runs_of(c, "faults")
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to say more
+    assert len(c.get_metric_history(killed.info.run_id, "eval_loss")) < 3
+    assert not c.search_model_versions("name='faults-model'")
+
+    resumed = run_cli(cmd + ["--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [run] = runs_of(c, "faults")  # the same run continued, no duplicate
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags.get("finetune.resumed") == "true"
+    for k in METRICS:
+        assert [m.step for m in c.get_metric_history(run.info.run_id, k)] == [1, 2, 3], k
+
+    # an uninterrupted run with the same seed ends with the same metrics
+    ref = run_cli(classify_cmd(big_csv, tiny_model_dir, tmp_path / "ref", "--engine", engine, "--experiment",
+                               "reference", "--registered-model", "ref-model", "--checkpoint-every-steps", "10"), env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    [ref_run] = runs_of(c, "reference")
+    for k in METRICS:
+        np.testing.assert_allclose(run.data.metrics[k], ref_run.data.metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert str(c.get_model_version_by_alias("faults-model", "champion").version) == "1"
+
+
+def test_sigterm_marks_run_killed_and_flow_crashed(big_csv, tiny_model_dir, tmp_path, prefect_api):
+    env = env_for(tmp_path, prefect_api)
+    out = tmp_path / "out"
+    before = flow_run_states(prefect_api)
+    cmd = classify_cmd(big_csv, tiny_model_dir, out, "--experiment", "term", "--registered-model", "term-model",
+                       "--checkpoint-every-steps", "10", "--epochs", "6")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(str(out / "classify" / "*" / "checkpoints" / "step-*"), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    c = mlflow_client(env)
+    [run] = runs_of(c, "term")
+    assert run.info.status == "KILLED", output[-3000:]
+    assert not c.search_model_versions("name='term-model'")
+    after = flow_run_states(prefect_api)
+    assert len(after) == len(before) + 1
+    new = set(range(len(after)))  # the newest run (any order): one of them must be crashed/cancelled/failed
+    assert sum(s in ("CRASHED", "CANCELLED", "FAILED") for s in after) == sum(
+        s in ("CRASHED", "CANCELLED", "FAILED") for s in before) + 1, (after, new)
+
+
+def test_mlflow_server_restart_during_training(big_csv, tiny_model_dir, tmp_path, prefect_api):
+    server = MlflowServer(tmp_path / "mlflow-server").start()
+    try:
+        env = env_for(tmp_path, prefect_api, tracking_uri=server.url)
+        cmd = classify_cmd(big_csv, tiny_model_dir, tmp_path / "out", "--experiment", "outage",
+                           "--registered-model", "outage-model", "--epochs", "8")
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        c = mlflow_client(env)
+        t0 = time.monotonic()
+        while True:  # wait for the first epoch's metrics, then take the server down
+            runs = runs_of(c, "outage")
+            if runs and c.get_metric_history(runs[0].info.run_id, "eval_loss"):
+                break
+            assert proc.poll() is None and time.monotonic() - t0 < 300
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(6)
+        assert proc.poll() is None, "training must survive the outage"
+        server.start()
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+        assert "retrying" in output
+        [run] = runs_of(c, "outage")
+        assert run.info.status == "FINISHED"
+        for k in METRICS:
+            assert [m.step for m in c.get_metric_history(run.info.run_id, k)] == list(range(1, 9)), k
+        assert str(c.get_model_version_by_alias("outage-model", "champion").version) == "1"
+    finally:
+        server.stop()
+
+
+def test_size_limited_output_dir_fails_cleanly(big_csv, tiny_model_dir, tmp_path, prefect_api):
+    """RLIMIT_FSIZE = 2 MiB in the training process: the first checkpoint cannot be written, as on a full disk.
+    The MLflow store is a server (its files are not limited); the registry keeps its champion."""
+    with MlflowServer(tmp_path / "mlflow-server").running() as server:
+        env = env_for(tmp_path, prefect_api, tracking_uri=server.url)
+        base = ["--experiment", "disk", "--registered-model", "disk-model", "--epochs", "1"]
+        ok = run_cli(classify_cmd(big_csv, tiny_model_dir, tmp_path / "ok", *base), env)
+        assert ok.returncode == 0, ok.stderr[-3000:]
+        # warm the dataset cache so only training writes large files
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, resource.RLIM_INFINITY))
+
+        proc = subprocess.run(classify_cmd(big_csv, tiny_model_dir, tmp_path / "full", *base, "--seed", "1"),
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+        assert proc.returncode != 0
+        assert "could not write checkpoint" in proc.stdout + proc.stderr
+        c = mlflow_client(env)
+        runs = runs_of(c, "disk")
+        assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+        assert [str(v.version) for v in c.search_model_versions("name='disk-model'")] == ["1"]
+        assert str(c.get_model_version_by_alias("disk-model", "champion").version) == "1"
+        assert not glob.glob(str(tmp_path / "full" / "classify" / "*" / "checkpoints" / ".tmp-*"))
+
+
+def test_concurrent_retraining_of_one_model(big_csv, tiny_model_dir, tmp_path, prefect_api):
+    env = env_for(tmp_path, prefect_api)
+    base = ["--experiment", "conc", "--registered-model", "conc-model", "--epochs", "1"]
+    first = run_cli(classify_cmd(big_csv, tiny_model_dir, tmp_path / "o0", *base), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    procs = [subprocess.Popen(classify_cmd(big_csv, tiny_model_dir, tmp_path / f"o{i}", *base, "--seed", str(i)),
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (1, 2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+        assert "database is locked" not in o
+    c = mlflow_client(env)
+    versions = sorted(int(v.version) for v in c.search_model_versions("name='conc-model'"))
+    assert versions == [1, 2, 3]
+    assert [r.info.status for r in runs_of(c, "conc")] == ["FINISHED"] * 3
+    champion = int(c.get_model_version_by_alias("conc-model", "champion").version)
+    assert champion in versions
+    # each challenger got a complete, recorded decision (promotions did not interleave)
+    for v in (2, 3):
+        tags = c.get_model_version("conc-model", str(v)).tags
+        assert any(k.startswith("promotion") for k in tags), tags
