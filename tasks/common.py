@@ -70,3 +70,20 @@ def run_logger(name: str):
         return get_run_logger()
     except Exception:
         return logging.getLogger(name)
+
+
+def prepared_cache_policy():
+    """Prefect caching for tasks whose result is a path under `cache_root()`: keyed by inputs, task source and the
+    cache root (so two roots never share entries). A cached path that was deleted since is recomputed by
+    `cached_path_result`."""
+    from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+
+    return INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: str(cache_root()))
+
+
+def cached_path_result(task_obj, *args, path_of=lambda r: r, **kwargs):
+    """Run a path-returning cached task; if its cached path no longer exists, run it again, refreshing the cache."""
+    result = task_obj(*args, **kwargs)
+    if not Path(path_of(result)).exists():
+        result = task_obj.with_options(refresh_cache=True)(*args, **kwargs)
+    return result

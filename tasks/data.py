@@ -9,10 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.config import EMBEDDED_DATASET, ConfigError, DataConfig
-from tasks.common import cache_root, stable_hash, write_json_atomic
+from tasks.common import cache_root, prepared_cache_policy, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
 load_dataset_task = task(
     prepare_dataset,
     name="load-dataset",
-    cache_policy=INPUTS + TASK_SOURCE,
+    cache_policy=prepared_cache_policy(),
     persist_result=True,
     retries=2,
     retry_delay_seconds=[5, 30],

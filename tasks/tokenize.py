@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.config import ConfigError
-from tasks.common import resolve_model, stable_hash
+from tasks.common import prepared_cache_policy, resolve_model, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
@@ -82,5 +81,5 @@ def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_len
     return str(out)
 
 
-tokenize_task = task(tokenize_dataset, name="tokenize", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+tokenize_task = task(tokenize_dataset, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
 check_model_task = task(check_model, name="check-model")

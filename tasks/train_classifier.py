@@ -386,4 +386,16 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-train_classifier_task = task(train_classifier, name="train-classifier", cache_policy=NO_CACHE, persist_result=False)
+def retry_unless_config_error(task, task_run, state) -> bool:
+    """Retry crashes and I/O trouble (the retry resumes from the last checkpoint), not bad input."""
+    from flows.config import ConfigError
+
+    return not isinstance(state.result(raise_on_failure=False), ConfigError)
+
+
+# One retry: it resumes from the last complete checkpoint (see resume_on_retry), so a transient failure late in
+# training costs one epoch at most.
+train_classifier_task = task(
+    train_classifier, name="train-classifier", cache_policy=NO_CACHE, persist_result=False,
+    retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error,
+)
