@@ -1,0 +1,294 @@
+"""Masked-LM unit tests on a tiny config-built BERT: blocks, masking on real collated batches, the loss that
+replaces SFTTrainer's causal one, a real SFTTrainer fit, the plain loop, and fill-mask from the registry."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, MLMConfig
+
+# Two sentences, repeated: after a short fit "this is a [MASK] movie !" must give "great" first. A model trained
+# on a shifted (next-token) objective answers with the word after the mask instead: this catches it.
+CORPUS = ["this is a great movie !", "the cat sat on the mat ."]
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def mlm_env(tmp_path_factory):
+    """Dataset cache and MLflow store for the module-scoped fits (the `isolated` fixture is per test)."""
+    root = tmp_path_factory.mktemp("mlm")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_CACHE_DIR", str(root / "cache"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        import tasks.tracking as tracking
+
+        mp.setattr(tracking, "STORE_DIR", root / "mlstore")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def corpus_file(mlm_env) -> str:
+    p = mlm_env / "corpus.txt"
+    p.write_text("\n".join(CORPUS * 200) + "\n")
+    return str(p)
+
+
+def _corpus_cfg(model: str, corpus: str, out: Path, engine: str = "sft", epochs: int = 6) -> MLMConfig:
+    # Truncated (not grouped): one sentence per row, so a 2-layer, 32-wide BERT learns it in ~100 steps.
+    return MLMConfig(
+        engine=engine,
+        group_texts=False,
+        data={"dataset": corpus, "max_length": 16, "eval_fraction": 0.2, "eval_samples": 40},
+        train={"model": model, "epochs": epochs, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-2,
+               "output_dir": str(out), "seed": 0},
+    )
+
+
+@pytest.fixture(scope="module")
+def imdb_blocks(mlm_env, tiny_model_dir) -> dict:
+    """Real IMDB reviews (embedded), tokenized both ways: grouped into 64-token blocks and truncated to 64."""
+    from tasks.data import prepare_dataset
+    from tasks.mlm_data import tokenize_for_mlm
+
+    cfg = MLMConfig(data={"train_samples": 60, "eval_samples": 20, "max_length": 64})
+    data = prepare_dataset(cfg.data, 0)
+    return {
+        "grouped": tokenize_for_mlm(data.path, tiny_model_dir, 64, True, 0.15, 0),
+        "truncated": tokenize_for_mlm(data.path, tiny_model_dir, 64, False, 0.15, 0),
+    }
+
+
+# --- data: blocks and masking ------------------------------------------------------------------------------
+
+
+def test_blocks_grouped_and_truncated(imdb_blocks, tiny_model_dir):
+    from datasets import load_from_disk
+
+    from tasks.mlm_data import mlm_stats
+
+    tok = _tokenizer(tiny_model_dir)
+    grouped = load_from_disk(imdb_blocks["grouped"])
+    assert {len(x) for x in grouped["train"]["input_ids"]} == {64}  # packed: every block full
+    assert "labels" not in grouped["train"].column_names  # masked per batch, later
+    assert "labels" in grouped["eval"].column_names  # masked once, fixed
+    stats = mlm_stats(imdb_blocks["grouped"])
+    assert stats["train_blocks"] == len(grouped["train"]) and stats["train_tokens"] == 64 * len(grouped["train"])
+    truncated = load_from_disk(imdb_blocks["truncated"])
+    ids = truncated["train"]["input_ids"]
+    assert max(len(x) for x in ids) == 64 and len(ids) == 60  # one row per review
+    assert all(x[0] == tok.cls_token_id and x[-1] == tok.sep_token_id for x in ids)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "truncated"])
+def test_masking_on_collated_batches(imdb_blocks, tiny_model_dir, mode):
+    """15% of non-special tokens chosen, 80/10/10, -100 on every unchosen and every special position (padding too)."""
+    import torch
+    from datasets import load_from_disk
+
+    from tasks.mlm_data import MLMBatchCollator
+
+    tok = _tokenizer(tiny_model_dir)
+    rows = list(load_from_disk(imdb_blocks[mode])["train"])
+    collate = MLMBatchCollator(tok, 0.15, seed=0)
+    special_ids = torch.tensor(tok.all_special_ids)
+    chosen = maskable = as_mask = unchanged = 0
+    for i in range(0, 3 * len(rows), 8):  # three passes: fresh masks each time, as across epochs
+        chunk = (rows * 3)[i : i + 8]
+        batch = collate(chunk)
+        labels, inputs = batch["labels"], batch["input_ids"]
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        orig = torch.full_like(inputs, tok.pad_token_id)
+        for r, row in enumerate(chunk):
+            orig[r, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        special = torch.isin(orig, special_ids)
+        sel = labels != -100
+        assert not (sel & special).any(), "a special token (CLS/SEP/PAD) was masked"
+        assert torch.equal(labels[sel], orig[sel])  # labels hold the original token
+        assert torch.equal(inputs[~sel], orig[~sel])  # unchosen positions untouched
+        chosen += int(sel.sum())
+        maskable += int((~special).sum())
+        as_mask += int((inputs[sel] == tok.mask_token_id).sum())
+        unchanged += int((inputs[sel] == orig[sel]).sum())
+    assert maskable > 10000
+    assert chosen / maskable == pytest.approx(0.15, abs=0.015)
+    assert as_mask / chosen == pytest.approx(0.8, abs=0.05)
+    assert unchanged / chosen == pytest.approx(0.1, abs=0.05)  # plus a random-token draw that hits the original
+
+
+def test_eval_split_is_masked_once(imdb_blocks, tiny_model_dir):
+    from datasets import load_from_disk
+
+    from tasks.mlm_data import MLMBatchCollator
+
+    tok = _tokenizer(tiny_model_dir)
+    rows = list(load_from_disk(imdb_blocks["truncated"])["eval"])
+    a = MLMBatchCollator(tok, 0.15, seed=1)(rows)
+    b = MLMBatchCollator(tok, 0.15, seed=2)(rows)
+    assert all((a[k] == b[k]).all() for k in a)  # same masks whatever the training collator's seed
+    sel = a["labels"] != -100
+    assert 0.10 < sel.sum() / (a["attention_mask"].sum() - 2 * len(rows)) < 0.20
+    assert (a["labels"][a["attention_mask"] == 0] == -100).all()
+
+
+def test_bundled_minilm_has_no_mlm_head():
+    from tasks.tokenize import check_model
+
+    info = check_model("bundled-minilm", 128, masked_lm=True)
+    assert info["has_mlm_head"] is False and info["mask_token"] == "[MASK]"
+
+
+# --- the loss that replaces SFTTrainer's causal one --------------------------------------------------------
+
+
+def _tiny_roberta(tok):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    cfg = RobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, pad_token_id=tok.pad_token_id)
+    return RobertaForMaskedLM(cfg)
+
+
+def test_masked_loss_is_the_models_own_not_trls_shifted(tiny_model_dir):
+    """Our loss (prediction head on masked positions only) == the model's own masked-LM loss, for BERT and
+    RoBERTa; TRL's stock fused head (next-token) gives a different number on the same batch."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForMaskedLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tasks.mlm_data import MLMBatchCollator
+    from tasks.train_mlm import masked_lm_logits
+
+    tok = _tokenizer(tiny_model_dir)
+    batch = MLMBatchCollator(tok, 0.3, seed=0)(
+        [tok(t, return_special_tokens_mask=True) for t in CORPUS + ["a much longer third sentence about films"]]
+    )
+    torch.manual_seed(0)
+    for model in (AutoModelForMaskedLM.from_pretrained(tiny_model_dir), _tiny_roberta(tok)):
+        model.eval()
+        own = model(**batch).loss
+        logits, targets = masked_lm_logits(model, batch)
+        assert logits.shape == (int((batch["labels"] != -100).sum()), tok.vocab_size)
+        assert F.cross_entropy(logits, targets).item() == pytest.approx(own.item(), rel=1e-5)
+    bert = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    add_fused_lm_head(bert)
+    shifted = bert(**batch, fused_lm_head=True).loss
+    assert abs(shifted.item() - bert(**batch).loss.item()) > 1e-3
+
+
+# --- fits: SFTTrainer for real, the plain loop, and fill-mask from the registry ----------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_fit(mlm_env, corpus_file, tiny_model_dir):
+    """One real SFTTrainer fit on the two-sentence corpus, shared by the tests below."""
+    import trl
+
+    from tasks import train_mlm as tm
+    from tasks.data import prepare_dataset
+    from tasks.mlm_data import tokenize_for_mlm
+
+    cfg = _corpus_cfg(tiny_model_dir, corpus_file, mlm_env / "out")
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
+    seen = {"loss_calls": 0, "train_calls": 0, "mro": ()}
+    original = tm._sft_trainer_class
+
+    def spy_class():
+        base = original()
+
+        class Spy(base):
+            def compute_loss(self, *a, **kw):
+                seen["loss_calls"] += 1
+                return super().compute_loss(*a, **kw)
+
+            def train(self, *a, **kw):
+                seen["train_calls"] += 1
+                seen["mro"] = type(self).__mro__
+                return super().train(*a, **kw)
+
+        return Spy
+
+    logged: list[tuple[int, dict]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tm, "_sft_trainer_class", spy_class)
+        result = tm.train_mlm(cfg, tokenized, str(mlm_env / "out" / "sft"), on_metrics=lambda m, s: logged.append((s, m)))
+    assert trl.SFTTrainer in seen["mro"]
+    return {"cfg": cfg, "tokenized": tokenized, "result": result, "seen": seen, "logged": logged, "data": data}
+
+
+def test_sft_trainer_really_trains_the_masked_objective(sft_fit, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg, result, seen = sft_fit["cfg"], sft_fit["result"], sft_fit["seen"]
+    steps_per_epoch = -(-sft_fit["data"].num_train // cfg.train.batch_size)
+    assert seen["train_calls"] == 1
+    assert seen["loss_calls"] >= steps_per_epoch * cfg.train.epochs  # training steps (+ eval batches)
+    ckpts = sorted((Path(result.model_dir).parent / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["global_step"] == steps_per_epoch * cfg.train.epochs  # TRL/transformers' loop did the steps
+
+    h = result.history
+    assert [r["epoch"] for r in h] == list(range(cfg.train.epochs + 1))
+    assert "train_loss" not in h[0] and all("train_loss" in r for r in h[1:])
+    assert h[-1]["train_loss"] < h[1]["train_loss"] * 0.3  # loss falls on the repetitive corpus
+    assert h[-1]["eval_loss"] < h[0]["eval_loss"] * 0.1
+    assert h[-1]["eval_masked_accuracy"] > 0.9 > h[0]["eval_masked_accuracy"]
+    assert h[-1]["perplexity"] == pytest.approx(torch.tensor(h[-1]["eval_loss"]).exp().item())
+    assert [s for s, _ in sft_fit["logged"]] == list(range(cfg.train.epochs + 1))
+    assert not any("token_accuracy" in k or "entropy" in k for _, m in sft_fit["logged"] for k in m)
+
+    before, after = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(f"{result.model_dir}/model.safetensors")
+    assert not torch.equal(before["cls.predictions.transform.dense.weight"], after["cls.predictions.transform.dense.weight"])
+    assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["bert.encoder.layer.0.attention.self.query.weight"])
+    saved = json.loads((Path(result.model_dir) / "metrics.json").read_text())
+    assert saved["final"]["epoch"] == cfg.train.epochs and (Path(result.model_dir) / "config.yaml").exists()
+
+
+def test_manual_engine_same_job_same_eval(sft_fit, mlm_env, tiny_model_dir, corpus_file):
+    """The plain loop on the same blocks, collator and fixed eval masks: epoch 0 identical, and it learns."""
+    from tasks.train_mlm import train_mlm
+
+    cfg = _corpus_cfg(tiny_model_dir, corpus_file, mlm_env / "out", engine="manual", epochs=2)
+    result = train_mlm(cfg, sft_fit["tokenized"], str(mlm_env / "out" / "manual"))
+    sft0, man0 = sft_fit["result"].history[0], result.history[0]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert man0["eval_loss"] == pytest.approx(sft0["eval_loss"], rel=1e-5)
+    assert result.history[-1]["eval_loss"] < man0["eval_loss"] * 0.5
+    assert (Path(result.model_dir) / "model.safetensors").exists()
+
+
+def test_fill_mask_from_the_registry(sft_fit):
+    """The fitted model, logged (transformers flavor, fill-mask) and registered, then loaded back by URI."""
+    from tasks import registry, tracking
+    from tasks.predict import model_task, predict
+
+    run_id = tracking.start_run("test-mlm", "fill-mask", {"job": "mlm"})
+    uri = tracking.log_model(run_id, sft_fit["result"].model_dir, "fill-mask", input_example=["this is a [MASK] movie !"])
+    version = registry.register_model(uri, "tiny-fill-mask", run_id)
+    tracking.end_run(run_id)
+    model_uri = registry.model_uri("tiny-fill-mask", version=version)
+    assert model_task(model_uri) == "fill-mask"
+
+    [res] = predict(model_uri, ["This is a [MASK] movie!"], top_k=4)
+    [cands] = res["masks"]
+    assert len(cands) == 4
+    scores = [c["score"] for c in cands]
+    assert scores == sorted(scores, reverse=True)
+    assert cands[0]["token_str"] == "great" and cands[0]["score"] > 0.5, cands
+    assert cands[0]["sequence"].startswith("this is a great movie")
+
+    [two] = predict(model_uri, ["[MASK] is a great movie ! the cat sat on the [MASK] ."], top_k=3)
+    assert len(two["masks"]) == 2 and all(len(m) == 3 for m in two["masks"])
+    assert all("token_str" in c for m in two["masks"] for c in m)
+    with pytest.raises(ConfigError, match="no mask"):
+        predict(model_uri, ["This is a great movie!"], top_k=3)
