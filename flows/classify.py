@@ -45,11 +45,15 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
     from tasks.tokenize import check_model_task, tokenize_task
     from tasks.train_classifier import train_classifier_task
 
+    from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
+    from flows.promotion import resolve_metric
+
     cfg = config
     logger = get_logger()
     # Cheap checks first: tracking store reachable, model loadable, max_length within its limit.
     uri = tracking.check_tracking_server()
     check_model_task(cfg.train.model, cfg.data.max_length)
+    resolve_metric(cfg)  # an unknown --promotion-metric fails here, not after training
     data = load_dataset_task(cfg.data, cfg.train.seed, cfg.num_labels)
     logger.info("data: %d train / %d eval examples, labels %s", data.num_train, data.num_eval, data.label_names)
     tokenized = tokenize_task(data.path, cfg.train.model, cfg.data.max_length, cfg.data.pad_to_max_length)
@@ -61,8 +65,10 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
             tokenized, cfg.train.model, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.seed,
             cfg.data.pad_to_max_length,
         )
-        result = train_classifier_task(
-            cfg, data, tokenized, str(run_dir), loaders=loaders, on_metrics=tracking.MetricsLogger(run_id)
+        on_metrics = MonitoredMetrics(tracking.MetricsLogger(run_id), cfg.train.epochs, key=cfg.registered_model,
+                                      label=f"{cfg.registered_model} ({cfg.engine})")
+        result = train_classifier_task.with_options(task_run_name=train_task_run_name)(
+            cfg, data, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
         )
         tracking.set_tags(run_id, {"device": result.device})
         tracking.client().log_param(run_id, "device", result.device) if "device" not in tracking.client().get_run(run_id).data.params else None
@@ -71,9 +77,10 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
 
         outcome = publish_model(
             cfg, run_id, result.model_dir, "text-classification", result.final,
-            input_example=["This movie was great!"],
+            input_example=["This movie was great!"], eval_data=data.path,
         )
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
+    summary_artifact("classify", cfg.registered_model, run_id, metrics, outcome, uri)
     print(summary_text("classify", metrics, run_id, cfg.registered_model, outcome.get("version"),
                        outcome.get("aliases", []), outcome["predict_cmd"], outcome.get("decision")))
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history}

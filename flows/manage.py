@@ -1,0 +1,155 @@
+"""Registry management commands: `finetune compare` (versions, their runs' key params and metrics, who holds which
+alias), `finetune promote` (a version becomes champion by hand) and `finetune rollback` (champion back to the
+version it replaced). The compare table is also a Prefect table artifact (`<registered-model>-versions`): every
+training run publishes it after registering, and `finetune compare` does when PREFECT_API_URL points at a server."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from prefect import flow
+
+# The params and metrics shown per version. Metric names are the ones both trainers log per epoch (`eval_*`,
+# `train_loss`), so the same columns line up in MLflow's compare view.
+KEY_PARAMS = ["job", "engine", "train.model", "data.dataset", "data.train_samples", "train.epochs",
+              "train.learning_rate", "train.batch_size"]
+KEY_METRICS = ["train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "eval_masked_accuracy"]
+
+
+def _short(v: Any) -> str:
+    s = "" if v is None else str(v)
+    return s.rstrip("/").split("/")[-1] if "/" in s and len(s) > 30 else s
+
+
+def compare_rows(name: str) -> list[dict[str, Any]]:
+    """One row per version, newest first: version, aliases, the run's key params and final metrics, and the
+    recorded promotion outcome. Raises LookupError when the model is not registered."""
+    from tasks import registry, tracking
+
+    versions = registry.list_versions(name)
+    if not versions:
+        raise LookupError(f"registered model {name!r} not found (or has no versions) at {tracking.tracking_uri()}")
+    by_version: dict[str, list[str]] = {}
+    for alias, v in registry.aliases(name).items():
+        by_version.setdefault(v, []).append(alias)
+    c = tracking.client()
+    rows = []
+    for mv in versions:
+        row: dict[str, Any] = {"version": int(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), [])))}
+        params: dict = {}
+        metrics: dict = {}
+        if mv.run_id:
+            try:
+                run = c.get_run(mv.run_id)
+                params, metrics = run.data.params, run.data.metrics
+                row["run"] = run.info.run_name or mv.run_id[:8]
+            except Exception:
+                row["run"] = mv.run_id[:8]
+        for p in KEY_PARAMS:
+            if p in params:
+                row[p] = _short(params[p])
+        for m in KEY_METRICS:
+            if m in metrics:
+                row[m] = round(float(metrics[m]), 4)
+        tags = mv.tags or {}
+        if tags.get("promotion.decision"):
+            row["promotion"] = (f"{tags['promotion.decision']} ({tags.get('promotion.metric', '')} "
+                                f"{tags.get('promotion.challenger_score', '')} vs "
+                                f"{tags.get('promotion.champion_score') or '-'})")
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    order = ["version", "aliases", "run", *KEY_PARAMS, *KEY_METRICS, "promotion"]
+    present = {k for r in rows for k in r}
+    return [c for c in order if c in present]
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = _columns(rows)
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def publish_compare_artifact(name: str, rows: list[dict] | None = None) -> None:
+    """The compare table as a Prefect table artifact, when running inside a flow or task."""
+    from flows import monitoring
+
+    if not monitoring.in_prefect_run():
+        return
+    try:
+        rows = rows if rows is not None else compare_rows(name)
+    except Exception as e:
+        monitoring.log.warning("could not build the versions table of %s: %s", name, e)
+        return
+    cols = _columns(rows)
+    table = [{c: r.get(c, "") for c in cols} for r in rows]  # same columns in every row: the UI shows a grid
+    monitoring.publish_table(table, f"{name}-versions", f"{name}: versions, aliases, key params and metrics")
+
+
+@flow(name="compare-versions", flow_run_name="compare-{registered_model}")
+def compare_flow(registered_model: str) -> list[dict]:
+    """Versions of a registered model with their runs' key params and metrics, as a Prefect table artifact."""
+    rows = compare_rows(registered_model)
+    publish_compare_artifact(registered_model, rows)
+    return rows
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+
+def compare_cli(args: argparse.Namespace) -> int:
+    name = args.registered_model
+    try:
+        rows = compare_flow(name) if os.environ.get("PREFECT_API_URL") else compare_rows(name)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    return 0
+
+
+def promote(name: str, version: str | int) -> str | None:
+    """Manual promotion: `version` becomes champion without an evaluation (a person decided). Returns the
+    replaced champion version."""
+    from tasks import registry
+
+    if registry.get_version(name, version) is None:
+        raise LookupError(f"{name} version {version} not found: `finetune compare --registered-model {name}` lists them")
+    old = registry.move_champion(name, str(version), "manual promotion (finetune promote)")
+    registry.set_version_tags(name, version, {"promotion.decision": "promoted", "promotion.reason": "manual promotion"})
+    return old
+
+
+def promote_cli(args: argparse.Namespace) -> int:
+    from tasks import registry
+
+    name, version = args.registered_model, str(args.version)
+    try:
+        if registry.alias_version(name, registry.CHAMPION) == version:
+            print(f"{name} version {version} already is the champion")
+            return 0
+        old = promote(name, version)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{name}: champion -> version {version}" + (f" (was {old}; `finetune rollback` restores it)" if old else ""))
+    return 0
+
+
+def rollback_cli(args: argparse.Namespace) -> int:
+    from tasks import registry
+
+    try:
+        frm, to = registry.rollback_champion(args.registered_model)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.registered_model}: champion rolled back from version {frm} to version {to}")
+    return 0
