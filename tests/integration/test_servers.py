@@ -145,7 +145,7 @@ def mlflow_run_of(url: str, flow_run_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir, tmp_path_factory):
-    """Deploy, then three retraining runs triggered through the API:
+    """Deploy both jobs, then three classify retraining runs triggered through the API:
       A (worker): a model that learns nothing          -> first version, becomes champion
       B (worker): a good model, but promotion margin 5 -> better, not by the margin: stays challenger
       C (served): the same good model, margin 0        -> wins: champion moves to it"""
@@ -154,24 +154,27 @@ def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir
     out: dict = {"csv": csv}
 
     run([*prefect, "work-pool", "create", "finetune-process", "--type", "process"], client_env)
-    run([*prefect, "--no-prompt", "deploy", "--name", DEPLOYMENT, "--prefect-file", "deployments/prefect.yaml"],
-        client_env)
-    dep = deployment(prefect_server)
-    out["deployment"] = dep
+    run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], client_env)
+    deps = api("POST", f"{prefect_server}/deployments/filter", json={})
+    out["deployments"] = {d["name"]: d for d in deps}
+    dep = out["deployment"] = out["deployments"][DEPLOYMENT]
 
     # The schedules make scheduled runs carrying their own parameters; keep them for the checks, then switch the
     # schedules off so that no real (MiniLM, minutes-long) nightly run can start during the test.
+    def scheduled_runs(dep_ids):
+        return api("POST", f"{prefect_server}/flow_runs/filter", json={
+            "flow_runs": {"deployment_id": {"any_": dep_ids}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+
     deadline = time.monotonic() + 60
     scheduled: list = []
     while time.monotonic() < deadline and len({json.dumps(r["parameters"], sort_keys=True) for r in scheduled}) < 2:
         time.sleep(1)
-        scheduled = api("POST", f"{prefect_server}/flow_runs/filter", json={
-            "flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+        scheduled = scheduled_runs([dep["id"]])
     out["scheduled"] = scheduled
-    for s in dep["schedules"]:
-        api("PATCH", f"{prefect_server}/deployments/{dep['id']}/schedules/{s['id']}", json={"active": False})
-    for r in api("POST", f"{prefect_server}/flow_runs/filter", json={
-            "flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}):
+    for d in deps:
+        for s in d["schedules"]:
+            api("PATCH", f"{prefect_server}/deployments/{d['id']}/schedules/{s['id']}", json={"active": False})
+    for r in scheduled_runs([d["id"] for d in deps]):
         api("DELETE", f"{prefect_server}/flow_runs/{r['id']}")
 
     worker = Proc("worker", [*prefect, "worker", "start", "--pool", "finetune-process", "--type", "process"],
@@ -222,12 +225,15 @@ def _sentiment_csv(d: Path) -> str:
     return str(p)
 
 
-def test_deployment_from_prefect_yaml(lifecycle):
+def test_deployments_from_prefect_yaml(lifecycle):
+    specs = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    assert set(lifecycle["deployments"]) == {d["name"] for d in specs} == {"retrain-classify", "retrain-mlm"}
+    mlm = lifecycle["deployments"]["retrain-mlm"]
+    assert mlm["entrypoint"] == "flows/mlm.py:mlm_flow" and len(mlm["schedules"]) == 2
     dep = lifecycle["deployment"]
     assert dep["entrypoint"] == "flows/classify.py:classify_flow" and dep["work_pool_name"] == "finetune-process"
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-    spec = next(d for d in yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
-                if d["name"] == DEPLOYMENT)
+    spec = next(d for d in specs if d["name"] == DEPLOYMENT)
     want = {s["cron"]: s["parameters"] for s in spec["schedules"]}
     assert {s["schedule"]["cron"]: s["parameters"] for s in dep["schedules"]} == want
     assert dep["parameters"] == spec["parameters"]
