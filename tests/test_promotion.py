@@ -215,3 +215,24 @@ def test_evaluate_registered_models(tiny_registered):
     assert smoke_test(uris["clf"], "classify") is None
     assert smoke_test(uris["mlm"], "mlm") is None
     assert smoke_test("models:/no-such-model/1", "classify")
+
+
+def test_register_and_promote_aliases(fake_versions, monkeypatch):
+    """The lifecycle task body: every version arrives as challenger; --no-promote leaves it there, even the first."""
+    from flows.lifecycle import register_and_promote
+    from tasks import registry, tracking
+
+    name, _ = fake_versions
+    _patch_scores(monkeypatch, {"1": 0.5, "2": 0.7})
+
+    def register(promote: bool) -> dict:
+        cfg = ClassifyConfig(tracking={"registered_model": name, "promote": promote})
+        run_id = tracking.start_run("cc", "r", {"job": "classify"})
+        return register_and_promote.fn(cfg, run_id, f"runs:/{run_id}/model", {}, eval_data="unused")
+
+    out = register(promote=False)
+    assert out["version"] == "1" and out["aliases"] == ["challenger"] and "--no-promote" in out["decision"]
+    assert registry.alias_version(name, "champion") is None
+    out = register(promote=True)
+    assert out["version"] == "2" and out["aliases"] == ["champion"] and out["promoted"]
+    assert out["promotion"]["champion_version"] is None  # v1 never was champion
