@@ -43,6 +43,7 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
     from tasks.data import load_dataset_task
     from tasks.loaders import build_dataloaders_task
     from tasks.tokenize import check_model_task, tokenize_task
+    from tasks.common import cached_path_result
     from tasks.train_classifier import train_classifier_task
 
     from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
@@ -54,11 +55,12 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
     uri = tracking.check_tracking_server()
     check_model_task(cfg.train.model, cfg.data.max_length)
     resolve_metric(cfg)  # an unknown --promotion-metric fails here, not after training
-    data = load_dataset_task(cfg.data, cfg.train.seed, cfg.num_labels)
+    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, cfg.num_labels, path_of=lambda d: d.path)
     logger.info("data: %d train / %d eval examples, labels %s", data.num_train, data.num_eval, data.label_names)
-    tokenized = tokenize_task(data.path, cfg.train.model, cfg.data.max_length, cfg.data.pad_to_max_length)
+    tokenized = cached_path_result(tokenize_task, data.path, cfg.train.model, cfg.data.max_length,
+                                   cfg.data.pad_to_max_length)
 
-    with sigterm_as_exception(), mlflow_run(cfg, resume_key=cfg.tracking.run_name if cfg.train.resume else None) as run_id:
+    with sigterm_as_exception(), mlflow_run(cfg) as run_id:
         run_dir = run_dir_for(cfg, run_id)
         tracking.set_tags(run_id, {"num_labels": data.num_labels, "label_names": ",".join(data.label_names)})
         loaders = build_dataloaders_task(
@@ -70,8 +72,7 @@ def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
         result = train_classifier_task.with_options(task_run_name=train_task_run_name)(
             cfg, data, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
         )
-        tracking.set_tags(run_id, {"device": result.device})
-        tracking.client().log_param(run_id, "device", result.device) if "device" not in tracking.client().get_run(run_id).data.params else None
+        tracking.log_device(run_id, result.device)
         log_evaluation(run_id, str(run_dir), result.history, data.label_names)
         from flows.lifecycle import publish_model
 

@@ -21,21 +21,24 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
     """New version -> alias `challenger` -> champion/challenger (unless --no-promote). `eval_data` is the prepared
     dataset dir the run trained on: champion and challenger are scored on its eval split."""
     from tasks import registry, tracking
+    from tasks.locks import registry_lock
 
     name = cfg.registered_model
-    version = registry.register_model(model_uri, name, run_id, tags={"job": cfg.job})
-    tracking.set_tags(run_id, {"registered_model": name, "registered_version": version})
-    registry.set_alias(name, registry.CHALLENGER, version)
-    promotion: dict = {}
-    if cfg.tracking.promote:
-        from flows.promotion import champion_challenger
+    # One registry change per model at a time: two retraining runs cannot interleave their promotions.
+    with registry_lock(name):
+        version = registry.register_model(model_uri, name, run_id, tags={"job": cfg.job})
+        tracking.set_tags(run_id, {"registered_model": name, "registered_version": version})
+        registry.set_alias(name, registry.CHALLENGER, version)
+        promotion: dict = {}
+        if cfg.tracking.promote:
+            from flows.promotion import champion_challenger
 
-        promotion = champion_challenger(cfg, name, version, eval_data=eval_data)
-        decision = promotion["decision"]
-    else:
-        decision = f"version {version} registered as challenger; promotion skipped (--no-promote)"
-    tracking.set_tags(run_id, {"promotion.decision": decision[:5000]})
-    aliases = [a for a, v in registry.aliases(name).items() if v == version]
+            promotion = champion_challenger(cfg, name, version, eval_data=eval_data)
+            decision = promotion["decision"]
+        else:
+            decision = f"version {version} registered as challenger; promotion skipped (--no-promote)"
+        tracking.set_tags(run_id, {"promotion.decision": decision[:5000]})
+        aliases = [a for a, v in registry.aliases(name).items() if v == version]
     # Every registration refreshes the versions table artifact (same table as `finetune compare`).
     from flows.manage import publish_compare_artifact
 

@@ -120,10 +120,13 @@ def promote(name: str, version: str | int) -> str | None:
     replaced champion version."""
     from tasks import registry
 
+    from tasks.locks import registry_lock
+
     if registry.get_version(name, version) is None:
         raise LookupError(f"{name} version {version} not found: `finetune compare --registered-model {name}` lists them")
-    old = registry.move_champion(name, str(version), "manual promotion (finetune promote)")
-    registry.set_version_tags(name, version, {"promotion.decision": "promoted", "promotion.reason": "manual promotion"})
+    with registry_lock(name):
+        old = registry.move_champion(name, str(version), "manual promotion (finetune promote)")
+        registry.set_version_tags(name, version, {"promotion.decision": "promoted", "promotion.reason": "manual promotion"})
     return old
 
 
@@ -146,8 +149,11 @@ def promote_cli(args: argparse.Namespace) -> int:
 def rollback_cli(args: argparse.Namespace) -> int:
     from tasks import registry
 
+    from tasks.locks import registry_lock
+
     try:
-        frm, to = registry.rollback_champion(args.registered_model)
+        with registry_lock(args.registered_model):
+            frm, to = registry.rollback_champion(args.registered_model)
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

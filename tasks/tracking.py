@@ -44,7 +44,8 @@ def configure() -> str:
         Path(_sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
         _sqlite_wal(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    # The registry lives in the same store. (Not set_registry_uri: it exports MLFLOW_REGISTRY_URI, which would pin
+    # the registry to the first store this process used.)
     return uri
 
 
@@ -65,7 +66,7 @@ def client():
     from mlflow import MlflowClient
 
     uri = configure()
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def check_tracking_server(timeout: float = 5.0) -> str:
@@ -184,6 +185,14 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     for k, v in tags.items():
         _retry(c.set_tag, run_id, k, str(v))
+
+
+def log_device(run_id: str, device: str) -> None:
+    """The device as a param (compare runs by hardware) and a tag; a resumed run keeps its first param value."""
+    c = client()
+    if "device" not in c.get_run(run_id).data.params:
+        _retry(c.log_param, run_id, "device", device)
+    set_tags(run_id, {"device": device})
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
