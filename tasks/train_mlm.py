@@ -146,7 +146,7 @@ def build_sft_config(cfg: MLMConfig, output_dir: str, device, dtype, steps_per_e
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,  # the collator needs special_tokens_mask; it hands the model only inputs
         label_names=["labels"],
-        gradient_checkpointing=False,  # TRL defaults to True: recompute costs ~30% and BERT-size models fit
+        activation_checkpointing=False,  # TRL turns it on by default: recompute costs ~30%, BERT-size models fit
         bf16=dtype == torch.bfloat16,  # TRL defaults bf16 to True; follow the project's precision setting
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",
@@ -181,7 +181,8 @@ def fit_sft(cfg: MLMConfig, model, tok, tokenized_path: str, run: Path, on_metri
     history: list[dict] = []
 
     class ToMetrics(TrainerCallback):
-        pending: dict = {}
+        def __init__(self):
+            self.pending: dict = {}
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and not any(k.startswith("eval_") for k in logs):
