@@ -118,6 +118,8 @@ def _sft_trainer_class():
             # Trainer passes the masked-token count of the whole accumulated batch when it can; else a batch mean.
             denom = num_items_in_batch if num_items_in_batch is not None else targets.numel()
             loss = nll / (denom.clamp(min=1) if hasattr(denom, "clamp") else max(int(denom), 1))
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # the count spans all ranks; DDP averages gradients
             return (loss, MaskedLMOutput(loss=loss, logits=logits)) if return_outputs else loss
 
     return MaskedLMSFTTrainer
