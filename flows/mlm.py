@@ -59,22 +59,28 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
     from tasks.loaders import build_dataloaders_task
     from tasks.mlm_data import mlm_collator_for, mlm_stats, tokenize_mlm_task
     from tasks.tokenize import check_model_task
+    from tasks.common import cached_path_result
     from tasks.train_mlm import train_mlm_task
+
+    from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
+    from flows.promotion import resolve_metric
 
     cfg = config
     logger = get_logger()
     # Cheap checks first: tracking store reachable, model loadable with a mask token and an MLM head class.
     uri = tracking.check_tracking_server()
     info = check_model_task(cfg.train.model, cfg.data.max_length, masked_lm=True)
+    resolve_metric(cfg)  # an unknown --promotion-metric fails here, not after training
     if not info["has_mlm_head"]:
         logger.warning(
             "model %r ships no masked-LM head: its prediction head (cls.predictions.*) is newly initialised, so "
             "fill-mask output is noise until it is fine-tuned; expect a high epoch-0 loss. A checkpoint trained "
             "for MLM (e.g. bert-base-uncased) starts from a working head.", cfg.train.model,
         )
-    data = load_dataset_task(cfg.data, cfg.train.seed)
-    tokenized = tokenize_mlm_task(
-        data.path, cfg.train.model, cfg.data.max_length, cfg.group_texts, cfg.mlm_probability, cfg.train.seed
+    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, path_of=lambda d: d.path)
+    tokenized = cached_path_result(
+        tokenize_mlm_task, data.path, cfg.train.model, cfg.data.max_length, cfg.group_texts, cfg.mlm_probability,
+        cfg.train.seed,
     )
     stats = mlm_stats(tokenized)
     logger.info(
@@ -83,7 +89,7 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
         stats["eval_masked_tokens"],
     )
 
-    with sigterm_as_exception(), mlflow_run(cfg, resume_key=cfg.tracking.run_name if cfg.train.resume else None) as run_id:
+    with sigterm_as_exception(), mlflow_run(cfg) as run_id:
         run_dir = run_dir_for(cfg, run_id)
         c = tracking.client()
         logged = c.get_run(run_id).data.params
@@ -100,8 +106,12 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
                 tokenized, cfg.train.model, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.seed,
                 collator=mlm_collator_for(cfg.train.model, cfg.mlm_probability, cfg.train.seed),
             )
-        result = train_mlm_task(cfg, tokenized, str(run_dir), loaders=loaders, on_metrics=tracking.MetricsLogger(run_id))
-        tracking.set_tags(run_id, {"device": result.device})
+        on_metrics = MonitoredMetrics(tracking.MetricsLogger(run_id), cfg.train.epochs, key=cfg.registered_model,
+                                      label=f"{cfg.registered_model} ({cfg.engine})")
+        result = train_mlm_task.with_options(task_run_name=train_task_run_name)(
+            cfg, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
+        )
+        tracking.log_device(run_id, result.device)
         if result.train_samples_per_second:
             tracking.MetricsLogger(run_id)({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
 
@@ -116,11 +126,12 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
 
         outcome = publish_model(
             cfg, run_id, result.model_dir, "fill-mask", result.final,
-            input_example=[EXAMPLE.replace("[MASK]", info["mask_token"])],
+            input_example=[EXAMPLE.replace("[MASK]", info["mask_token"])], eval_data=data.path,
         )
     first = result.history[0]
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
     metrics.update({f"epoch0_{k}": v for k, v in first.items() if k != "epoch"})
+    summary_artifact("mlm", cfg.registered_model, run_id, metrics, outcome, uri)
     print(summary_text("mlm", metrics, run_id, cfg.registered_model, outcome.get("version"),
                        outcome.get("aliases", []), outcome["predict_cmd"], outcome.get("decision")))
     print("fill-mask with the trained model:\n" + examples_text)

@@ -84,6 +84,15 @@ def _load_raw(cfg: DataConfig):
         ) from None
 
 
+def _source_fingerprint(src: str) -> str | None:
+    """A local file's size and mtime join the cache key, so an edited file is prepared again."""
+    p = Path(src).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return None
+
+
 def _stratified_subset(ds, n: int | None, seed: int, stratify: bool):
     if n is None or n >= len(ds):
         return ds
@@ -154,7 +163,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     from tasks.common import run_logger
 
     log = run_logger(__name__)
-    key = stable_hash(cfg.model_dump(), seed, num_labels, "v1")
+    key = stable_hash(cfg.model_dump(), seed, num_labels, _source_fingerprint(cfg.dataset), "v1")
     out = cache_root() / "data" / key
     dd = _load_raw(cfg)
 

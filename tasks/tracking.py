@@ -220,6 +220,8 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
     from transformers import pipeline
 
     configure()
+    # MLflow files a logged model under the *active* experiment (else "Default"), not the run's: point it there.
+    mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
     # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
     pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
     info = _retry(

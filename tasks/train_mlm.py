@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +20,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import MLMConfig
-from tasks.train_classifier import TrainResult, _write_run_files, fit_manual
+from tasks.train_classifier import (
+    TrainResult,
+    _write_run_files,
+    fit_manual,
+    last_complete_trainer_checkpoint,
+    resume_on_retry,
+    retry_unless_config_error,
+    save_model_dir,
+)
 
 log = logging.getLogger(__name__)
 MetricsFn = Callable[[dict, int], None]
@@ -171,7 +177,6 @@ def fit_sft(cfg: MLMConfig, model, tok, tokenized_path: str, run: Path, on_metri
     import torch.nn.functional as F
     from datasets import load_from_disk
     from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tasks.common import write_json_atomic
     from tasks.mlm_data import MLMBatchCollator
@@ -230,7 +235,7 @@ def fit_sft(cfg: MLMConfig, model, tok, tokenized_path: str, run: Path, on_metri
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[ToMetrics()],
     )
-    resume = get_last_checkpoint(args.output_dir) if t.resume and Path(args.output_dir).exists() else None
+    resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
     if resume and epoch0_file.exists():
         import json
 
@@ -264,6 +269,7 @@ def train_mlm(
 
     log = run_logger(__name__)
     # --- setup
+    cfg = resume_on_retry(cfg)
     t = cfg.train
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -316,19 +322,16 @@ def train_mlm(
     )
 
     # --- save, atomically: a reader sees the previous complete model dir or the new one
-    model_dir = run / "model"
-    tmp = run / f".model.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _write_run_files(tmp, cfg, history, final)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
+    model_dir = save_model_dir(run, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
+                                               _write_run_files(d, cfg, history, final)))
     return TrainResult(
         model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
         train_samples_per_second=sps, resumed_from=resumed,
     )
 
 
-train_mlm_task = task(train_mlm, name="train-mlm", cache_policy=NO_CACHE, persist_result=False)
+# One retry, resuming from the last complete checkpoint (as for the classifier).
+train_mlm_task = task(
+    train_mlm, name="train-mlm", cache_policy=NO_CACHE, persist_result=False,
+    retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error,
+)

@@ -3,7 +3,6 @@ are in test_faults.py)."""
 import os
 import resource
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
