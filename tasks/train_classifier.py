@@ -272,12 +272,37 @@ def train_classifier(
     )
 
 
+def hf_training_kwargs(t, steps_per_epoch: int, device, dtype) -> dict:
+    """The TrainingArguments fields our TrainConfig maps onto, shared by the Trainer and SFTTrainer engines:
+    evaluate, log and checkpoint once per epoch (checkpoints are what --resume continues from)."""
+    import torch
+
+    return dict(
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs),
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        report_to="none",
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+
+
 def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, dtype, preds: dict):
     """The same model and data through transformers.Trainer; its per-epoch logs are mapped onto our names."""
-    import math
-
     import numpy as np
-    import torch
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
@@ -309,28 +334,7 @@ def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, 
         preds.update(preds=pred.tolist(), labels=p.label_ids.tolist())
         return classification_metrics(pred, p.label_ids, model.config.num_labels)
 
-    args = TrainingArguments(
-        output_dir=str(run / "trainer"),
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs),
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        eval_strategy="epoch",
-        logging_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        report_to=[],
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        dataloader_num_workers=0,
-    )
+    args = TrainingArguments(output_dir=str(run / "trainer"), **hf_training_kwargs(t, steps_per_epoch, device, dtype))
     collator = default_data_collator if cfg.data.pad_to_max_length else DataCollatorWithPadding(tok)
     trainer = Trainer(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"], data_collator=collator,

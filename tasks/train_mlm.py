@@ -24,6 +24,7 @@ from tasks.train_classifier import (
     TrainResult,
     _write_run_files,
     fit_manual,
+    hf_training_kwargs,
     last_complete_trainer_checkpoint,
     resume_on_retry,
     retry_unless_config_error,
@@ -134,36 +135,17 @@ def _sft_trainer_class():
 def build_sft_config(cfg: MLMConfig, output_dir: str, device, dtype, steps_per_epoch: int, **overrides):
     """The SFTConfig the flow's config maps onto. The data arrive tokenized, grouped and (for eval) masked, so
     TRL's own preparation (chat templates, EOS appending, causal labels) is skipped."""
-    import torch
     from trl import SFTConfig
 
     t = cfg.train
     kwargs = dict(
         output_dir=output_dir,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs),
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
+        **hf_training_kwargs(t, steps_per_epoch, device, dtype),  # bf16/fp16 follow our precision (TRL: bf16 on)
         max_length=cfg.data.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,  # the collator needs special_tokens_mask; it hands the model only inputs
         label_names=["labels"],
         activation_checkpointing=False,  # TRL turns it on by default: recompute costs ~30%, BERT-size models fit
-        bf16=dtype == torch.bfloat16,  # TRL defaults bf16 to True; follow the project's precision setting
-        fp16=dtype == torch.float16,
-        use_cpu=device.type == "cpu",
-        eval_strategy="epoch",
-        logging_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        report_to="none",
-        dataloader_num_workers=0,
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)

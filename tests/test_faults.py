@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import os
 import random
 import resource
 import signal
@@ -20,6 +19,7 @@ import pytest
 import requests
 
 from tests.conftest import NEGATIVE, POSITIVE
+from tests.integration._servers import clean_env
 from tests.servers import MlflowServer, prefect_server
 
 pytestmark = pytest.mark.slow
@@ -47,12 +47,12 @@ def big_csv(tmp_path_factory) -> str:
 
 
 def env_for(tmp: Path, prefect_api: str, tracking_uri: str | None = None, **extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api, "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}?timeout=60",
-           "FINETUNE_CACHE_DIR": str(tmp / "cache"), "FINETUNE_LOCK_DIR": str(tmp / "locks"),
-           "FINETUNE_MLFLOW_STORE": str(tmp / "store"), "FINETUNE_MLFLOW_RETRY_SECONDS": "120"}
-    env.update(extra)
-    return env
+    return clean_env(
+        PYTHONPATH=str(ROOT), PREFECT_API_URL=prefect_api,
+        MLFLOW_TRACKING_URI=tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}?timeout=60",
+        FINETUNE_CACHE_DIR=str(tmp / "cache"), FINETUNE_LOCK_DIR=str(tmp / "locks"),
+        FINETUNE_MLFLOW_STORE=str(tmp / "store"), FINETUNE_MLFLOW_RETRY_SECONDS="120", **extra,
+    )
 
 
 def classify_cmd(csv_path, model, out, *extra) -> list[str]:
