@@ -51,6 +51,7 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
             "Check the model name, alias or version (finetune compare lists them) and MLFLOW_TRACKING_URI."
         ) from None
     if task == "fill-mask":
+        to_model_mask(texts, MASK_PLACEHOLDER)  # a text without a mask fails here, before the model loads
         pipe = mlflow.transformers.load_model(model_uri)
         masked = to_model_mask(texts, pipe.tokenizer.mask_token)
         results = []
