@@ -42,6 +42,20 @@ def resume_on_retry(cfg):
     return cfg
 
 
+def setup_run(cfg, run_dir: str):
+    """Shared first phase of both jobs: resume on a Prefect retry, the run dir, device and precision, the seed."""
+    from tasks.common import seed_everything
+    from tasks.device import amp_dtype, select_device
+
+    cfg = resume_on_retry(cfg)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.train.device)
+    dtype = amp_dtype(device, cfg.train.precision)
+    seed_everything(cfg.train.seed)
+    return cfg, run, device, dtype
+
+
 def save_model_dir(run: Path, write) -> Path:
     """`write(tmp_dir)` then rename to run/model; disk-full or permission errors become one clear error."""
     import errno
@@ -232,19 +246,14 @@ def train_classifier(
     `run_dir/eval_predictions.json` for the confusion matrix."""
     from transformers import AutoTokenizer
 
-    from tasks.common import resolve_model, seed_everything
-    from tasks.device import amp_dtype, describe, select_device
+    from tasks.common import resolve_model
+    from tasks.device import describe
     from tasks.evaluate import evaluate_classifier
     from tasks.loaders import build_dataloaders
 
     # --- setup
-    cfg = resume_on_retry(cfg)
+    cfg, run, device, dtype = setup_run(cfg, run_dir)
     t = cfg.train
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    device = select_device(t.device)
-    dtype = amp_dtype(device, t.precision)
-    seed_everything(t.seed)
     model = _load_model(cfg, data).to(device)
     tok = AutoTokenizer.from_pretrained(resolve_model(t.model))
     if loaders is None:

@@ -26,9 +26,9 @@ from tasks.train_classifier import (
     fit_manual,
     hf_training_kwargs,
     last_complete_trainer_checkpoint,
-    resume_on_retry,
     retry_unless_config_error,
     save_model_dir,
+    setup_run,
 )
 
 log = logging.getLogger(__name__)
@@ -244,20 +244,15 @@ def train_mlm(
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from tasks.common import resolve_model, run_logger, seed_everything, write_json_atomic
-    from tasks.device import amp_dtype, describe, select_device
+    from tasks.common import resolve_model, run_logger, write_json_atomic
+    from tasks.device import describe
     from tasks.loaders import build_dataloaders
     from tasks.mlm_data import MLMBatchCollator, mlm_stats
 
     log = run_logger(__name__)
     # --- setup
-    cfg = resume_on_retry(cfg)
+    cfg, run, device, dtype = setup_run(cfg, run_dir)
     t = cfg.train
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    device = select_device(t.device)
-    dtype = amp_dtype(device, t.precision)
-    seed_everything(t.seed)
     path = resolve_model(t.model)
     tok = AutoTokenizer.from_pretrained(path)
     verbosity = hf_logging.get_verbosity()

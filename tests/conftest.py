@@ -43,19 +43,24 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture
-def sentiment_csv(tmp_path) -> str:
-    """A tiny learnable sentiment set with string labels (mapped to ids by the loader)."""
+def write_sentiment_csv(directory: Path, repeat: int = 3) -> str:
+    """A tiny learnable sentiment set (columns review, sentiment) with string labels, `repeat` times over."""
     import csv
 
     rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
     random.Random(0).shuffle(rows)
-    p = tmp_path / "reviews.csv"
+    p = directory / "reviews.csv"
     with p.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["review", "sentiment"])
-        w.writerows(rows * 3)
+        w.writerows(rows * repeat)
     return str(p)
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path) -> str:
+    """48 rows, string labels (mapped to ids by the loader)."""
+    return write_sentiment_csv(tmp_path)
 
 
 @pytest.fixture

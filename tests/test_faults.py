@@ -4,9 +4,7 @@ retraining runs of the same registered model. Checks the Prefect state, the MLfl
 the registry aliases afterwards. Slow: a real Prefect server for the module, a subprocess per training run."""
 from __future__ import annotations
 
-import csv
 import glob
-import random
 import resource
 import signal
 import subprocess
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import NEGATIVE, POSITIVE
+from tests.conftest import write_sentiment_csv
 from tests.integration._servers import clean_env
 from tests.servers import MlflowServer, prefect_server
 
@@ -35,15 +33,8 @@ def prefect_api(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_csv(tmp_path_factory) -> str:
-    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    rows = rows * 40
-    random.Random(0).shuffle(rows)
-    p = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with p.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["review", "sentiment"])
-        w.writerows(rows)
-    return str(p)
+    """640 rows: long enough epochs to interrupt mid-way."""
+    return write_sentiment_csv(tmp_path_factory.mktemp("data"), repeat=40)
 
 
 def env_for(tmp: Path, prefect_api: str, tracking_uri: str | None = None, **extra) -> dict:

@@ -210,19 +210,9 @@ def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir
 
 
 def _sentiment_csv(d: Path) -> str:
-    import csv
-    import random
+    from conftest import write_sentiment_csv
 
-    from conftest import NEGATIVE, POSITIVE
-
-    rows = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    random.Random(0).shuffle(rows)
-    p = d / "reviews.csv"
-    with p.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["review", "sentiment"])
-        w.writerows(rows * 3)
-    return str(p)
+    return write_sentiment_csv(d)
 
 
 def test_deployments_from_prefect_yaml(lifecycle):
