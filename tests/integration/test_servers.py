@@ -97,8 +97,15 @@ def run_config(workdir: Path, csv: str, model_dir: str, *, lr: float, epochs: in
     }
 
 
-def deployment(api_url: str) -> dict:
-    return api("GET", f"{api_url}/deployments/name/{FLOW}/{DEPLOYMENT}")
+def deployment(api_url: str) -> dict | None:
+    """The deployment, or None while it does not exist (serve.py --replace deletes it, then creates it again)."""
+    import requests
+
+    r = requests.get(f"{api_url}/deployments/name/{FLOW}/{DEPLOYMENT}", timeout=30)
+    if r.status_code in (404, 503):  # 503: Prefect's answer to a busy sqlite database; the caller polls
+        return None
+    assert r.status_code < 300, f"GET deployment: {r.status_code} {r.text[:2000]}"
+    return r.json()
 
 
 def trigger_and_wait(api_url: str, dep_id: str, config: dict, logs: list[Proc], timeout: float = 300) -> dict:
@@ -196,7 +203,7 @@ def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir
         while time.monotonic() < deadline:  # served: the deployment left the work pool
             assert served.alive(), served.tail()
             dep2 = deployment(prefect_server)
-            if dep2["id"] != dep["id"] and not dep2["work_pool_name"]:
+            if dep2 and dep2["id"] != dep["id"] and not dep2["work_pool_name"]:
                 break
             time.sleep(1)
         else:
