@@ -4,18 +4,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import get_logger, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
+from flows.common import flow_run_name_for, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
 from flows.config import ClassifyConfig
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters.get("config")
-    cfg = cfg if isinstance(cfg, ClassifyConfig) else ClassifyConfig.model_validate(cfg or {})
-    model = cfg.train.model.rstrip("/").split("/")[-1]
-    data = cfg.data.dataset.rstrip("/").split("/")[-1]
-    return f"classify-{model}-{data}-{cfg.engine}-e{cfg.train.epochs}"
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE)
@@ -36,21 +26,21 @@ def log_evaluation(run_id: str, run_dir: str, history: list[dict], label_names: 
     return paths
 
 
-@flow(name="classify-finetune", flow_run_name=_run_name)
+@flow(name="classify-finetune", flow_run_name=flow_run_name_for(ClassifyConfig))
 def classify_flow(config: ClassifyConfig = ClassifyConfig()) -> dict:
     """Fine-tune a BERT-family classifier, track it in MLflow and register it in the Model Registry."""
     from tasks import tracking
     from tasks.data import load_dataset_task
     from tasks.loaders import build_dataloaders_task
     from tasks.tokenize import check_model_task, tokenize_task
-    from tasks.common import cached_path_result
+    from tasks.common import cached_path_result, run_logger
     from tasks.train_classifier import train_classifier_task
 
     from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
     from flows.promotion import resolve_metric
 
     cfg = config
-    logger = get_logger()
+    logger = run_logger(__name__)
     # Cheap checks first: tracking store reachable, model loadable, max_length within its limit.
     uri = tracking.check_tracking_server()
     check_model_task(cfg.train.model, cfg.data.max_length)

@@ -3,7 +3,6 @@ ends with (artifacts, log the model, register it, promote, summary)."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -19,15 +18,6 @@ def flow_run_info() -> tuple[str, str | None]:
         return flow_run.name or "local", flow_run.id
     except Exception:
         return "local", None
-
-
-def get_logger():
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("finetune")
 
 
 class Terminated(BaseException):
@@ -61,24 +51,24 @@ def resume_key(cfg: JobConfig) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key_: str | None = None, **_) -> Iterator[str]:
+def mlflow_run(cfg: JobConfig) -> Iterator[str]:
     """One MLflow run per flow run, FINISHED only when the body succeeds: FAILED on an exception, KILLED on
     SIGTERM, Ctrl-C or a Prefect cancellation. With `train.resume` an unfinished earlier run of the same config
     is continued (same run id, so its metrics continue without duplicates)."""
     from tasks import tracking
+    from tasks.common import run_logger
 
     name, fr_id = flow_run_info()
-    key = resume_key_ or resume_key(cfg)
+    key = resume_key(cfg)
     tags = {"prefect.flow_run_id": str(fr_id or ""), "prefect.flow_run_name": name, "finetune.job": cfg.job,
             "finetune.resume_key": key}
-    tags.update(extra_tags or {})
     run_id = None
     if cfg.train.resume:
         run_id = tracking.find_unfinished_run(cfg.experiment, "finetune.resume_key", key)
         if run_id:
             tracking.client().update_run(run_id, status="RUNNING")
             tracking.set_tags(run_id, {"prefect.flow_run_id": str(fr_id or ""), "finetune.resumed": "true"})
-            get_logger().info("resuming MLflow run %s", run_id)
+            run_logger(__name__).info("resuming MLflow run %s", run_id)
     if run_id is None:
         run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
     try:
@@ -96,6 +86,25 @@ def mlflow_run(cfg: JobConfig, extra_tags: dict | None = None, resume_key_: str 
         raise
     else:
         tracking.end_run(run_id, "FINISHED")
+
+
+def job_label(cfg: JobConfig) -> str:
+    """`<job>-<model>-<dataset>-<engine>-e<epochs>`: names flow runs, training task runs and MLflow runs."""
+    def short(name: str) -> str:
+        return str(name).rstrip("/").split("/")[-1] or str(name)
+
+    return f"{cfg.job}-{short(cfg.train.model)}-{short(cfg.data.dataset)}-{getattr(cfg, 'engine', '')}-e{cfg.train.epochs}"
+
+
+def flow_run_name_for(config_cls: type[JobConfig]):
+    """A `flow_run_name` callable for a flow whose parameter `config` is a `config_cls` (or its dict form)."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        cfg = flow_run.parameters.get("config")
+        return job_label(cfg if isinstance(cfg, config_cls) else config_cls.model_validate(cfg or {}))
+
+    return name
 
 
 def run_dir_for(cfg: JobConfig, key: str) -> Path:

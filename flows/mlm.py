@@ -6,20 +6,10 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import get_logger, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
+from flows.common import flow_run_name_for, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
 from flows.config import MLMConfig
 
 EXAMPLE = "This is a [MASK] movie!"
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters.get("config")
-    cfg = cfg if isinstance(cfg, MLMConfig) else MLMConfig.model_validate(cfg or {})
-    model = cfg.train.model.rstrip("/").split("/")[-1]
-    data = cfg.data.dataset.rstrip("/").split("/")[-1]
-    return f"mlm-{model}-{data}-{cfg.engine}-e{cfg.train.epochs}"
 
 
 @task(name="fill-mask-examples", cache_policy=NO_CACHE)
@@ -31,24 +21,16 @@ def fill_mask_examples(model_dir: str, texts: list[str], top_k: int, out_dir: st
 
     from transformers import pipeline
 
-    from tasks.predict import format_predictions, to_model_mask
+    from tasks.predict import fill_mask, format_predictions
 
-    pipe = pipeline("fill-mask", model=model_dir, tokenizer=model_dir, device="cpu")
-    results = []
-    for text, masked in zip(texts, to_model_mask(texts, pipe.tokenizer.mask_token)):
-        r = pipe(masked, top_k=top_k)
-        per_mask = r if (r and isinstance(r[0], list)) else [r]
-        results.append({"text": text, "masks": [
-            [{"token_str": c["token_str"].strip(), "score": float(c["score"]), "sequence": c["sequence"]} for c in m]
-            for m in per_mask
-        ]})
+    results = fill_mask(pipeline("fill-mask", model=model_dir, tokenizer=model_dir, device="cpu"), texts, top_k)
     path = Path(out_dir) / "fill_mask_examples.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     return str(path), format_predictions(results)
 
 
-@flow(name="mlm-finetune", flow_run_name=_run_name)
+@flow(name="mlm-finetune", flow_run_name=flow_run_name_for(MLMConfig))
 def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
     """Fine-tune a masked language model, track it in MLflow and register it (fill-mask) in the Model Registry."""
     from pathlib import Path
@@ -59,14 +41,14 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
     from tasks.loaders import build_dataloaders_task
     from tasks.mlm_data import mlm_collator_for, mlm_stats, tokenize_mlm_task
     from tasks.tokenize import check_model_task
-    from tasks.common import cached_path_result
+    from tasks.common import cached_path_result, run_logger
     from tasks.train_mlm import train_mlm_task
 
     from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
     from flows.promotion import resolve_metric
 
     cfg = config
-    logger = get_logger()
+    logger = run_logger(__name__)
     # Cheap checks first: tracking store reachable, model loadable with a mask token and an MLM head class.
     uri = tracking.check_tracking_server()
     info = check_model_task(cfg.train.model, cfg.data.max_length, masked_lm=True)
@@ -106,14 +88,15 @@ def mlm_flow(config: MLMConfig = MLMConfig()) -> dict:
                 tokenized, cfg.train.model, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.seed,
                 collator=mlm_collator_for(cfg.train.model, cfg.mlm_probability, cfg.train.seed),
             )
-        on_metrics = MonitoredMetrics(tracking.MetricsLogger(run_id), cfg.train.epochs, key=cfg.registered_model,
+        mlflow_metrics = tracking.MetricsLogger(run_id)
+        on_metrics = MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
                                       label=f"{cfg.registered_model} ({cfg.engine})")
         result = train_mlm_task.with_options(task_run_name=train_task_run_name)(
             cfg, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
         )
         tracking.log_device(run_id, result.device)
         if result.train_samples_per_second:
-            tracking.MetricsLogger(run_id)({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
+            mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
 
         examples_json, examples_text = fill_mask_examples(result.model_dir, [EXAMPLE], cfg.top_k, str(Path(run_dir) / "eval"))
         tracking.log_artifacts(run_id, [

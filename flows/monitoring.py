@@ -36,19 +36,16 @@ def _best_effort(what: str, fn: Callable, *args, **kwargs) -> Any:
         return None
 
 
-def _short(name: str) -> str:
-    return str(name).rstrip("/").split("/")[-1] or str(name)
-
-
 # --- readable run names -------------------------------------------------------------------------------------
 
 
 def train_task_run_name(parameters: dict[str, Any]) -> str:
     """`task_run_name` for a training task whose first parameter is the job config: model, dataset, epochs."""
+    from flows.common import job_label
+
     cfg = parameters.get("cfg") or parameters.get("config")
     try:
-        return (f"train-{cfg.job}-{_short(cfg.train.model)}-{_short(cfg.data.dataset)}-"
-                f"{getattr(cfg, 'engine', '')}-e{cfg.train.epochs}").replace("--", "-")
+        return f"train-{job_label(cfg)}"
     except AttributeError:
         return "train"
 
@@ -90,9 +87,9 @@ class MonitoredMetrics:
         row = {"epoch": int(step), **{k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         pct = min(100.0, 100.0 * step / self.total)
-        from flows.common import get_logger
+        from tasks.common import run_logger
 
-        get_logger().info("epoch %d/%d (%.0f%%): %s", step, self.total, pct,
+        run_logger(__name__).info("epoch %d/%d (%.0f%%): %s", step, self.total, pct,
                          " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
         desc = f"{self.label}: epoch {step}/{self.total}"
         if self.progress_id is not None:

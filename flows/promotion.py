@@ -93,9 +93,10 @@ def decide(
 
 
 def _classifier_scores(pipe, eval_ds, max_length: int, batch_size: int) -> dict[str, float]:
-    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
 
-    from tasks.evaluate import classification_metrics
+    from tasks.evaluate import evaluate_classifier
 
     model, tok = pipe.model, pipe.tokenizer
     names = list(eval_ds.features["label"].names)
@@ -106,19 +107,15 @@ def _classifier_scores(pipe, eval_ds, max_length: int, batch_size: int) -> dict[
         to_model = list(range(len(names)))
     else:
         raise ValueError(f"model labels {sorted(label2id)} do not match the eval labels {names}")
-    texts, labels = eval_ds["text"], [to_model[i] for i in eval_ds["label"]]
-    model.eval()
-    loss_sum, preds = 0.0, []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            y = torch.tensor(labels[i : i + batch_size], device=model.device)
-            logits = model(**enc).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            preds += logits.argmax(-1).tolist()
-    m = classification_metrics(preds, labels, model.config.num_labels)
-    return {"loss": loss_sum / max(len(texts), 1), **m}
+    # The model's own tokenizer (champion and challenger may differ), then the training-time evaluation.
+    ds = eval_ds.map(
+        lambda b: {**tok(b["text"], truncation=True, max_length=max_length), "labels": [to_model[i] for i in b["label"]]},
+        batched=True, remove_columns=eval_ds.column_names, keep_in_memory=True,
+    )
+    ds.set_format("torch")
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok))
+    r = evaluate_classifier(model, loader, model.device, desc="promotion eval")
+    return {k: r[k] for k in ("loss", "accuracy", "f1")}
 
 
 def _mlm_scores(pipe, eval_ds, max_length: int, batch_size: int, mlm_probability: float, seed: int) -> dict[str, float]:
@@ -224,10 +221,10 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, eval_data: str 
     """Evaluates challenger `version` and the current champion of `name` on `eval_data` (a prepared dataset
     dir; default: rebuilt from the challenger run's params), decides, moves `champion` when the challenger wins,
     and records the outcome (version tags, Prefect artifact). Returns promoted, decision and both scores."""
-    from flows.common import get_logger
     from tasks import registry
+    from tasks.common import run_logger
 
-    log = get_logger()
+    log = run_logger(__name__)
     version = str(version)
     metric = resolve_metric(cfg)
     margin = cfg.tracking.promotion_margin

@@ -34,6 +34,21 @@ def to_model_mask(texts: list[str], mask_token: str) -> list[str]:
     return out
 
 
+def fill_mask(pipe, texts: list[str], top_k: int = 5) -> list[dict]:
+    """Top-k candidates per mask from a fill-mask pipeline: [{text, masks: [[{token_str, score, sequence}]]}],
+    each mask's candidates sorted by score."""
+    results = []
+    for text, masked in zip(texts, to_model_mask(texts, pipe.tokenizer.mask_token)):
+        r = pipe(masked, top_k=top_k)
+        per_mask = r if (r and isinstance(r[0], list)) else [r]  # one list per mask when there are several
+        results.append({"text": text, "masks": [
+            [{"token_str": c["token_str"].strip(), "score": float(c["score"]), "sequence": c["sequence"]}
+             for c in sorted(cands, key=lambda x: -x["score"])]
+            for cands in per_mask
+        ]})
+    return results
+
+
 def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
     """Classification: [{text, label, score}]. Fill-mask: [{text, masks: [[{token_str, score, sequence}]...]}]."""
     import mlflow
@@ -52,18 +67,7 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
         ) from None
     if task == "fill-mask":
         to_model_mask(texts, MASK_PLACEHOLDER)  # a text without a mask fails here, before the model loads
-        pipe = mlflow.transformers.load_model(model_uri)
-        masked = to_model_mask(texts, pipe.tokenizer.mask_token)
-        results = []
-        for text, m in zip(texts, masked):
-            r = pipe(m, top_k=top_k)
-            per_mask = r if (r and isinstance(r[0], list)) else [r]
-            per_mask = [sorted(c, key=lambda x: -x["score"]) for c in per_mask]
-            results.append(
-                {"text": text, "masks": [[{"token_str": c["token_str"].strip(), "score": float(c["score"]),
-                                           "sequence": c["sequence"]} for c in cands] for cands in per_mask]}
-            )
-        return results
+        return fill_mask(mlflow.transformers.load_model(model_uri), texts, top_k)
     model = mlflow.pyfunc.load_model(model_uri)
     df = model.predict(texts)
     return [{"text": t, "label": str(row["label"]), "score": float(row["score"])} for t, (_, row) in zip(texts, df.iterrows())]

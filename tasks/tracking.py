@@ -4,6 +4,7 @@ Every call passes `run_id` explicitly: MLflow's fluent active run is thread-loca
 worker threads."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -41,19 +42,21 @@ def configure() -> str:
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(_sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
-        _sqlite_wal(uri)
+        _prepare_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     # The registry lives in the same store. (Not set_registry_uri: it exports MLFLOW_REGISTRY_URI, which would pin
     # the registry to the first store this process used.)
     return uri
 
 
-def _sqlite_wal(uri: str) -> None:
-    """WAL lets readers and one writer work at once; the busy timeout makes a second writer wait (30 s)."""
+@functools.lru_cache(maxsize=None)
+def _prepare_sqlite(uri: str) -> None:
+    """Once per store and process: create its folder and switch it to WAL, which lets readers and one writer
+    work at once (the URI's busy timeout makes a second writer wait)."""
     import sqlite3
 
     path = _sqlite_path(uri)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         con = sqlite3.connect(path, timeout=30)
         con.execute("PRAGMA journal_mode=WAL")

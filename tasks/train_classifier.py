@@ -129,9 +129,8 @@ def fit_manual(
     from tqdm.auto import tqdm
 
     from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from tasks.device import autocast
-
     from tasks.common import run_logger
+    from tasks.device import autocast
 
     log = run_logger(__name__)
     t = cfg.train
@@ -141,7 +140,9 @@ def fit_manual(
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history: list[dict] = []
+    # Position in training: the epoch under way, batches of it already done, and its running loss.
     start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
+    resumed_loss = (0.0, 0)
     ckpt_root = run_dir / "checkpoints"
 
     if t.resume:
@@ -152,20 +153,16 @@ def fit_manual(
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"])
-            gen.set_state(st["epoch_start_gen_state"])
+            gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
-            start_epoch, skip_batches = st["epoch"], st["batches_done"]
-            if skip_batches >= steps_per_epoch:
-                start_epoch, skip_batches = start_epoch + 1, 0
-                gen.set_state(st["gen_state"])
+            start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
             resumed_from = str(path)
             log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
             if on_metrics:  # idempotent: only epochs the interrupted run did not get to log are sent
                 for row in history:
-                    if "_partial_epoch" not in row:
-                        on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+                    on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
-    def checkpoint(epoch: int, batches_done: int, epoch_start_gen) -> None:
+    def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
         save_checkpoint(
             ckpt_root,
             step,
@@ -174,10 +171,10 @@ def fit_manual(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "rng": rng_state(),
-                "gen_state": gen.get_state(),
                 "epoch_start_gen_state": epoch_start_gen,
                 "epoch": epoch,
                 "batches_done": batches_done,
+                "epoch_loss": epoch_loss,
                 "step": step,
                 "history": history,
                 "config": cfg.model_dump(),
@@ -192,10 +189,8 @@ def fit_manual(
     seen, t0 = 0, time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         epoch_start_gen = gen.get_state()
-        loss_sum, loss_n = 0.0, 0
-        if skip_batches and history and history[-1].get("_partial_epoch") == epoch:
-            part = history.pop()
-            loss_sum, loss_n = part["_loss_sum"], part["_loss_n"]
+        loss_sum, loss_n = resumed_loss
+        resumed_loss = (0.0, 0)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch)
         for i, batch in enumerate(bar):
             if i < skip_batches:
@@ -209,7 +204,11 @@ def fit_manual(
             else:
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            (scaler.step(opt), scaler.update()) if scaler else opt.step()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -219,14 +218,12 @@ def fit_manual(
             loss_n += bs
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
-                history.append({"_partial_epoch": epoch, "_loss_sum": loss_sum, "_loss_n": loss_n})
-                checkpoint(epoch, i + 1, epoch_start_gen)
-                history.pop()
+                checkpoint(epoch, i + 1, epoch_start_gen, (loss_sum, loss_n))
         skip_batches = 0
         row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
         history.append(row)
         # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
-        checkpoint(epoch + 1, 0, gen.get_state())
+        checkpoint(epoch + 1, 0, gen.get_state(), (0.0, 0))
         if on_metrics:
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
@@ -320,23 +317,14 @@ def fit_trainer(cfg, model, tok, tokenized_path, run: Path, on_metrics, device, 
     t = cfg.train
     dd = load_from_disk(tokenized_path)
     steps_per_epoch = math.ceil(len(dd["train"]) / t.batch_size)
-    history: list[dict] = []
-
     class ToMetrics(TrainerCallback):
-        pending: dict = {}
+        """After each evaluation, the epoch's row (train loss logged just before it, eval metrics) goes to
+        `on_metrics`; rows come from Trainer's own log history, the same source as the final history."""
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs and "eval_loss" not in logs:
-                self.pending["train_loss"] = float(logs["loss"])
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            epoch = int(round(state.epoch or 0))
-            row = {"epoch": epoch, **self.pending}
-            row.update({k: float(v) for k, v in (metrics or {}).items() if k in ("eval_loss", "eval_accuracy", "eval_f1")})
-            self.pending = {}
-            history.append(row)
-            if on_metrics:
-                on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        def on_evaluate(self, args, state, control, **kw):
+            rows = history_from_trainer(state.log_history)
+            if on_metrics and rows:
+                on_metrics({k: v for k, v in rows[-1].items() if k != "epoch"}, rows[-1]["epoch"])
 
     def compute_metrics(p):
         pred = np.argmax(p.predictions, axis=-1)

@@ -6,27 +6,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from tests.integration._servers import VENV_BIN, Proc, clean_env, free_port, wait_http
+from tests.integration._servers import ROOT, VENV_BIN, Proc, clean_env, free_port, wait_http
 
 
 @contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """Yields the API URL (…/api). Its own PREFECT_HOME (sqlite database) under `home`."""
+def prefect_server(home: Path, **env: str) -> Iterator[str]:
+    """Yields the API URL (…/api). Its own PREFECT_HOME (sqlite database) under `home`; `env` adds settings."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
-    env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
     proc = Proc("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env, home)
+                                   "--port", str(port)], clean_env(PREFECT_HOME=str(home), **env), home)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        wait_http(f"{url}/health", proc)
+        wait_http(f"{url}/health", proc, timeout=180)
         yield url
     finally:
         proc.stop()
 
 
 class MlflowServer:
-    """A real `mlflow server` (sqlite backend, proxied artifacts) on a fixed port, so it can restart in place."""
+    """A real `mlflow server` started by the project's launcher, mlflow/server.sh (sqlite backend, proxied
+    artifacts, both under `root`), on a fixed port, so it can restart in place."""
 
     def __init__(self, root: Path, port: int | None = None):
         self.root, self.port = root, port or free_port()
@@ -35,14 +35,10 @@ class MlflowServer:
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "MlflowServer":
-        self.proc = Proc(
-            "mlflow-server",
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), self.root,
-        )
-        wait_http(f"{self.url}/health", self.proc)
+        env = clean_env(MLFLOW_PORT=self.port, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{self.root / 'mlflow.db'}",
+                        MLFLOW_ARTIFACTS_DESTINATION=str(self.root / "artifacts"), MLFLOW_WORKERS=1)
+        self.proc = Proc("mlflow-server", ["bash", str(ROOT / "mlflow" / "server.sh")], env, self.root)
+        wait_http(f"{self.url}/health", self.proc, timeout=120)
         return self
 
     def stop(self) -> None:

@@ -41,34 +41,20 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_server(workdir):
     """The project's launcher, mlflow/server.sh: sqlite backend, proxied artifact store, both in workdir."""
-    port = free_port()
-    env = clean_env(MLFLOW_PORT=port, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{workdir / 'mlflow.db'}",
-                    MLFLOW_ARTIFACTS_DESTINATION=str(workdir / "mlartifacts"), MLFLOW_WORKERS=1)
-    proc = Proc("mlflow-server", ["bash", str(ROOT / "mlflow" / "server.sh")], env, workdir)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc, timeout=120)
-        yield url
-    finally:
-        proc.stop()
+    from tests.servers import MlflowServer
+
+    with MlflowServer(workdir).running() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
 def prefect_server(workdir):
-    port = free_port()
-    env = clean_env(
-        PREFECT_HOME=workdir / "prefect-server-home",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS=3,  # schedules turn into scheduled runs quickly
-    )
-    proc = Proc("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env, workdir)
-    try:
-        api_url = f"http://127.0.0.1:{port}/api"
-        wait_http(f"{api_url}/health", proc, timeout=180)
-        yield api_url
-    finally:
-        proc.stop()
+    from tests.servers import prefect_server as server
+
+    # schedules turn into scheduled runs quickly
+    with server(workdir / "prefect-server-home", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="3",
+                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{workdir / 'prefect.db'}") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
