@@ -155,3 +155,38 @@ def test_failed_training_marks_run_failed_and_registers_nothing(sentiment_csv, t
     versions = c.search_model_versions("name='rel-model'")
     assert len(versions) == 1
     assert str(c.get_model_version_by_alias("rel-model", "champion").version) == first["version"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_prefect_retry_resumes_from_the_last_checkpoint(sentiment_csv, tiny_model_dir, tmp_path, isolated,
+                                                       monkeypatch):
+    """The training task fails in epoch 2's evaluation; Prefect's retry resumes from epoch 1's checkpoint, in the
+    same MLflow run, and ends where an uninterrupted run ends."""
+    from mlflow import MlflowClient
+
+    import tasks.evaluate as ev
+    from flows.classify import classify_flow
+
+    def flow_cfg(out, experiment):
+        base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / out)
+        return base.model_copy(update={"tracking": base.tracking.model_copy(
+            update={"registered_model": experiment, "experiment": experiment})})
+
+    reference = classify_flow(flow_cfg("ref", "retry-ref"))
+
+    real, calls = ev.evaluate_classifier, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("injected: transient failure in epoch 2")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_classifier", flaky)
+    out = classify_flow(flow_cfg("retry", "retry"))
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    [run] = c.search_runs([c.get_experiment_by_name("retry").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == out["run_id"]
+    for k in METRICS:
+        assert [m.step for m in c.get_metric_history(run.info.run_id, k)] == [1, 2, 3], k
+        np.testing.assert_allclose(out["metrics"][k], reference["metrics"][k], rtol=1e-4, atol=1e-5, err_msg=k)
