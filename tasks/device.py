@@ -15,7 +15,7 @@ def select_device(pref: str = "auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if pref == "cuda" and not torch.cuda.is_available():
-        from flows.config import ConfigError
+        from tasks.common import ConfigError
 
         raise ConfigError("device=cuda but no CUDA GPU is visible: use --device auto or cpu")
     return torch.device(pref)

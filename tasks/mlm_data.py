@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.config import ConfigError
+from tasks.common import ConfigError
 from tasks.common import resolve_model, stable_hash
 
 STATS_FILE = "mlm_stats.json"

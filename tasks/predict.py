@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flows.config import ConfigError
+from tasks.common import ConfigError
 
 MASK_PLACEHOLDER = "[MASK]"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.config import ConfigError
+from tasks.common import ConfigError
 from tasks.common import prepared_cache_policy, resolve_model, stable_hash
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import PROJECT_ROOT, ConfigError
+from tasks.common import PROJECT_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
 
