@@ -37,7 +37,8 @@ def main() -> None:
     from tasks.data import prepare_dataset
     from tasks.loaders import build_dataloaders
     from tasks.tokenize import tokenize_dataset
-    from tasks.train_classifier import _load_model, fit_manual
+    from tasks.jobs.classify import load_model
+    from tasks.training import fit_manual
     from transformers import AutoTokenizer
 
     n = args.steps * args.batch_size
@@ -48,20 +49,21 @@ def main() -> None:
     })
     data = prepare_dataset(cfg.data, cfg.train.seed)
     tok_path = tokenize_dataset(data.path, cfg.train.model, args.max_length)
+    spec = cfg.spec(data.label_names)
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.train.model))
     device = torch.device("cpu")
 
     def manual() -> float:
         seed_everything(0)
-        model = _load_model(cfg, data)
+        model = load_model(resolve_model(cfg.train.model), spec)
         loaders = build_dataloaders(tok_path, cfg.train.model, args.batch_size, 64, 0)
         t0 = time.perf_counter()
-        fit_manual(cfg, model, loaders, tmp / f"m{time.time()}", lambda m, d: {}, None, device, None)
+        fit_manual(spec, model, loaders, tmp / f"m{time.time()}", lambda m, d: {}, None, device, None)
         return n / (time.perf_counter() - t0)
 
     def trainer() -> float:
         seed_everything(0)
-        model = _load_model(cfg, data)
+        model = load_model(resolve_model(cfg.train.model), spec)
         dd = load_from_disk(tok_path)
         targs = TrainingArguments(
             output_dir=str(tmp / "hf"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,

@@ -1,7 +1,7 @@
 """MLM training speed, in one run, on the same data, collator, weights and hyperparameters:
 
   project   this project's path: TRL SFTTrainer subclass whose loss runs the prediction head on the masked
-            positions only (tasks/train_mlm.py)
+            positions only (tasks/jobs/mlm.py)
   hf-stock  plain transformers Trainer with the stock BertForMaskedLM forward: the head over every position
   trl-stock (--with-trl-stock) TRL's stock SFTTrainer loss, for reference only: it trains the wrong, shifted
             objective, so its speed is not a fair alternative
@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
     from tasks.data import prepare_dataset
     from tasks.device import amp_dtype, describe, select_device
     from tasks.mlm_data import MLMBatchCollator, tokenize_for_mlm
-    from tasks.train_mlm import _sft_trainer_class, build_sft_config
+    from tasks.jobs.mlm import build_sft_config, sft_trainer_class
+    from tasks.training import hf_training_kwargs
 
     hf_logging.set_verbosity_error()
     steps = args.warmup + args.steps
@@ -110,9 +111,9 @@ def main(argv=None) -> dict:
             trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator,
                               processing_class=tok, callbacks=[clock])
         else:
-            sargs = build_sft_config(cfg, out, device, dtype, steps, **common)
+            sargs = build_sft_config(cfg.spec(), out, hf_training_kwargs(cfg.train, steps, device, dtype), **common)
             if kind == "project":
-                cls = _sft_trainer_class()
+                cls = sft_trainer_class()
             else:
                 from trl import SFTTrainer as cls  # stock: fused, next-token loss
             trainer = cls(model=model, args=sargs, train_dataset=train, data_collator=collator, processing_class=tok,

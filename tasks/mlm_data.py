@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.common import ConfigError
-from tasks.common import resolve_model, stable_hash
+from tasks.common import atomic_dir, resolve_model, stable_hash
 
 STATS_FILE = "mlm_stats.json"
 
@@ -150,18 +150,9 @@ def tokenize_for_mlm(
         "group_texts": group_texts,
         "max_length": max_length,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    dd.save_to_disk(str(tmp))
-    (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        dd.save_to_disk(str(tmp))
+        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
     return str(out)
 
 

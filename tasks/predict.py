@@ -49,11 +49,47 @@ def fill_mask(pipe, texts: list[str], top_k: int = 5) -> list[dict]:
     return results
 
 
-def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
-    """Classification: [{text, label, score}]. Fill-mask: [{text, masks: [[{token_str, score, sequence}]...]}]."""
+def load_pipeline(model_dir: str, hf_task: str):
+    """A transformers pipeline from a saved model dir (full weights, or a LoRA adapter whose config names its base:
+    transformers attaches it through peft)."""
+    from transformers import pipeline
+
+    return pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
+
+
+def predict_fill_mask(model_uri: str, texts: list[str], top_k: int = 5) -> list[dict]:
+    """Fill-mask models load as their pipeline (pyfunc returns only the top token)."""
     import mlflow
 
-    from tasks import tracking
+    to_model_mask(texts, MASK_PLACEHOLDER)  # a text without a mask fails here, before the model loads
+    return fill_mask(mlflow.transformers.load_model(model_uri), texts, top_k)
+
+
+def predict_classification(model_uri: str, texts: list[str], top_k: int = 5) -> list[dict]:
+    """Classifiers through pyfunc, as `mlflow models serve` answers: label name and score per text."""
+    import mlflow
+
+    df = mlflow.pyfunc.load_model(model_uri).predict(texts)
+    return [{"text": t, "label": str(row["label"]), "score": float(row["score"])} for t, (_, row) in zip(texts, df.iterrows())]
+
+
+def _job_of(model_uri: str) -> str | None:
+    """The job recorded on a registered version (tag `job`), for `models:/NAME@ALIAS` and `models:/NAME/VERSION`."""
+    from tasks import registry
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@(.+)|/(\d+))", model_uri)
+    if not m:
+        return None
+    name, alias, version = m.groups()
+    version = version or registry.alias_version(name, alias)
+    mv = registry.get_version(name, version) if version else None
+    return (mv.tags or {}).get("job") if mv else None
+
+
+def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
+    """Classification: [{text, label, score}]. Fill-mask: [{text, masks: [[{token_str, score, sequence}]...]}].
+    The job that registered the model (or, failing that, its transformers task) decides how it predicts."""
+    from tasks import jobs, tracking
 
     if not texts:
         raise ConfigError("no texts to predict: pass them as arguments or with --file")
@@ -65,12 +101,12 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
             f"could not find {model_uri} in the registry at {tracking.tracking_uri()}: {str(e).splitlines()[0]}. "
             "Check the model name, alias or version (finetune compare lists them) and MLFLOW_TRACKING_URI."
         ) from None
-    if task == "fill-mask":
-        to_model_mask(texts, MASK_PLACEHOLDER)  # a text without a mask fails here, before the model loads
-        return fill_mask(mlflow.transformers.load_model(model_uri), texts, top_k)
-    model = mlflow.pyfunc.load_model(model_uri)
-    df = model.predict(texts)
-    return [{"text": t, "label": str(row["label"]), "score": float(row["score"])} for t, (_, row) in zip(texts, df.iterrows())]
+    job = _job_of(model_uri)
+    recipe = jobs.all_jobs().get(job) if job else None
+    recipe = recipe or jobs.for_hf_task(task)
+    if recipe is None or recipe.predict is None:
+        raise ConfigError(f"{model_uri} is a {task or 'non-transformers'} model, which no registered job predicts")
+    return recipe.predict(model_uri, texts, top_k)
 
 
 def format_predictions(results: list[dict]) -> str:

@@ -6,9 +6,6 @@ import logging
 import re
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.tracking import _retry, client
 
 log = logging.getLogger(__name__)
@@ -49,9 +46,6 @@ def model_uri(name: str, alias: str | None = None, version: str | int | None = N
     if version is not None:
         return f"models:/{name}/{version}"
     return f"models:/{name}@{alias or CHAMPION}"
-
-
-register_model_task = task(register_model, name="register-model", cache_policy=NO_CACHE)
 
 
 # --- lifecycle helpers: versions, aliases, tags -------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.common import ConfigError
-from tasks.common import prepared_cache_policy, resolve_model, stable_hash
+from tasks.common import atomic_dir, prepared_cache_policy, resolve_model, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
@@ -75,11 +75,16 @@ def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_len
     dd = dd.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
     if "label" in dd["train"].column_names:
         dd = dd.rename_column("label", "labels")
-    tmp = out.with_name(out.name + ".tmp")
-    dd.save_to_disk(str(tmp))
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        dd.save_to_disk(str(tmp))
     return str(out)
 
 
+def tokenize_job(data_path: str, model: str, spec) -> str:
+    """The job's own tokenize step (its recipe's): returns the tokenized dataset dir."""
+    return spec.recipe.tokenize(data_path, model, spec)
+
+
+tokenize_job_task = task(tokenize_job, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
 tokenize_task = task(tokenize_dataset, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
 check_model_task = task(check_model, name="check-model")

@@ -93,19 +93,23 @@ def check_tracking_server(timeout: float = 5.0) -> str:
 def _retry(fn, *args, attempts: int | None = None, **kwargs):
     """Retries with exponential backoff (1, 2, 4 ... 30 s), about 2 minutes in all by default
     (FINETUNE_MLFLOW_RETRY_SECONDS): a restarted tracking server gets the metrics once it is back."""
+    import tenacity
+
     budget = float(os.environ.get("FINETUNE_MLFLOW_RETRY_SECONDS", "120"))
-    delay, waited, i = 1.0, 0.0, 0
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            i += 1
-            if waited >= budget or (attempts is not None and i >= attempts):
-                raise
-            log.warning("MLflow call %s failed (%s); retrying in %.0f s", getattr(fn, "__name__", fn), e, delay)
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 30.0)
+    stop = tenacity.stop_after_delay(budget)
+    if attempts is not None:
+        stop = stop | tenacity.stop_after_attempt(attempts)
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning("MLflow call %s failed (%s); retrying in %.0f s", getattr(fn, "__name__", fn),
+                    state.outcome.exception(), state.next_action.sleep)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(Exception),
+        wait=tenacity.wait_exponential(multiplier=1, min=1, max=30),
+        stop=stop, before_sleep=warn, reraise=True,
+    )
+    return retrying(fn, *args, **kwargs)
 
 
 def _experiment_id(c, name: str) -> str:
@@ -174,10 +178,6 @@ class MetricsLogger:
             self._logged.update((m.key, step) for m in batch)
 
 
-def logged_epochs(run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client().get_metric_history(run_id, key))
-
-
 def log_artifacts(run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> None:
     c = client()
     for p in paths:
@@ -188,6 +188,15 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     for k, v in tags.items():
         _retry(c.set_tag, run_id, k, str(v))
+
+
+def log_params_once(run_id: str, params: dict[str, Any]) -> None:
+    """Params not logged yet (a resumed run already has them; MLflow refuses to change a param)."""
+    c = client()
+    logged = c.get_run(run_id).data.params
+    for k, v in params.items():
+        if k not in logged and v is not None:
+            _retry(c.log_param, run_id, k, v)
 
 
 def log_device(run_id: str, device: str) -> None:

@@ -3,11 +3,24 @@
 (`tasks/jobs/`); nothing here switches on a job's name."""
 from __future__ import annotations
 
-from typing import Literal
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT
+from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT, ConfigError
+
+if TYPE_CHECKING:
+    from tasks.jobs import JobSpec
+
+log = logging.getLogger(__name__)
+MetricsFn = Callable[[dict, int], None]
 
 
 class TrainConfig(BaseModel):
@@ -50,3 +63,408 @@ class LoraConfig(BaseModel):
     target_modules: list[str] = Field(
         ["query", "value"], description="Names of the modules that get adapters (BERT attention: query, value)."
     )
+
+
+class TrainResult(BaseModel):
+    """What training hands on: where the model is, the per-epoch history (epoch 0 = before training, for jobs that
+    evaluate first), the final row, the device, and the throughput."""
+
+    model_dir: str
+    history: list[dict]
+    final: dict
+    device: str
+    train_samples_per_second: float | None = None
+    resumed_from: str | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+
+
+class FitOutput(BaseModel):
+    history: list[dict]
+    samples_per_second: float = 0.0
+    resumed_from: str | None = None
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+def resume_on_retry(spec: "JobSpec") -> "JobSpec":
+    """A Prefect retry of the training task continues from the last complete checkpoint instead of restarting."""
+    try:
+        from prefect.runtime import task_run
+
+        if (task_run.run_count or 1) > 1 and not spec.train.resume:
+            return spec.model_copy(update={"train": spec.train.model_copy(update={"resume": True})})
+    except Exception:
+        pass
+    return spec
+
+
+def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None) -> dict:
+    """Train (seeded shuffle) and eval loaders with the job's collator: the eval loader is the one every
+    evaluation of the job uses (each epoch, both engines, promotion)."""
+    from transformers import AutoTokenizer
+
+    from tasks.common import resolve_model
+    from tasks.loaders import build_dataloaders
+
+    t = spec.train
+    tok = tokenizer or AutoTokenizer.from_pretrained(resolve_model(t.model))
+    return build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
+                             collator=spec.recipe.collator(tok, spec))
+
+
+def _optimizer_and_scheduler(model, t: TrainConfig, steps_per_epoch: int):
+    """AdamW without decay on biases and LayerNorm weights; warmup then the configured decay."""
+    import torch
+    from transformers import get_scheduler
+
+    no_decay = ("bias", "LayerNorm.weight", "layernorm", "layer_norm")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: adapters (+ head) only
+    groups = [
+        {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": t.weight_decay},
+        {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=t.learning_rate)
+    total = steps_per_epoch * t.epochs
+    sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=math.ceil(t.warmup_ratio * total), num_training_steps=total)
+    return opt, sched, total
+
+
+# --- fit: the plain loop ---------------------------------------------------------------------------------------
+
+
+def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
+               device, dtype) -> FitOutput:
+    """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch, the job's evaluation each epoch, and
+    an atomic checkpoint each epoch (and every N steps) that a later run resumes from."""
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from tasks.common import run_logger
+    from tasks.device import autocast
+
+    log = run_logger(__name__)
+    t = spec.train
+    train_loader = loaders["train"]
+    gen = train_loader.generator
+    steps_per_epoch = len(train_loader)
+    opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    history: list[dict] = []
+    # Position in training: the epoch under way, batches of it already done, and its running loss.
+    start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
+    resumed_loss = (0.0, 0)
+    ckpt_root = run_dir / "checkpoints"
+
+    if t.resume:
+        found = load_latest_checkpoint(ckpt_root)
+        if found:
+            path, st = found
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"])
+            gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
+            history, step = st["history"], st["step"]
+            start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
+            resumed_from = str(path)
+            log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
+            if on_metrics:  # idempotent: only epochs the interrupted run did not get to log are sent
+                for row in history:
+                    on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
+        save_checkpoint(ckpt_root, step, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": rng_state(), "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
+            "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
+            "config": spec.model_dump(),
+        })
+
+    log.info("training: %d examples, %d epochs, batch %d, %d optimizer steps, device %s",
+             len(train_loader.dataset), t.epochs, t.batch_size, total, device)
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, t.epochs + 1):
+        epoch_start_gen = gen.get_state()
+        loss_sum, loss_n = resumed_loss
+        resumed_loss = (0.0, 0)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch)
+        for i, batch in enumerate(bar):
+            if i < skip_batches:
+                continue  # same permutation as the interrupted run: skip what it already trained on
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                loss = model(**batch).loss
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bs = next(iter(batch.values())).shape[0]
+            seen += bs
+            loss_sum += loss.item() * bs
+            loss_n += bs
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
+                checkpoint(epoch, i + 1, epoch_start_gen, (loss_sum, loss_n))
+        skip_batches = 0
+        row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
+        history.append(row)
+        # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
+        checkpoint(epoch + 1, 0, gen.get_state(), (0.0, 0))
+        if on_metrics:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+    elapsed = time.perf_counter() - t0
+    return FitOutput(history=history, samples_per_second=seen / elapsed if elapsed and seen else 0.0,
+                     resumed_from=resumed_from)
+
+
+# --- fit: the job's HF Trainer class -------------------------------------------------------------------------
+
+
+def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> dict:
+    """The TrainingArguments fields TrainConfig maps onto, for every job's Trainer class: evaluate, log and
+    checkpoint once per epoch (checkpoints are what --resume continues from)."""
+    import torch
+
+    return dict(
+        num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs), lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
+        logging_strategy="epoch", save_strategy="epoch", save_total_limit=2, report_to="none",
+        use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+
+
+def with_job_evaluation(trainer_cls: type, evaluate_fn) -> type:
+    """The job's Trainer class with `evaluate` replaced by the job's own evaluation (the function the plain loop
+    and promotion call, on the same eval loader). Trainer still schedules it, logs it into its state (so resume
+    keeps the history) and fires `on_evaluate`."""
+
+    class JobEvaluation(trainer_cls):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            metrics = evaluate_fn(self.model, f"eval epoch {int(round(self.state.epoch or 0))}")
+            self.log(dict(metrics))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+            return metrics
+
+    JobEvaluation.__name__ = JobEvaluation.__qualname__ = f"{trainer_cls.__name__}WithJobEvaluation"
+    return JobEvaluation
+
+
+def history_from_trainer(log_history: list[dict], metric_names: tuple[str, ...]) -> list[dict]:
+    """Per-epoch rows from Trainer's log history (which survives resume inside trainer_state.json)."""
+    rows: dict[int, dict] = {}
+    for e in log_history:
+        if "epoch" not in e:
+            continue
+        ep = int(round(e["epoch"]))
+        if "loss" in e and not any(k in e for k in metric_names):
+            rows.setdefault(ep, {"epoch": ep})["train_loss"] = float(e["loss"])
+        for k in metric_names:
+            if k in e:
+                rows.setdefault(ep, {"epoch": ep})[k] = float(e[k])
+    return [rows[k] for k in sorted(rows) if k > 0]
+
+
+def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
+    """Newest Trainer checkpoint whose state, weights (full or adapter) and optimizer all load; torn ones are
+    skipped. Trainer checkpoints hold optimizer/RNG pickles: load only checkpoints this project wrote."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    root = Path(output_dir)
+    if not root.exists():
+        return None
+    cands = sorted((p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for c in cands:
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+            weights = c / "model.safetensors" if (c / "model.safetensors").exists() else c / "adapter_model.safetensors"
+            with safe_open(str(weights), "pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+            torch.load(c / "optimizer.pt", map_location="cpu", weights_only=True)
+            return str(c)
+        except Exception as e:
+            log.warning("skipping incomplete Trainer checkpoint %s: %s", c, e)
+    return None
+
+
+def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate_fn, on_metrics, device, dtype) -> FitOutput:
+    """The job's Trainer class (transformers.Trainer, TRL's SFTTrainer subclass, ...) on the same data, collator
+    and evaluation as the plain loop; its per-epoch logs map onto the same metric names."""
+    from datasets import load_from_disk
+    from transformers import TrainerCallback
+
+    recipe, t = spec.recipe, spec.train
+    dd = load_from_disk(tokenized_path)
+    steps_per_epoch = math.ceil(len(dd["train"]) / t.batch_size)
+    args = recipe.trainer_args(spec, str(run / "trainer"), hf_training_kwargs(t, steps_per_epoch, device, dtype))
+
+    class ToMetrics(TrainerCallback):
+        """After each evaluation, the epoch's row (train loss logged just before it, eval metrics) goes to
+        `on_metrics`; rows come from Trainer's own log history, the same source as the final history."""
+
+        def on_evaluate(self, args, state, control, **kw):
+            rows = history_from_trainer(state.log_history, recipe.metrics)
+            if on_metrics and rows:
+                on_metrics({k: v for k, v in rows[-1].items() if k != "epoch"}, rows[-1]["epoch"])
+
+    trainer_cls = with_job_evaluation(recipe.trainer_class(spec), evaluate_fn)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
+        data_collator=recipe.collator(tok, spec), processing_class=tok, callbacks=[ToMetrics()],
+    )
+    resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
+    out = trainer.train(resume_from_checkpoint=resume)
+    history = history_from_trainer(trainer.state.log_history, recipe.metrics)
+    if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
+        for row in history:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+    return FitOutput(history=history, samples_per_second=float(out.metrics.get("train_samples_per_second", 0.0)),
+                     resumed_from=resume)
+
+
+# --- save ----------------------------------------------------------------------------------------------------
+
+
+def save_model_dir(run: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp_dir)`, then renamed to run/model in one step: a full disk leaves the previous model dir and the
+    checkpoints intact, with one clear error."""
+    from tasks.common import atomic_dir
+
+    final = run / "model"
+    with atomic_dir(final) as tmp:
+        write(Path(tmp))
+    return final
+
+
+def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final: dict) -> None:
+    """The resolved job spec and the metrics beside the weights: a model dir says what made it."""
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    (model_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=2))
+
+
+# --- the core --------------------------------------------------------------------------------------------------
+
+
+def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | None = None,
+          on_metrics: MetricsFn | None = None) -> TrainResult:
+    """setup -> fit (the plain loop for engine `manual`, else the job's Trainer class) -> atomic save, for any job.
+    Writes `run_dir/model` (weights or adapter, tokenizer, config.yaml, metrics.json) and `run_dir/eval_extras.json`
+    (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix)."""
+    from transformers import AutoTokenizer
+
+    from tasks.common import resolve_model, run_logger, seed_everything, write_json_atomic
+    from tasks.device import amp_dtype, describe, select_device
+
+    log = run_logger(__name__)
+    recipe = spec.recipe
+    # --- setup: resume on a Prefect retry, run dir, device and precision, seed, model (+ adapters), loaders
+    spec = resume_on_retry(spec)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = select_device(spec.train.device)
+    dtype = amp_dtype(device, spec.train.precision)
+    seed_everything(spec.train.seed)
+    path = resolve_model(spec.train.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = recipe.load_model(path, spec)
+    if spec.peft == "lora":
+        from tasks import adapters
+
+        model = adapters.apply_lora(model, spec.lora.r, spec.lora.alpha, spec.lora.dropout,
+                                    spec.lora.target_modules, recipe.hf_task)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %d of %d parameters trainable (%.2f%%)", spec.peft if spec.peft != "none" else "full fine-tuning",
+             trainable, total, 100.0 * trainable / max(total, 1))
+    model.to(device)
+    if loaders is None:
+        loaders = build_loaders(tokenized_path, spec, tok)
+    extras: dict = {}
+
+    def evaluate_fn(m, desc: str = "eval") -> dict[str, float]:
+        r = recipe.evaluate(m, loaders["eval"], device, dtype, desc=desc)
+        extras.update({k: v for k, v in r.items() if not isinstance(v, float)})
+        return {k: v for k, v in r.items() if isinstance(v, float)}
+
+    # --- epoch 0: the starting point, for jobs whose curves should start before any update
+    history: list[dict] = []
+    if recipe.eval_before_training:
+        epoch0_file = run / "epoch0_metrics.json"
+        if spec.train.resume and epoch0_file.exists():
+            epoch0 = json.loads(epoch0_file.read_text())
+        else:
+            epoch0 = {"epoch": 0, **evaluate_fn(model, "eval epoch 0")}
+            write_json_atomic(epoch0_file, epoch0)
+        if on_metrics:
+            on_metrics({k: v for k, v in epoch0.items() if k != "epoch"}, 0)
+        history.append(epoch0)
+
+    # --- fit
+    if spec.engine == "manual":
+        out = fit_manual(spec, model, loaders, run, evaluate_fn, on_metrics, device, dtype)
+    else:
+        out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype)
+    history += out.history
+    final = history[-1] if history else {}
+    if recipe.eval_before_training and len(history) > 1:
+        log.info("eval before -> after: %s", ", ".join(
+            f"{k} {history[0][k]:.4f} -> {final[k]:.4f}" for k in recipe.metrics if k in final and k in history[0]))
+
+    # --- save, atomically: a reader sees the previous complete model dir or the new one
+    def write(d: Path) -> None:
+        if spec.peft == "lora":
+            from tasks import adapters
+
+            adapters.save_model(model, tok, d)
+        else:
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+        write_run_files(d, spec, history, final)
+
+    model_dir = save_model_dir(run, write)
+    write_json_atomic(run / "eval_extras.json", extras)
+    return TrainResult(
+        model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
+        train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
+        trainable_parameters=trainable, total_parameters=total,
+    )
+
+
+build_loaders_task = task(build_loaders, name="build-dataloaders", cache_policy=NO_CACHE, persist_result=False)
+
+
+def retry_unless_config_error(task, task_run, state) -> bool:
+    """Retry crashes and I/O trouble (the retry resumes from the last checkpoint), not bad input."""
+    return not isinstance(state.result(raise_on_failure=False), ConfigError)
+
+
+# One retry: it resumes from the last complete checkpoint (see resume_on_retry), so a transient failure late in
+# training costs one epoch at most.
+train_task = task(
+    train, name="train", cache_policy=NO_CACHE, persist_result=False,
+    retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error,
+)

@@ -194,7 +194,7 @@ def test_size_limited_output_dir_fails_cleanly(big_csv, tiny_model_dir, tmp_path
         assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
         assert [str(v.version) for v in c.search_model_versions("name='disk-model'")] == ["1"]
         assert str(c.get_model_version_by_alias("disk-model", "champion").version) == "1"
-        assert not glob.glob(str(tmp_path / "full" / "classify" / "*" / "checkpoints" / ".tmp-*"))
+        assert not glob.glob(str(tmp_path / "full" / "classify" / "*" / "checkpoints" / ".*.tmp-*"))
 
 
 def test_concurrent_retraining_of_one_model(big_csv, tiny_model_dir, tmp_path, prefect_api):

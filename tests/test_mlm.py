@@ -164,7 +164,7 @@ def test_masked_loss_is_the_models_own_not_trls_shifted(tiny_model_dir):
     from trl.trainer.utils import add_fused_lm_head
 
     from tasks.mlm_data import MLMBatchCollator
-    from tasks.train_mlm import masked_lm_logits
+    from tasks.jobs.mlm import masked_lm_logits
 
     tok = _tokenizer(tiny_model_dir)
     batch = MLMBatchCollator(tok, 0.3, seed=0)(
@@ -191,7 +191,8 @@ def sft_fit(mlm_env, corpus_file, tiny_model_dir):
     """One real SFTTrainer fit on the two-sentence corpus, shared by the tests below."""
     import trl
 
-    from tasks import train_mlm as tm
+    from tasks.jobs import mlm as tm
+    from tasks.training import train
     from tasks.data import prepare_dataset
     from tasks.mlm_data import tokenize_for_mlm
 
@@ -199,7 +200,7 @@ def sft_fit(mlm_env, corpus_file, tiny_model_dir):
     data = prepare_dataset(cfg.data, cfg.train.seed)
     tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
     seen = {"loss_calls": 0, "train_calls": 0, "mro": ()}
-    original = tm._sft_trainer_class
+    original = tm.sft_trainer_class
 
     def spy_class():
         base = original()
@@ -218,8 +219,8 @@ def sft_fit(mlm_env, corpus_file, tiny_model_dir):
 
     logged: list[tuple[int, dict]] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tm, "_sft_trainer_class", spy_class)
-        result = tm.train_mlm(cfg, tokenized, str(mlm_env / "out" / "sft"), on_metrics=lambda m, s: logged.append((s, m)))
+        mp.setattr(tm, "sft_trainer_class", spy_class)
+        result = train(cfg.spec(), tokenized, str(mlm_env / "out" / "sft"), on_metrics=lambda m, s: logged.append((s, m)))
     assert trl.SFTTrainer in seen["mro"]
     return {"cfg": cfg, "tokenized": tokenized, "result": result, "seen": seen, "logged": logged, "data": data}
 
@@ -256,10 +257,10 @@ def test_sft_trainer_really_trains_the_masked_objective(sft_fit, tiny_model_dir)
 
 def test_manual_engine_same_job_same_eval(sft_fit, mlm_env, tiny_model_dir, corpus_file):
     """The plain loop on the same blocks, collator and fixed eval masks: epoch 0 identical, and it learns."""
-    from tasks.train_mlm import train_mlm
+    from tasks.training import train
 
     cfg = _corpus_cfg(tiny_model_dir, corpus_file, mlm_env / "out", engine="manual", epochs=2)
-    result = train_mlm(cfg, sft_fit["tokenized"], str(mlm_env / "out" / "manual"))
+    result = train(cfg.spec(), sft_fit["tokenized"], str(mlm_env / "out" / "manual"))
     sft0, man0 = sft_fit["result"].history[0], result.history[0]
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert man0["eval_loss"] == pytest.approx(sft0["eval_loss"], rel=1e-5)

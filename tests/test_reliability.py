@@ -11,7 +11,12 @@ from flows.config import ClassifyConfig, ConfigError
 from tasks.checkpoint import load_latest_checkpoint, save_checkpoint
 from tasks.data import prepare_dataset
 from tasks.tokenize import tokenize_dataset
-from tasks.train_classifier import train_classifier
+from tasks.training import train
+
+
+def train_classifier(cfg, data, tokenized, run_dir, **kw):
+    """The core trainer on a classify config (the job's spec carries the label names)."""
+    return train(cfg.spec(data.label_names), tokenized, run_dir, **kw)
 
 METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_f1")
 
@@ -132,7 +137,7 @@ def test_failed_training_marks_run_failed_and_registers_nothing(sentiment_csv, t
                                                                 monkeypatch):
     from mlflow import MlflowClient
 
-    import tasks.train_classifier as tc
+    import tasks.training as tc
     from flows.classify import classify_flow
 
     base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=1)

@@ -7,7 +7,12 @@ import torch
 from flows.config import ClassifyConfig
 from tasks.data import prepare_dataset
 from tasks.tokenize import tokenize_dataset
-from tasks.train_classifier import train_classifier
+from tasks.training import train
+
+
+def train_classifier(cfg, data, tokenized, run_dir, **kw):
+    """The core trainer on a classify config (the job's spec carries the label names)."""
+    return train(cfg.spec(data.label_names), tokenized, run_dir, **kw)
 
 
 def make_cfg(csv, model, tmp_path, engine="manual", **train):
@@ -48,7 +53,7 @@ def test_manual_loss_falls_params_change_and_files_written(sentiment_csv, tiny_m
     saved = json.loads((Path(res.model_dir) / "config.json").read_text())
     assert saved["id2label"] == {"0": "negative", "1": "positive"}
     assert (Path(res.model_dir) / "config.yaml").exists() and (Path(res.model_dir) / "metrics.json").exists()
-    assert (Path(tmp_path / "run") / "eval_predictions.json").exists()
+    assert (Path(tmp_path / "run") / "eval_extras.json").exists()
 
 
 def test_seed_reproduces_losses(sentiment_csv, tiny_model_dir, tmp_path, isolated):

@@ -1,0 +1,276 @@
+"""LoRA adapters (PEFT) for both jobs and both engines, and their MLflow form: the adapter plus a reference to
+its base.
+
+Model dir of a LoRA run (`save_model`):
+    adapter_config.json, adapter_model.safetensors   LoRA matrices + the `modules_to_save` copies (head)
+    tokenizer files
+    base/config.json                                  the *task* model's config (num_labels, id2label, class)
+    base/model.safetensors -> <base checkpoint>       symlinks to the base weights (copied where links fail)
+
+Why a `base/` dir and not the base checkpoint itself: the base checkpoint (e.g. the bundled MiniLM, a
+`BertModel`) knows nothing of the task's labels. Loaded from it, a classifier gets 2 labels named LABEL_0/1, and
+an adapter trained for 3 labels fails to load (size mismatch). `base/` = base weights + task config fixes both.
+
+MLflow (`log_model`) stores the adapter and tokenizer only, with `base_model_path=<model_dir>/base`: the
+transformers flavor records it as `local_base_model_path` (no Hub lookup, no model card fetch: works offline)
+and at load time runs `<ModelClass>.from_pretrained(<that path>)` then `PeftModel.from_pretrained(base, peft/)`.
+So the logged model loads only where that absolute path (and the symlinks' targets) exist.
+`mlflow.transformers.load_model(uri, base_model_path=DIR)` can point elsewhere (a copy of `base/`);
+`mlflow.pyfunc.load_model` has no such override. For a self-contained model use `log_model(..., merge=True)`.
+
+Do NOT log a PeftModel through MLflow 3.17 without `base_model_path` when the base is a local dir: MLflow then
+saves `get_base_model()` -- the base *with LoRA layers injected* (keys `...query.base_layer.weight`) -- and at
+load the plain class misses `...query.weight`, re-initialises it at random and loads "fine" (silent garbage).
+`mlflow.transformers.persist_pretrained_model` goes through the same save. With a Hub id as base and no
+`base_model_path`, MLflow asks the Hub for the commit hash at log time (fails offline).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASKS = ("text-classification", "fill-mask")
+BASE_DIR = "base"
+ADAPTER_CONFIG = "adapter_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+# Modules trained in full and saved with the adapter, besides the LoRA matrices (when the model has them).
+# Anything that `from_pretrained` initialises at random from the base checkpoint MUST be here, or the model
+# rebuilt at load time differs from the trained one:
+# - text-classification: PEFT's SEQ_CLS adds `classifier`/`score` itself. `pooler` is random when the base
+#   checkpoint has none (a BertForMaskedLM checkpoint, like the tests' tiny BERT); `pre_classifier` is
+#   DistilBERT's fresh layer. (MiniLM has a pooler: training it costs 148k params, harmless.)
+# - fill-mask: the MiniLM checkpoint has NO MLM head: `cls.predictions.transform` (dense 384x384 + LayerNorm)
+#   is random at every load, so it must travel with the adapter. NOT `cls` / `cls.predictions` as a whole: that
+#   module holds the decoder, whose weight is tied to the word embeddings (30522x384 = 11.7M params): a
+#   modules_to_save copy would unties it and put a second embedding matrix in every adapter. The decoder bias
+#   (`cls.predictions.bias`, tied to `decoder.bias`) stays frozen: it is initialised to zeros, the same at
+#   every load. DistilBERT / RoBERTa names are listed for their (pretrained) heads.
+HEAD_MODULES = {
+    "text-classification": ("pooler", "pre_classifier"),
+    "fill-mask": ("cls.predictions.transform", "vocab_transform", "vocab_layer_norm", "lm_head.dense",
+                  "lm_head.layer_norm"),
+}
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"LoRA task must be one of {TASKS}, not {task!r}")
+
+
+def apply_lora(
+    model,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.1,
+    target_modules: list[str] | None = None,
+    task: str = "text-classification",
+    modules_to_save: list[str] | None = None,
+):
+    """Wraps `model` (loaded with `from_pretrained`, so the base checkpoint is known) in LoRA; returns the
+    PeftModel, with only the LoRA matrices and the head modules (see HEAD_MODULES) trainable.
+
+    text-classification -> task_type SEQ_CLS (PeftModelForSequenceClassification: the classifier head is in
+    modules_to_save). fill-mask -> no task_type (PEFT has no masked-LM type; a plain PeftModel forwards every
+    argument, `labels` included, to the MaskedLM model). `target_modules=None` takes PEFT's default for the
+    architecture (BERT: query, value). `modules_to_save` replaces the HEAD_MODULES default."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    _check_task(task)
+    if not model.name_or_path:
+        raise ValueError("LoRA needs a model loaded with from_pretrained: its base checkpoint is referenced")
+    if modules_to_save is None:
+        names = [n for n, _ in model.named_modules()]
+        modules_to_save = [m for m in HEAD_MODULES[task] if any(n == m or n.endswith("." + m) for n in names)]
+    cfg = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "text-classification" else None,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+    )
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once. For a PeftModel the total includes the
+    LoRA matrices and the frozen originals of modules_to_save."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def is_adapter_dir(model_dir: str | Path) -> bool:
+    """True for a model dir written by `save_model` for a PeftModel."""
+    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+
+
+def base_checkpoint_dir(name_or_path: str) -> Path:
+    """The local dir holding the base weights: the path itself, or the cached Hub snapshot of a repo id
+    (never downloads)."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path).resolve()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, local_files_only=True))
+
+
+def write_base_dir(model, out_dir: str | Path) -> Path:
+    """`out_dir/base`: the task model's config plus links to the base checkpoint's weight files."""
+    base_model = model.get_base_model()
+    src = base_checkpoint_dir(model.peft_config[model.active_adapter].base_model_name_or_path)
+    dst = Path(out_dir) / BASE_DIR
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(base_model.config)
+    cfg.architectures = [type(base_model).__name__]
+    cfg.save_pretrained(dst)
+    weights = [f for f in src.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith("adapter_")]
+    if not weights:
+        raise FileNotFoundError(f"no weight files in the base checkpoint {src}")
+    for f in weights:
+        target = f.resolve()
+        try:
+            (dst / f.name).symlink_to(target)
+        except OSError:  # no symlinks on this filesystem
+            shutil.copy2(target, dst / f.name)
+    return dst
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Writes a model dir. A PeftModel: adapter + tokenizer + `base/` (see the module doc); any other model:
+    plain save_pretrained + tokenizer, as before."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if is_peft(model):
+        write_base_dir(model, out)
+    return out
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    _check_task(task)
+    return AutoModelForSequenceClassification if task == "text-classification" else AutoModelForMaskedLM
+
+
+def load_model(model_dir: str | Path, task: str, is_trainable: bool = False):
+    """A model dir from `save_model` back as a PeftModel (base from `base/`, then the adapter)."""
+    from peft import PeftModel
+
+    base = _auto_class(task).from_pretrained(Path(model_dir) / BASE_DIR)
+    return PeftModel.from_pretrained(base, str(model_dir), is_trainable=is_trainable)
+
+
+def model_state(model) -> dict[str, Any]:
+    """What a plain-loop checkpoint needs of the model: for a PeftModel only the adapter (LoRA + head), else
+    the full state_dict. (A PeftModel's full state_dict also round-trips into a freshly wrapped model, but it
+    carries the frozen base every time.)"""
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        return {"peft_adapter": get_peft_model_state_dict(model)}
+    return model.state_dict()
+
+
+def load_model_state(model, state: dict[str, Any]) -> None:
+    """Inverse of `model_state`, into a model built the same way (same base, same `apply_lora` arguments)."""
+    if "peft_adapter" in state:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state["peft_adapter"])
+        if result.unexpected_keys:
+            raise ValueError(f"adapter checkpoint does not fit this model: {result.unexpected_keys[:5]}")
+    else:
+        model.load_state_dict(state)
+
+
+def requirements_with_peft(base: list[str] | None = None) -> list[str]:
+    """`base` (default: the project's pinned requirements) plus peft. Explicit, because MLflow's inferred
+    requirements add torchvision."""
+    from importlib.metadata import version
+
+    from tasks import tracking
+
+    reqs = list(base if base is not None else tracking.pip_requirements())
+    if not any(r.split("=")[0].strip().lower() == "peft" for r in reqs):
+        reqs.append(f"peft=={version('peft')}")
+    return reqs
+
+
+def _pipeline(hf_task: str, model, tokenizer):
+    from transformers import pipeline
+
+    # transformers logs an error that PeftModel "is not supported" for the task; the pipeline works regardless.
+    tlog = logging.getLogger("transformers.pipelines.base")
+    level = tlog.level
+    tlog.setLevel(logging.CRITICAL)
+    try:
+        return pipeline(hf_task, model=model, tokenizer=tokenizer, device="cpu")
+    finally:
+        tlog.setLevel(level)
+
+
+def log_model(
+    run_id: str,
+    model_dir: str | Path,
+    hf_task: str,
+    input_example: Any = None,
+    pip_requirements: list[str] | None = None,
+    merge: bool = False,
+) -> str:
+    """Logs a LoRA model dir with MLflow's transformers flavor under `run_id`; returns the model URI.
+
+    Default: adapter + tokenizer only (a few hundred KB to a few MB), base referenced by the absolute path of
+    `model_dir/base` (needed wherever the model is loaded). `merge=True`: LoRA merged into the base weights and
+    logged as an ordinary full model (self-contained, no peft needed at load, full size)."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from tasks import tracking
+
+    model_dir = Path(model_dir).resolve()
+    model = load_model(model_dir, hf_task)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tracking.configure()
+    # MLflow files a logged model under the *active* experiment (else "Default"), not the run's.
+    mlflow.set_experiment(experiment_id=tracking.client().get_run(run_id).info.experiment_id)
+    common = dict(task=hf_task, name="model", run_id=run_id, input_example=input_example)
+    if merge:
+        with tempfile.TemporaryDirectory(prefix="merged-") as tmp:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            pipe = _pipeline(hf_task, tmp, tmp)  # name_or_path is a local dir: MLflow saves the weights
+            reqs = list(pip_requirements) if pip_requirements is not None else tracking.pip_requirements()
+            info = mlflow.transformers.log_model(transformers_model=pipe, pip_requirements=reqs, **common)
+    else:
+        info = mlflow.transformers.log_model(
+            transformers_model=_pipeline(hf_task, model, tok),
+            base_model_path=str(model_dir / BASE_DIR),
+            pip_requirements=requirements_with_peft(pip_requirements),
+            **common,
+        )
+    return info.model_uri

@@ -1,0 +1,151 @@
+"""Jobs are recipes. A recipe declares only what differs between jobs (its options, model loader, tokenize step,
+collator, evaluation, HF trainer class, promotion metrics, smoke example, prediction format, MLflow flavor task);
+the training core (`tasks/training.py`), the training flow, the CLI, promotion, `compare`, `predict` and
+`deployments/trigger.py` read them from this registry and never switch on a job's name.
+
+A new job is one module that builds a `Recipe` and calls `register(recipe)`. The built-in jobs register on first
+use of the registry; a package can add jobs through the `finetune_flows.jobs` entry-point group (each entry point
+names a module to import)."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import ConfigError
+from tasks.data import DataConfig
+from tasks.training import LoraConfig, TrainConfig
+
+BUILTIN = ("tasks.jobs.classify", "tasks.jobs.mlm")
+ENTRY_POINT_GROUP = "finetune_flows.jobs"
+
+
+class JobSpec(BaseModel):
+    """What the ground floor needs to know about one run of a job: the config sections the tasks take, the job's
+    own options (validated by its recipe) and, for labelled data, the label names. Small and serialisable, so it
+    travels between tasks, into checkpoints and beside each saved model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    peft: str = "none"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    options: dict[str, Any] = Field(default_factory=dict)
+    label_names: list[str] | None = None
+
+    @property
+    def recipe(self) -> "Recipe":
+        return get(self.job)
+
+    @property
+    def opts(self) -> Any:
+        """The job's options as its recipe's typed model (engine, mlm_probability, ...)."""
+        return self.recipe.options.model_validate(self.options)
+
+    @property
+    def engine(self) -> str:
+        return self.opts.engine
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Promotion metrics a job allows: canonical name -> (logged metric key, higher is better)."""
+
+    default: str
+    metrics: dict[str, tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str                  # one line: `finetune <name> --help`, the flow's description
+    example: str                      # a command line shown by --help
+    options: type[BaseModel]          # the job's own config fields; must have `engine` ("manual" = plain loop)
+    registered_model: str             # default registry name
+    hf_task: str                      # transformers pipeline task = the MLflow transformers flavor task
+    metrics: tuple[str, ...]          # eval metric names, as logged per epoch (train_loss comes on top)
+    promotion: Promotion
+    smoke_example: str                # one text a healthy model must answer (smoke test, predict hint, example)
+    # (data_path, model, spec) -> tokenized dataset dir with `train` and `eval` splits
+    tokenize: Callable[[str, str, JobSpec], str]
+    # (model path, spec) -> a fresh model with the job's head
+    load_model: Callable[[str, JobSpec], Any]
+    # (tokenizer, spec) -> collate_fn for both splits
+    collator: Callable[[Any, JobSpec], Any]
+    # THE evaluation of the job: (model, eval loader, device, amp dtype) -> {metric: float, ...}; keys that are not
+    # floats (e.g. predictions) are extras for `artifacts`, not metrics
+    evaluate: Callable[..., dict]
+    # spec -> the transformers.Trainer subclass the non-manual engine runs; (spec, output_dir, hf kwargs) -> its args
+    trainer_class: Callable[[JobSpec], type]
+    trainer_args: Callable[[JobSpec, str, dict], Any]
+    # (model_uri, texts, top_k) -> one result per text (the shapes `tasks.predict.format_predictions` prints)
+    predict: Callable[[str, list[str], int], list]
+    # list of prediction results -> error message or None (is the answer well formed?)
+    check_prediction: Callable[[list], str | None]
+    # optional hooks
+    check_model: Callable[[str, int], dict] | None = None          # cheap checks before any data work
+    data_stats: Callable[[str], dict] | None = None                # tokenized path -> counts to log as data.* params
+    run_tags: Callable[[dict, Any], dict] | None = None            # (model info, prepared data) -> MLflow tags
+    artifacts: Callable[..., tuple[list[str], str]] | None = None  # (run_dir, model_dir, extras, spec) -> paths, text
+    align_eval: Callable[[Any, JobSpec], Callable | None] | None = None  # registry model -> batch label remap
+    eval_before_training: bool = False                              # log an epoch-0 evaluation
+    needs_labels: bool = True                                       # labelled data (label names, num_labels)
+    data_defaults: dict = field(default_factory=dict)               # DataConfig defaults for this job
+    embedded_defaults: dict = field(default_factory=dict)           # sample counts on the embedded data
+    learning_rate: float = 5e-5                                     # default peak learning rate
+    peft_task_type: str | None = None                               # peft TaskType name, None for a custom one
+    config_name: str | None = None                                  # the config class name (default: <Name>Config)
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(self.options.model_fields["engine"].annotation.__args__)
+
+    def promotion_key(self, metric: str) -> str:
+        return self.promotion.metrics[metric][0]
+
+
+_JOBS: dict[str, Recipe] = {}
+_loaded = False
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Adds (or replaces) a job. Called at import time by each recipe module."""
+    if "engine" not in recipe.options.model_fields:
+        raise TypeError(f"recipe {recipe.name!r}: its options need an `engine` field (Literal of engine names)")
+    _JOBS[recipe.name] = recipe
+    return recipe
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in BUILTIN:
+        importlib.import_module(mod)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        importlib.import_module(ep.value.split(":")[0])
+
+
+def all_jobs() -> dict[str, Recipe]:
+    _load()
+    return dict(_JOBS)
+
+
+def get(name: str) -> Recipe:
+    _load()
+    try:
+        return _JOBS[name]
+    except KeyError:
+        raise ConfigError(f"unknown job {name!r}: use one of {', '.join(sorted(_JOBS))}") from None
+
+
+def for_hf_task(hf_task: str) -> Recipe | None:
+    """The first job whose models are of this transformers task (for registry models without a job tag)."""
+    return next((r for r in all_jobs().values() if r.hf_task == hf_task), None)
