@@ -37,7 +37,7 @@ def run_training(cfg: JobConfig) -> dict:
     from tasks import tracking
     from tasks.common import cached_path_result, run_logger
     from tasks.data import load_dataset_task
-    from tasks.tokenize import check_model_task, tokenize_job_task
+    from tasks.tokenize import check_model, tokenize_job_task
     from tasks.training import build_loaders_task, train_task
 
     from flows.lifecycle import publish_model
@@ -48,7 +48,8 @@ def run_training(cfg: JobConfig) -> dict:
     logger = run_logger(__name__)
     # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
     uri = tracking.check_tracking_server()
-    info = (recipe.check_model or check_model_task)(cfg.train.model, cfg.data.max_length)
+    check = task(recipe.check_model or check_model, name="check-model", cache_policy=NO_CACHE)
+    info = check(cfg.train.model, cfg.data.max_length)
     resolve_metric(cfg)
     # --- data: load (validated, split, cached by content), tokenize the job's way
     num_labels = getattr(cfg, "num_labels", None)

@@ -34,8 +34,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 TASKS = ("text-classification", "fill-mask")
 BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,7 +48,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.ind
 # - fill-mask: the MiniLM checkpoint has NO MLM head: `cls.predictions.transform` (dense 384x384 + LayerNorm)
 #   is random at every load, so it must travel with the adapter. NOT `cls` / `cls.predictions` as a whole: that
 #   module holds the decoder, whose weight is tied to the word embeddings (30522x384 = 11.7M params): a
-#   modules_to_save copy would unties it and put a second embedding matrix in every adapter. The decoder bias
+#   modules_to_save copy would put a second embedding matrix in every adapter and train it apart from the
+#   embeddings. The decoder bias
 #   (`cls.predictions.bias`, tied to `decoder.bias`) stays frozen: it is initialised to zeros, the same at
 #   every load. DistilBERT / RoBERTa names are listed for their (pretrained) heads.
 HEAD_MODULES = {
@@ -233,6 +232,17 @@ def _pipeline(hf_task: str, model, tokenizer):
         tlog.setLevel(level)
 
 
+def load_pipeline(model_dir: str | Path, hf_task: str):
+    """A CPU pipeline from any model dir. Use it instead of `pipeline(task, model=model_dir)` for LoRA dirs:
+    transformers then builds the base from adapter_config's `base_model_name_or_path` (the raw base checkpoint,
+    without the task config) -- for a classifier that fails (KeyError on the label) or loses the labels."""
+    if not is_adapter_dir(model_dir):
+        return _pipeline(hf_task, str(model_dir), str(model_dir))
+    from transformers import AutoTokenizer
+
+    return _pipeline(hf_task, load_model(model_dir, hf_task), AutoTokenizer.from_pretrained(model_dir))
+
+
 def log_model(
     run_id: str,
     model_dir: str | Path,
@@ -245,12 +255,15 @@ def log_model(
 
     Default: adapter + tokenizer only (a few hundred KB to a few MB), base referenced by the absolute path of
     `model_dir/base` (needed wherever the model is loaded). `merge=True`: LoRA merged into the base weights and
-    logged as an ordinary full model (self-contained, no peft needed at load, full size)."""
+    logged as an ordinary full model (self-contained, no peft needed at load, full size).
+    A dir without an adapter goes to `tasks.tracking.log_model` unchanged."""
     import mlflow
     from transformers import AutoTokenizer
 
     from tasks import tracking
 
+    if not is_adapter_dir(model_dir):
+        return tracking.log_model(run_id, str(model_dir), hf_task, input_example)
     model_dir = Path(model_dir).resolve()
     model = load_model(model_dir, hf_task)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -1,9 +1,7 @@
-"""Build PyTorch DataLoaders from a tokenized dataset on disk. The loaders stay in the flow's process and go to
-training in memory (caching and result persistence off: the one deliberate exception to passing paths)."""
+"""Build PyTorch DataLoaders from a tokenized dataset on disk (wrapped as a task by `tasks.training.build_loaders`:
+the loaders stay in the flow's process and go to training in memory, the one deliberate exception to passing
+paths)."""
 from __future__ import annotations
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.common import resolve_model
 
@@ -38,5 +36,3 @@ def build_dataloaders(
         "eval": DataLoader(dd["eval"], batch_size=eval_batch_size, shuffle=False, collate_fn=collator),
     }
 
-
-build_dataloaders_task = task(build_dataloaders, name="build-dataloaders", cache_policy=NO_CACHE, persist_result=False)

@@ -50,11 +50,10 @@ def fill_mask(pipe, texts: list[str], top_k: int = 5) -> list[dict]:
 
 
 def load_pipeline(model_dir: str, hf_task: str):
-    """A transformers pipeline from a saved model dir (full weights, or a LoRA adapter whose config names its base:
-    transformers attaches it through peft)."""
-    from transformers import pipeline
+    """A CPU pipeline from a saved model dir (full weights, or a LoRA adapter with its `base/`)."""
+    from tasks.adapters import load_pipeline as load
 
-    return pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
+    return load(model_dir, hf_task)
 
 
 def predict_fill_mask(model_uri: str, texts: list[str], top_k: int = 5) -> list[dict]:

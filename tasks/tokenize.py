@@ -86,5 +86,3 @@ def tokenize_job(data_path: str, model: str, spec) -> str:
 
 
 tokenize_job_task = task(tokenize_job, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
-tokenize_task = task(tokenize_dataset, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
-check_model_task = task(check_model, name="check-model")

@@ -227,9 +227,15 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = None) -> str:
-    """Logs the saved checkpoint with MLflow's transformers flavor; returns the logged model's URI."""
+    """Logs the saved checkpoint with MLflow's transformers flavor; returns the logged model's URI. A LoRA model dir
+    is logged as its adapter plus a reference to its base (`tasks.adapters.log_model`)."""
     import mlflow
     from transformers import pipeline
+
+    from tasks import adapters
+
+    if adapters.is_adapter_dir(model_dir):
+        return adapters.log_model(run_id, model_dir, hf_task, input_example)
 
     configure()
     # MLflow files a logged model under the *active* experiment (else "Default"), not the run's: point it there.

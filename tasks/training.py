@@ -143,6 +143,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     import torch
     from tqdm.auto import tqdm
 
+    from tasks import adapters
     from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from tasks.common import run_logger
     from tasks.device import autocast
@@ -164,7 +165,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         found = load_latest_checkpoint(ckpt_root)
         if found:
             path, st = found
-            model.load_state_dict(st["model"])
+            adapters.load_model_state(model, st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"])
@@ -179,7 +180,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
 
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
         save_checkpoint(ckpt_root, step, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
             "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
             "config": spec.model_dump(),

@@ -123,6 +123,11 @@ def test_save_and_reload_model_dir(tiny_model_dir, tok, tmp_path, task):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, again(**inputs).logits, atol=1e-5)
+    label, score = _reference(model, tok, task)
+    pipe = adapters.load_pipeline(out, task)
+    top = pipe(TEXTS[0])[0] if task == "text-classification" else pipe(MASKED)[0]
+    assert top.get("label", top.get("token_str", "").strip()) == label
+    assert top["score"] == pytest.approx(score, abs=1e-5)
 
 
 def test_plain_loop_resume_state(tiny_model_dir, tok):

@@ -53,6 +53,10 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     # registered; the first version is champion
     mv = c.get_model_version_by_alias("tiny-sentiment", "champion")
     assert str(mv.version) == "1" and mv.run_id == run.info.run_id and out["version"] == "1"
+    # one evaluation per job: promotion scored the registered model exactly as the run's last epoch did
+    scores = out["promotion"]["challenger_scores"]
+    for name, key in (("f1", "eval_f1"), ("accuracy", "eval_accuracy"), ("loss", "eval_loss")):
+        assert scores[name] == pytest.approx(out["metrics"][key], abs=1e-6), name
 
     # predictions through the registry return label names and scores
     res = predict("models:/tiny-sentiment@champion", ["a great wonderful film", "an awful boring mess"])

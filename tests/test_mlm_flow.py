@@ -45,6 +45,10 @@ def test_mlm_flow_tracks_and_registers(prefect_harness, isolated, tiny_model_dir
     assert run.data.metrics["train_samples_per_second"] > 0
 
     assert out["version"] == "1" and "champion" in out["aliases"]
+    # One evaluation per job: the promotion score of the registered model is the run's own final metric.
+    scores = out["promotion"]["challenger_scores"]
+    assert scores["perplexity"] == pytest.approx(out["metrics"]["perplexity"], rel=1e-6)
+    assert scores["accuracy"] == pytest.approx(out["metrics"]["eval_masked_accuracy"], abs=1e-6)
     mv = c.get_model_version("tiny-mlm", "1")
     assert mv.run_id == out["run_id"]
     assert model_task("models:/tiny-mlm/1") == "fill-mask"
@@ -55,6 +59,9 @@ def test_mlm_flow_tracks_and_registers(prefect_harness, isolated, tiny_model_dir
     # The plain loop, same data and eval masks: directly comparable in MLflow (epoch 0 is the same model).
     manual = mlm_flow(_cfg(tiny_model_dir, str(corpus), str(isolated / "out"), "manual", 1))
     assert manual["version"] == "2"
+    # both versions scored on the same fixed masks by the same evaluation as in their runs
+    assert manual["promotion"]["challenger_scores"]["perplexity"] == pytest.approx(manual["metrics"]["perplexity"], rel=1e-6)
+    assert manual["promotion"]["champion_scores"]["perplexity"] == pytest.approx(out["metrics"]["perplexity"], rel=1e-6)
     assert c.get_run(manual["run_id"]).data.params["engine"] == "manual"
     assert sorted(m.step for m in c.get_metric_history(manual["run_id"], "eval_loss")) == [0, 1]
     m0 = {m.step: m.value for m in c.get_metric_history(manual["run_id"], "eval_loss")}[0]

@@ -103,7 +103,7 @@ def fake_versions(store):
 def _patch_scores(monkeypatch, scores: dict[str, float | Exception], smoke: dict[str, str | None] | None = None):
     import flows.promotion as p
 
-    def fake_eval(uri, cfg, eval_data):
+    def fake_eval(uri, cfg, data_path, tokenized_path):
         s = scores[uri.rsplit("/", 1)[-1]]
         if isinstance(s, Exception):
             return None, f"{type(s).__name__}: {s}"
@@ -122,12 +122,12 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
     _patch_scores(monkeypatch, {"1": 0.60, "2": 0.63, "3": 0.70})
 
     v1 = add()
-    r1 = champion_challenger(cfg, name, v1, eval_data="unused")
+    r1 = champion_challenger(cfg, name, v1, data_path="unused")
     assert r1["promoted"] and registry.alias_version(name, "champion") == "1"
 
     v2 = add()
     registry.set_alias(name, "challenger", v2)
-    r2 = champion_challenger(cfg, name, v2, eval_data="unused")
+    r2 = champion_challenger(cfg, name, v2, data_path="unused")
     assert not r2["promoted"] and registry.alias_version(name, "champion") == "1"
     assert registry.alias_version(name, "challenger") == "2"
     tags = registry.get_version(name, "2").tags
@@ -138,7 +138,7 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
 
     v3 = add()
     registry.set_alias(name, "challenger", v3)
-    r3 = champion_challenger(cfg, name, v3, eval_data="unused")
+    r3 = champion_challenger(cfg, name, v3, data_path="unused")
     assert r3["promoted"] and r3["champion_score"] == pytest.approx(0.60) and r3["challenger_score"] == pytest.approx(0.70)
     assert registry.aliases(name) == {"champion": "3", "previous-champion": "1"}  # the winner no longer `challenger`
     assert registry.get_version(name, "3").tags["promotion.decision"] == "promoted"
@@ -158,7 +158,7 @@ def test_failed_challenger_keeps_the_champion(fake_versions, monkeypatch, failur
         _patch_scores(monkeypatch, {"1": 0.5, "2": OSError("weights missing")})
     else:
         _patch_scores(monkeypatch, {"1": 0.5, "2": 0.99}, smoke={"2": "KeyError: 'label'"})
-    r = champion_challenger(ClassifyConfig(), name, v2, eval_data="unused")
+    r = champion_challenger(ClassifyConfig(), name, v2, data_path="unused")
     assert not r["promoted"] and registry.alias_version(name, "champion") == "1"
     assert r["challenger_error"] and registry.get_version(name, "2").tags["promotion.decision"] == "rejected"
 
@@ -169,7 +169,7 @@ def test_first_version_that_fails_smoke_is_not_champion(fake_versions, monkeypat
 
     name, add = fake_versions
     _patch_scores(monkeypatch, {"1": 0.9}, smoke={"1": "RuntimeError: boom"})
-    r = champion_challenger(ClassifyConfig(), name, add(), eval_data="unused")
+    r = champion_challenger(ClassifyConfig(), name, add(), data_path="unused")
     assert not r["promoted"] and registry.alias_version(name, "champion") is None
 
 
@@ -206,12 +206,15 @@ def test_evaluate_registered_models(tiny_registered):
     from flows.promotion import evaluate_registered, smoke_test
 
     uris, clf_data, mlm_data = tiny_registered
-    clf = evaluate_registered(uris["clf"], clf_data, max_length=32)
+    # no tokenized split given: the eval texts are tokenized (and, for MLM, masked once) with the model's tokenizer
+    clf_cfg = ClassifyConfig(data={"max_length": 32})
+    clf = evaluate_registered(uris["clf"], clf_cfg, clf_data)
     assert set(clf) == {"loss", "accuracy", "f1"} and 0 <= clf["accuracy"] <= 1
     assert clf["loss"] == pytest.approx(math.log(2), abs=0.1)  # an untrained 2-class head: near chance
-    mlm = evaluate_registered(uris["mlm"], mlm_data, max_length=32)
+    mlm_cfg = MLMConfig(data={"max_length": 32})
+    mlm = evaluate_registered(uris["mlm"], mlm_cfg, mlm_data)
     assert mlm["perplexity"] == pytest.approx(math.exp(mlm["loss"])) and mlm["perplexity"] > 100  # random weights
-    assert evaluate_registered(uris["mlm"], mlm_data, max_length=32) == mlm  # seeded masks: same score twice
+    assert evaluate_registered(uris["mlm"], mlm_cfg, mlm_data) == mlm  # masks fixed once: same score twice
     assert smoke_test(uris["clf"], "classify") is None
     assert smoke_test(uris["mlm"], "mlm") is None
     assert smoke_test("models:/no-such-model/1", "classify")
@@ -228,7 +231,7 @@ def test_register_and_promote_aliases(fake_versions, monkeypatch):
     def register(promote: bool) -> dict:
         cfg = ClassifyConfig(tracking={"registered_model": name, "promote": promote})
         run_id = tracking.start_run("cc", "r", {"job": "classify"})
-        return register_and_promote.fn(cfg, run_id, f"runs:/{run_id}/model", {}, eval_data="unused")
+        return register_and_promote.fn(cfg, run_id, f"runs:/{run_id}/model", {}, data_path="unused")
 
     out = register(promote=False)
     assert out["version"] == "1" and out["aliases"] == ["challenger"] and "--no-promote" in out["decision"]

@@ -51,10 +51,12 @@ def masked_lm_logits(model, inputs: dict):
     labels = inputs["labels"]
     mask = labels != -100
     features = {k: v for k, v in inputs.items() if k != "labels"}
-    head = SPARSE_HEADS.get(type(model).__name__)
+    # A LoRA model (PeftModel) injects its adapters into the wrapped model's layers: run that one directly.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = SPARSE_HEADS.get(type(base).__name__)
     if head is not None:
-        hidden = getattr(model, model.base_model_prefix)(**features).last_hidden_state
-        logits = getattr(model, head)(hidden[mask])
+        hidden = getattr(base, base.base_model_prefix)(**features).last_hidden_state
+        logits = getattr(base, head)(hidden[mask])
     else:
         logits = model(**features).logits[mask]
     return logits, labels[mask]
