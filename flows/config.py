@@ -91,7 +91,8 @@ def _job_defaults(recipe: Recipe):
                 data.setdefault(k, val)
         for k, val in recipe.data_defaults.items():
             data.setdefault(k, val)
-        train.setdefault("learning_rate", recipe.learning_rate)
+        lora = v.get("peft") == "lora"
+        train.setdefault("learning_rate", recipe.lora_learning_rate if lora else recipe.learning_rate)
         v["data"], v["train"] = data, train
         return v
 

@@ -90,6 +90,7 @@ def run_training(cfg: JobConfig) -> dict:
     if text:
         print(text)
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
+            "model_dir": result.model_dir,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
             "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters}
 

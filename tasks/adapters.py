@@ -11,7 +11,9 @@ Why a `base/` dir and not the base checkpoint itself: the base checkpoint (e.g. 
 `BertModel`) knows nothing of the task's labels. Loaded from it, a classifier gets 2 labels named LABEL_0/1, and
 an adapter trained for 3 labels fails to load (size mismatch). `base/` = base weights + task config fixes both.
 
-MLflow (`log_model`) stores the adapter and tokenizer only, with `base_model_path=<model_dir>/base`: the
+MLflow (`log_model`) stores the adapter and tokenizer only, with `base_model_path` = a content-named copy of
+`base/` beside the local MLflow store (`shared_base_dir`; FINETUNE_LORA_BASES overrides), so that deleting a run's
+output dir does not break its registered model: the
 transformers flavor records it as `local_base_model_path` (no Hub lookup, no model card fetch: works offline)
 and at load time runs `<ModelClass>.from_pretrained(<that path>)` then `PeftModel.from_pretrained(base, peft/)`.
 So the logged model loads only where that absolute path (and the symlinks' targets) exist.
@@ -156,6 +158,29 @@ def write_base_dir(model, out_dir: str | Path) -> Path:
     return dst
 
 
+def shared_base_dir(base_dir: Path) -> Path:
+    """A copy of a model dir's `base/` (config + weight links) beside the local MLflow store, named by its content:
+    the registered model references this path, which outlives the run's output dir (cleaned up between runs) and is
+    shared by every version trained on the same base and labels."""
+    import hashlib
+
+    from tasks.common import atomic_dir
+    from tasks.tracking import STORE_DIR
+
+    h = hashlib.sha256()
+    for f in sorted(base_dir.iterdir()):
+        h.update(f.name.encode() + (str(f.resolve()) if f.is_symlink() else f.read_bytes().hex()).encode())
+    final = Path(os.environ.get("FINETUNE_LORA_BASES", STORE_DIR / "lora-bases")) / h.hexdigest()[:16]
+    if not (final / "config.json").exists():
+        with atomic_dir(final, replace=False) as tmp:
+            for f in base_dir.iterdir():
+                if f.is_symlink():
+                    (Path(tmp) / f.name).symlink_to(f.resolve())
+                else:
+                    shutil.copy2(f, Path(tmp) / f.name)
+    return final.resolve()
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Writes a model dir. A PeftModel: adapter + tokenizer + `base/` (see the module doc); any other model:
     plain save_pretrained + tokenizer, as before."""
@@ -282,7 +307,7 @@ def log_model(
     else:
         info = mlflow.transformers.log_model(
             transformers_model=_pipeline(hf_task, model, tok),
-            base_model_path=str(model_dir / BASE_DIR),
+            base_model_path=str(shared_base_dir(model_dir / BASE_DIR)),
             pip_requirements=requirements_with_peft(pip_requirements),
             **common,
         )

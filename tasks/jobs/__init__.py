@@ -97,6 +97,7 @@ class Recipe:
     data_defaults: dict = field(default_factory=dict)               # DataConfig defaults for this job
     embedded_defaults: dict = field(default_factory=dict)           # sample counts on the embedded data
     learning_rate: float = 5e-5                                     # default peak learning rate
+    lora_learning_rate: float = 5e-4                                # ... with `peft: lora` (adapters like more)
     peft_task_type: str | None = None                               # peft TaskType name, None for a custom one
     config_name: str | None = None                                  # the config class name (default: <Name>Config)
 
