@@ -40,10 +40,10 @@ def _best_effort(what: str, fn: Callable, *args, **kwargs) -> Any:
 
 
 def train_task_run_name(parameters: dict[str, Any]) -> str:
-    """`task_run_name` for a training task whose first parameter is the job config: model, dataset, epochs."""
+    """`task_run_name` for a training task whose first parameter is the job spec (or config): model, dataset, epochs."""
     from flows.common import job_label
 
-    cfg = parameters.get("cfg") or parameters.get("config")
+    cfg = parameters.get("spec") or parameters.get("cfg") or parameters.get("config")
     try:
         return f"train-{job_label(cfg)}"
     except AttributeError:

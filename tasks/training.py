@@ -33,7 +33,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(1, gt=0, description="Passes over the training data.")
     batch_size: int = Field(16, gt=0, description="Examples per optimizer step.")
     eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(
+        5e-5, gt=0.0, description="Peak learning rate of AdamW (default per job, higher with --peft lora)."
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not applied to biases/LayerNorm).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant...).")
