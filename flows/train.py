@@ -97,7 +97,16 @@ def run_training(cfg: JobConfig) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def flow_for(job: str):
-    """The Prefect flow of a registered job, named `<job>-finetune`, with its typed config as the parameter."""
+    """The Prefect flow of a registered job, named `<job>-finetune`, with its typed config as the parameter: the
+    `<job>_flow` of a module `flows/<job>.py` when there is one (a stable deployment entrypoint, as for classify and
+    mlm), else one generated here. A generated flow is also an attribute of this module (`flows/train.py:<job>_flow`,
+    see `__getattr__`), so a worker that registers the same job can load its deployments by entrypoint."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"flows.{job}") is not None:
+        own = getattr(importlib.import_module(f"flows.{job}"), f"{job}_flow", None)
+        if own is not None:
+            return own
     cls = config_class(job)
 
     def body(config: JobConfig = cls()) -> dict:
@@ -107,6 +116,16 @@ def flow_for(job: str):
     body.__doc__ = cls.description
     body.__name__ = body.__qualname__ = f"{job}_flow"
     return flow(name=f"{job}-finetune", flow_run_name=flow_run_name_for(cls), description=cls.description)(body)
+
+
+def __getattr__(name: str):
+    """`flows.train.<job>_flow` for any registered job (PEP 562), the entrypoint of a generated flow."""
+    if name.endswith("_flow"):
+        from tasks import jobs
+
+        if name[: -len("_flow")] in jobs.all_jobs():
+            return flow_for(name[: -len("_flow")])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_job(cfg: JobConfig) -> dict:

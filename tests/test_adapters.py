@@ -257,7 +257,10 @@ def test_log_register_load_predict(isolated, tiny_model_dir, tok, monkeypatch, t
 
     local = Path(mlflow.artifacts.download_artifacts(registered))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["transformers"]
-    assert flavor["local_base_model_path"] == str((model_dir / "base").resolve())
+    # the base reference is a content-named copy of `base/` beside the store, not the run's own dir
+    base_ref = Path(flavor["local_base_model_path"])
+    assert base_ref.parent.name == "lora-bases" and (base_ref / "config.json").exists()
+    assert adapters.shared_base_dir(model_dir / "base") == base_ref  # same content, same folder
     assert flavor["peft_adaptor"] == "peft" and "source_model_revision" not in flavor
     assert (local / "peft" / "adapter_model.safetensors").exists() and not (local / "model").exists()
     assert "peft" in {r.split("==")[0] for r in (local / "requirements.txt").read_text().split()}
@@ -277,8 +280,9 @@ def test_log_register_load_predict(isolated, tiny_model_dir, tok, monkeypatch, t
 
 
 def test_base_path_override_and_merged_model(isolated, tiny_model_dir, tok, monkeypatch):
-    """Elsewhere (model dir gone): pyfunc cannot load the adapter-only model; transformers.load_model can with
-    base_model_path= a copy of `base/`; a merged model needs nothing."""
+    """The run's model dir deleted: the registered adapter still loads (its base reference lives beside the store).
+    Elsewhere (that reference gone too): pyfunc cannot load it; transformers.load_model can with base_model_path=
+    a copy of `base/`; a merged model needs nothing."""
     import mlflow
 
     from tasks import tracking
@@ -295,7 +299,10 @@ def test_base_path_override_and_merged_model(isolated, tiny_model_dir, tok, monk
 
     moved = isolated / "elsewhere" / "base"
     shutil.copytree(model_dir / "base", moved, symlinks=False)  # real files, not links
+    shared = adapters.shared_base_dir(model_dir / "base")  # the folder the registered model references
     shutil.rmtree(model_dir)
+    assert mlflow.pyfunc.load_model(uri).predict([TEXTS[0]])["label"][0] == label  # run dir cleanup is harmless
+    shutil.rmtree(shared)
     with pytest.raises(Exception):
         mlflow.pyfunc.load_model(uri)
     out = mlflow.transformers.load_model(uri, base_model_path=str(moved))(TEXTS[0])[0]

@@ -5,6 +5,8 @@ import argparse
 from typing import ClassVar, Literal
 
 import pytest
+
+from tasks.training import TrainConfig
 from pydantic import BaseModel, Field
 
 import flows.train
@@ -157,9 +159,10 @@ def test_help_shows_description_example_and_defaults(job, cls, capsys):
     assert cli.main([job, "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # undo click's wrapping
     assert " ".join(cls.description.split()) in out and cls.example in out
-    assert "Peak learning rate of AdamW." in out
+    desc = " ".join(TrainConfig.model_fields["learning_rate"].description.split())
+    assert desc in out
     lr = cls().train.learning_rate
-    assert f"--learning-rate F Peak learning rate of AdamW. [default: {lr}]" in out  # the job's real default
+    assert f"--learning-rate F {desc} [default: {lr}]" in out  # the job's real default
     assert f"[default: {cls().data.train_samples}]" in out
     assert "--promote / --no-promote" in out and "--resume / --no-resume" in out
 
