@@ -271,8 +271,11 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         from flows import train
         from flows.config import build_config
 
+        from tasks import tracking
+
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
+        tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
         result = train.run_job(cfg)
         if as_json:
             print(json.dumps(result, indent=2, default=str))
@@ -305,6 +308,9 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
         if not f.is_file():
             raise ConfigError(f"--file {file!r} not found: pass a text file with one text per line")
         texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    from tasks.tracking import check_remote
+
+    check_remote()
     results = predict(model_uri(registered_model, alias, version), texts_, top_k)
     print(json.dumps(results, indent=2) if as_json else format_predictions(results))
     return 0
@@ -361,6 +367,61 @@ def other_commands() -> list[click.Command]:
     ]
 
 
+# --- finetune access: users and permissions on an authenticated MLflow server ------------------------------------
+
+
+def _access_create_user(user: str, password_file: str | None) -> int:
+    from tasks import access
+
+    password = access.password_from(password_file)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise click.UsageError("no password: pass --password-file FILE or set MLFLOW_NEW_USER_PASSWORD")
+        password = click.prompt(f"password for {user}", hide_input=True, confirmation_prompt=True)
+    access.create_user(user, password)
+    print(f"created MLflow user {user}")
+    return 0
+
+
+def _access_grant(user: str, registered_model: str | None, experiment: str | None, permission: str) -> int:
+    from tasks import access
+
+    for line in access.grant(user, permission, registered_model=registered_model, experiment=experiment):
+        print(f"granted {line}")
+    return 0
+
+
+def access_group() -> click.Group:
+    user = click.Option(["--user"], required=True, metavar="USER", help="MLflow user name.")
+    create = _command(
+        "create-user", "Create an MLflow user (run as an admin).",
+        "finetune access create-user --user trainer --password-file trainer.pw",
+        [user, click.Option(["--password-file", "password_file"], metavar="FILE",
+                            help="File whose first line is the password (else MLFLOW_NEW_USER_PASSWORD, else a "
+                                 "prompt). Never on the command line.")],
+        _access_create_user,
+    )
+    grant = _command(
+        "grant", "Grant a user READ, EDIT or MANAGE on a registered model and/or an experiment.",
+        "finetune access grant --user trainer --registered-model imdb-sentiment-classifier --permission MANAGE",
+        [user,
+         click.Option(["--registered-model", "registered_model"], metavar="NAME",
+                      help="Model Registry name (created, empty, when missing)."),
+         click.Option(["--experiment"], metavar="NAME", help="Experiment name (created when missing)."),
+         click.Option(["--permission"], required=True, type=click.Choice(
+             ["READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"], case_sensitive=False),
+             help="READ: see and load; EDIT: create runs, versions and move aliases; MANAGE: also delete "
+                  "(an alias) and grant to others.")],
+        _access_grant,
+    )
+    return click.Group(
+        "access", commands={"create-user": create, "grant": grant}, context_settings=CONTEXT,
+        help="Users and permissions on an MLflow server started with MLFLOW_AUTH=basic (see mlflow/README.md). "
+             "Run as an admin: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
+        short_help="Users and permissions on an authenticated MLflow server.",
+    )
+
+
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # jobs first, in registry order
@@ -369,7 +430,7 @@ class _Group(click.Group):
 def build_cli() -> click.Group:
     from flows.config import job_configs
 
-    commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands()
+    commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [access_group()]
     return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
                   context_settings=CONTEXT)
 
@@ -395,6 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from tasks import tracking
+
+        if not tracking.auth_status(e):  # anything else is a bug: its traceback
+            raise
+        # a refusal by the tracking server that no command mapped to the permission it needs: still one line
+        print(f"error: {tracking.access_denied(e, 'the needed', 'this resource')}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0
 

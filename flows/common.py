@@ -81,7 +81,7 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
 
         status = "KILLED" if isinstance(e, (TerminationSignal, SystemExit)) or "Cancel" in type(e).__name__ else "FAILED"
         with contextlib.suppress(Exception):
-            tracking.set_tags(run_id, {"finetune.error": f"{type(e).__name__}: {e}"[:5000]})
+            tracking.set_tags(run_id, {"finetune.error": tracking.redact_uri(f"{type(e).__name__}: {e}")[:5000]})
         tracking.end_run(run_id, status)
         raise
     else:

@@ -37,7 +37,7 @@ def compare_rows(name: str) -> list[dict[str, Any]]:
 
     versions = registry.list_versions(name)
     if not versions:
-        raise LookupError(f"registered model {name!r} not found (or has no versions) at {tracking.tracking_uri()}")
+        raise LookupError(f"registered model {name!r} not found (or has no versions) at {tracking.display_uri()}")
     by_version: dict[str, list[str]] = {}
     for alias, v in registry.aliases(name).items():
         by_version.setdefault(v, []).append(alias)
@@ -134,9 +134,16 @@ def compare_flow(registered_model: str) -> list[dict]:
 
 
 def compare_cli(args: argparse.Namespace) -> int:
+    from tasks import registry, tracking
+
     name = args.registered_model
     try:
-        rows = compare_flow(name) if os.environ.get("PREFECT_API_URL") else compare_rows(name)
+        tracking.check_remote()
+        if os.environ.get("PREFECT_API_URL"):
+            registry.list_versions(name)  # a refusal (401/403) is one error line, found before Prefect starts
+            rows = compare_flow(name)
+        else:
+            rows = compare_rows(name)
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -162,8 +169,11 @@ def promote(name: str, version: str | int) -> str | None:
 def promote_cli(args: argparse.Namespace) -> int:
     from tasks import registry
 
+    from tasks import tracking
+
     name, version = args.registered_model, str(args.version)
     try:
+        tracking.check_remote()
         if registry.alias_version(name, registry.CHAMPION) == version:
             print(f"{name} version {version} already is the champion")
             return 0
@@ -180,7 +190,10 @@ def rollback_cli(args: argparse.Namespace) -> int:
 
     from tasks.locks import registry_lock
 
+    from tasks import tracking
+
     try:
+        tracking.check_remote()
         with registry_lock(args.registered_model):
             frm, to = registry.rollback_champion(args.registered_model)
     except LookupError as e:

@@ -133,7 +133,7 @@ def mlflow_run_link(run_id: str, tracking_uri: str | None = None) -> tuple[str, 
     """(markdown text for the run, http link or None). A local sqlite store gets the `mlflow ui` command."""
     from tasks import tracking
 
-    uri = tracking_uri or tracking.tracking_uri()
+    uri = tracking.redact_uri(tracking_uri or tracking.tracking_uri())  # never a user:password@ in a link
     try:
         exp_id = tracking.client().get_run(run_id).info.experiment_id
     except Exception:

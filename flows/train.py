@@ -47,7 +47,7 @@ def run_training(cfg: JobConfig) -> dict:
     recipe = cfg.recipe
     logger = run_logger(__name__)
     # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
-    uri = tracking.check_tracking_server()
+    uri = tracking.redact_uri(tracking.check_tracking_server())  # shown and returned: credentials redacted
     check = task(recipe.check_model or check_model, name="check-model", cache_policy=NO_CACHE)
     info = check(cfg.train.model, cfg.data.max_length)
     resolve_metric(cfg)

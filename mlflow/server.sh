@@ -18,11 +18,25 @@
 #   MLFLOW_WORKERS                server worker processes (default 2)
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow 3's background job runner (GenAI jobs; default false here: unused
 #                                 by this project and several extra processes on a small machine)
+#   MLFLOW_SERVER_DIR             the server's own files: default sqlite store, artifacts, auth database and the
+#                                 generated auth config (default mlflow/store/server, git-ignored)
+# Authentication (MLflow's basic-auth app, the `auth` extra: pip install -e ".[auth]"; scripts/setup.sh does):
+#   MLFLOW_AUTH=basic             turn it on (default: off, which is only safe on loopback)
+#   MLFLOW_AUTH_ADMIN_USERNAME    admin user created on first start (default admin)
+#   MLFLOW_AUTH_ADMIN_PASSWORD    its password, or MLFLOW_AUTH_ADMIN_PASSWORD_FILE: a file holding it. Required:
+#                                 there is no default password. Used once, when the admin user is created.
+#   MLFLOW_AUTH_DEFAULT_PERMISSION  what a user may do without an explicit grant: READ (default), NO_PERMISSIONS,
+#                                 EDIT, MANAGE (see `finetune access`)
+#   MLFLOW_AUTH_DATABASE_URI      users and permissions (default sqlite:///$MLFLOW_SERVER_DIR/basic_auth.db)
+#   MLFLOW_AUTH_CONFIG_PATH       your own basic_auth.ini, used as it is; unset: one is generated (mode 600) in
+#                                 MLFLOW_SERVER_DIR from the settings above
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app (default: a random one per start)
 # Extra arguments are passed to `mlflow server` as they are.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-store="$here/store/server"   # under mlflow/store/ (git-ignored), apart from the local no-server store
+# under mlflow/store/ (git-ignored), apart from the local no-server store
+store="${MLFLOW_SERVER_DIR:-$here/store/server}"
 
 # Prefer the project's virtual environment.
 mlflow_bin="${MLFLOW_BIN:-}"
@@ -46,11 +60,81 @@ else
   where="$dest (proxied by the server)"
 fi
 
-echo "MLflow server: backend $backend, artifacts $where" >&2
+# --- authentication -------------------------------------------------------------------------------------------
+die() { echo "error: $*" >&2; exit 2; }
+redact() { sed -E 's#(://[^:/@]+):[^@/]*@#\1:***@#'; }   # user:password@ in a URI -> user:***@
+auth_mode="${MLFLOW_AUTH:-}"
+case "$auth_mode" in
+  ""|none|off|false|0) auth_mode=none ;;
+  basic|basic-auth) auth_mode=basic ;;
+  *) die "MLFLOW_AUTH=$auth_mode: use MLFLOW_AUTH=basic (MLflow's basic-auth app) or leave it unset" ;;
+esac
+for a in "$@"; do case "$a" in --app-name|--app-name=*) auth_mode=app ;; esac; done   # the caller chose an app
+app=()
+if [ "$auth_mode" = basic ]; then
+  py="$(dirname "$mlflow_bin")/python"
+  [ ! -x "$py" ] || "$py" -c "import flask_wtf" 2>/dev/null \
+    || die "MLFLOW_AUTH=basic needs MLflow's auth extra: .venv/bin/pip install -e '.[auth]' (or bash scripts/setup.sh)"
+  admin_user="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+  admin_password="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
+  if [ -z "$admin_password" ] && [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD_FILE:-}" ]; then
+    [ -r "$MLFLOW_AUTH_ADMIN_PASSWORD_FILE" ] || die "MLFLOW_AUTH_ADMIN_PASSWORD_FILE=$MLFLOW_AUTH_ADMIN_PASSWORD_FILE is not a readable file"
+    admin_password="$(head -n 1 "$MLFLOW_AUTH_ADMIN_PASSWORD_FILE" | tr -d '\r\n')"
+  fi
+  umask 077   # everything written from here on (auth config, auth database) is owner-only
+  mkdir -p "$store"
+  if [ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]; then   # the operator's own config, used as it is
+    [ -r "$MLFLOW_AUTH_CONFIG_PATH" ] || die "MLFLOW_AUTH_CONFIG_PATH=$MLFLOW_AUTH_CONFIG_PATH is not a readable file"
+    if [ -z "$admin_password" ] && ! grep -Eq '^[[:space:]]*admin_password[[:space:]]*=[[:space:]]*[^[:space:]]' "$MLFLOW_AUTH_CONFIG_PATH"; then
+      die "MLFLOW_AUTH=basic needs an admin password: set MLFLOW_AUTH_ADMIN_PASSWORD or MLFLOW_AUTH_ADMIN_PASSWORD_FILE (there is no default)"
+    fi
+    case "$(stat -c %a "$MLFLOW_AUTH_CONFIG_PATH" 2>/dev/null || echo 600)" in
+      ?00) ;; *) echo "warning: $MLFLOW_AUTH_CONFIG_PATH is readable by other users: chmod 600 it" >&2 ;;
+    esac
+    [ -z "$admin_password" ] || export MLFLOW_AUTH_ADMIN_PASSWORD="$admin_password"   # (from the file)
+    [ -n "${MLFLOW_AUTH_ADMIN_USERNAME:-}" ] || unset MLFLOW_AUTH_ADMIN_USERNAME
+  else
+    [ -n "$admin_password" ] || die "MLFLOW_AUTH=basic needs an admin password: set MLFLOW_AUTH_ADMIN_PASSWORD or MLFLOW_AUTH_ADMIN_PASSWORD_FILE (there is no default)"
+    case "$admin_password$admin_user" in *$'\n'*) die "the admin user name and password may not contain a newline" ;; esac
+    auth_db="${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$store/basic_auth.db}"
+    case "$auth_db" in sqlite:///*) mkdir -p "$(dirname "${auth_db#sqlite:///}")" ;; esac
+    ini="$store/basic_auth.ini"
+    case "$ini" in "$root"/*) git -C "$root" check-ignore -q "$ini" 2>/dev/null \
+      || echo "warning: $ini is inside the repository and not git-ignored: do not commit it" >&2 ;; esac
+    rm -f "$ini.tmp"
+    # '%' is doubled for configparser's interpolation (a database URI or a password may hold one)
+    printf '[mlflow]\ndefault_permission = %s\ndatabase_uri = %s\nadmin_username = %s\nadmin_password = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+      "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}" "${auth_db//%/%%}" "${admin_user//%/%%}" "${admin_password//%/%%}" > "$ini.tmp"
+    chmod 600 "$ini.tmp" && mv -f "$ini.tmp" "$ini"
+    export MLFLOW_AUTH_CONFIG_PATH="$ini"
+    # the config is the one source of the admin credentials: not in the server's environment (MLflow would let a
+    # set-but-empty variable override the file)
+    unset MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_AUTH_ADMIN_USERNAME
+    echo "auth: basic (admin user $admin_user; config $ini, mode 600; users and permissions in $(printf %s "$auth_db" | redact))" >&2
+  fi
+  unset MLFLOW_AUTH_ADMIN_PASSWORD_FILE admin_password
+  if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then   # CSRF key, the same in every worker of this start
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
+  app=(--app-name basic-auth)
+fi
+case "$host" in
+  127.*|localhost|::1|"[::1]") ;;
+  *) if [ "$auth_mode" = none ]; then
+       echo "WARNING: binding to $host without authentication: anyone who can reach port $port can read, change and" \
+            "delete runs, artifacts and registered models, and move the champion alias that serving and" \
+            "\`finetune predict\` use. Set MLFLOW_AUTH=basic (see mlflow/README.md) or bind to 127.0.0.1." >&2
+     fi ;;
+esac
+
+echo "MLflow server: backend $(printf %s "$backend" | redact), artifacts $where" >&2
 echo "  export MLFLOW_TRACKING_URI=http://$([ "$host" = 0.0.0.0 ] && echo 127.0.0.1 || echo "$host"):$port" >&2
+if [ "$auth_mode" = basic ]; then echo "  export MLFLOW_TRACKING_USERNAME=<user> MLFLOW_TRACKING_PASSWORD=<password>" >&2; fi
 exec "$mlflow_bin" server \
   --backend-store-uri "$backend" \
   "${artifacts[@]}" \
   --host "$host" --port "$port" \
   --workers "${MLFLOW_WORKERS:-2}" \
+  "${app[@]}" \
   "$@"

@@ -204,7 +204,7 @@ def load_model(model_dir: str | Path, task: str, is_trainable: bool = False):
     """A model dir from `save_model` back as a PeftModel (base from `base/`, then the adapter)."""
     from peft import PeftModel
 
-    base = _auto_class(task).from_pretrained(Path(model_dir) / BASE_DIR)
+    base = _auto_class(task).from_pretrained(Path(model_dir) / BASE_DIR, use_safetensors=True)
     return PeftModel.from_pretrained(base, str(model_dir), is_trainable=is_trainable)
 
 

@@ -1,5 +1,10 @@
 """Complete, atomic training checkpoints: written to a temporary dir, fsynced, then renamed into place, with a
-checksum so a truncated or corrupt checkpoint is detected and skipped in favour of the previous complete one."""
+checksum so a truncated or corrupt checkpoint is detected and skipped in favour of the previous complete one.
+
+Safe loading: a checkpoint holds only tensors and plain Python values (the RNG states as ints, lists and tensors,
+the config in its JSON form), so it loads with `torch.load(weights_only=True)`: no pickled code runs. A checkpoint
+written before this format (numpy RNG state as an ndarray) loads the same way with exactly numpy's array types
+allowed; anything else that would need full unpickling is refused (skipped with a warning)."""
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +36,11 @@ def rng_state(loader_gen=None) -> dict:
     import numpy as np
     import torch
 
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain types only (no ndarray): the checkpoint must load with torch.load(weights_only=True)
+    st = {"python": random.getstate(),
+          "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -41,11 +50,33 @@ def set_rng_state(st: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """Exactly what unpickling a numpy array needs (checkpoints written before RNG states were plain)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(path: str | Path):
+    """torch.load with weights_only=True: tensors, containers and numbers only, never arbitrary pickled objects."""
+    import torch
+
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -89,7 +120,7 @@ def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path, dict] | None:
             marker = json.loads((cand / MARKER).read_text())
             if _sha256(cand / STATE) != marker["sha256"]:
                 raise ValueError("checksum mismatch")
-            state = torch.load(cand / STATE, map_location="cpu", weights_only=False)
+            state = safe_load(cand / STATE)
             return cand, state
         except Exception as e:  # truncated, missing marker, corrupt pickle...
             log.warning("skipping incomplete or corrupt checkpoint %s: %s", cand, e)

@@ -93,11 +93,24 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
     if not texts:
         raise ConfigError("no texts to predict: pass them as arguments or with --file")
     tracking.configure()
+    m = re.fullmatch(r"models:/([^/@]+)(?:@.+|/\d+)", model_uri)
+    access = (tracking.on_model(m.group(1), "READ") if m
+              else tracking.requires("READ", model_uri))
+    with access:
+        return _predict(model_uri, texts, top_k)
+
+
+def _predict(model_uri: str, texts: list[str], top_k: int) -> list[Any]:
+    from tasks import jobs, tracking
+
     try:
         task = model_task(model_uri)
     except Exception as e:
+        if tracking.auth_status(e):
+            raise
         raise ConfigError(
-            f"could not find {model_uri} in the registry at {tracking.tracking_uri()}: {str(e).splitlines()[0]}. "
+            f"could not find {model_uri} in the registry at {tracking.display_uri()}: "
+            f"{tracking.redact_uri(str(e).splitlines()[0])}. "
             "Check the model name, alias or version (finetune compare lists them) and MLFLOW_TRACKING_URI."
         ) from None
     job = _job_of(model_uri)

@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any
 
-from tasks.tracking import _retry, client
+from tasks.tracking import _retry, auth_status, client, on_model
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -15,31 +15,45 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 def register_model(model_uri: str, name: str, run_id: str, tags: dict[str, Any] | None = None) -> str:
     """New version of `name` from the run's logged model; returns the version number (as a string)."""
     c = client()
-    try:
-        c.get_registered_model(name)
-    except Exception:
+    with on_model(name, "EDIT"):
         try:
-            c.create_registered_model(name, description="Registered by finetune-flows.")
-        except Exception:  # created concurrently
-            pass
-    # A logged model's URI (models:/m-<id>) must travel with its model id: a tracking server rejects it otherwise.
-    model_id = model_uri[len("models:/"):] if re.fullmatch(r"models:/m-[0-9a-f]+", model_uri) else None
-    mv = _retry(
-        c.create_model_version, name, model_uri, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
-        model_id=model_id, attempts=3,
-    )
+            c.get_registered_model(name)
+        except Exception as e:
+            if auth_status(e):
+                raise
+            try:
+                c.create_registered_model(name, description="Registered by finetune-flows.")
+            except Exception as e2:  # created concurrently
+                if auth_status(e2):
+                    raise
+        # A logged model's URI (models:/m-<id>) must travel with its model id: a tracking server rejects it otherwise.
+        model_id = model_uri[len("models:/"):] if re.fullmatch(r"models:/m-[0-9a-f]+", model_uri) else None
+        mv = _retry(
+            c.create_model_version, name, model_uri, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+            model_id=model_id, attempts=3,
+        )
     return str(mv.version)
 
 
+def _missing(e: Exception) -> None:
+    """In the lookups below "not found" means None/[]/{}; a refusal by the server (401/403) is raised, never
+    mistaken for "not there"."""
+    if auth_status(e):
+        raise e
+
+
 def alias_version(name: str, alias: str) -> str | None:
-    try:
-        return str(client().get_model_version_by_alias(name, alias).version)
-    except Exception:
-        return None
+    with on_model(name, "READ"):
+        try:
+            return str(client().get_model_version_by_alias(name, alias).version)
+        except Exception as e:
+            _missing(e)
+            return None
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
-    _retry(client().set_registered_model_alias, name, alias, str(version), attempts=3)
+    with on_model(name, "EDIT"):
+        _retry(client().set_registered_model_alias, name, alias, str(version), attempts=3)
 
 
 def model_uri(name: str, alias: str | None = None, version: str | int | None = None) -> str:
@@ -56,42 +70,50 @@ REPLACED_TAG = "finetune.replaced_version"
 
 
 def delete_alias(name: str, alias: str) -> None:
-    try:
-        client().delete_registered_model_alias(name, alias)
-    except Exception:  # not set: nothing to delete
-        pass
+    with on_model(name, "MANAGE"):  # MLflow's basic-auth app: deleting an alias is a delete (MANAGE)
+        try:
+            client().delete_registered_model_alias(name, alias)
+        except Exception as e:  # not set: nothing to delete
+            _missing(e)
 
 
 def get_version(name: str, version: str | int):
     """The ModelVersion (tags, run_id, source), or None when the model or version does not exist."""
-    try:
-        return client().get_model_version(name, str(version))
-    except Exception:
-        return None
+    with on_model(name, "READ"):
+        try:
+            return client().get_model_version(name, str(version))
+        except Exception as e:
+            _missing(e)
+            return None
 
 
 def set_version_tags(name: str, version: str | int, tags: dict[str, Any]) -> None:
     c = client()
-    for k, v in tags.items():
-        _retry(c.set_model_version_tag, name, str(version), k, str(v), attempts=3)
+    with on_model(name, "EDIT"):
+        for k, v in tags.items():
+            _retry(c.set_model_version_tag, name, str(version), k, str(v), attempts=3)
 
 
 def list_versions(name: str) -> list:
     """All versions of `name`, newest first ([] when the model is not registered)."""
     c = client()
-    try:
-        versions = c.search_model_versions(f"name = '{name}'", max_results=1000)
-    except Exception:
-        return []
+    with on_model(name, "READ"):
+        try:
+            versions = c.search_model_versions(f"name = '{name}'", max_results=1000)
+        except Exception as e:
+            _missing(e)
+            return []
     return sorted(versions, key=lambda mv: -int(mv.version))
 
 
 def aliases(name: str) -> dict[str, str]:
     """alias -> version for a registered model ({} when it does not exist)."""
-    try:
-        return {a: str(v) for a, v in client().get_registered_model(name).aliases.items()}
-    except Exception:
-        return {}
+    with on_model(name, "READ"):
+        try:
+            return {a: str(v) for a, v in client().get_registered_model(name).aliases.items()}
+        except Exception as e:
+            _missing(e)
+            return {}
 
 
 def move_champion(name: str, version: str | int, reason: str) -> str | None:

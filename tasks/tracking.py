@@ -4,12 +4,14 @@ Every call passes `run_id` explicitly: MLflow's fluent active run is thread-loca
 worker threads."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -34,6 +36,83 @@ def _sqlite_path(uri: str) -> str:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (a real server or another store), else the local sqlite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+# --- credentials: never printed, logged or recorded ------------------------------------------------------------
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^@/\s]*)@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key)=)[^&#\s]*")
+
+
+def redact_uri(text: Any) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`, and secret-looking query values -> `***`, anywhere in
+    `text`: for every tracking URI (or message holding one) that is printed, logged or recorded."""
+    s = str(text)
+    s = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", s)
+    return _SECRET_QUERY.sub(r"\1***", s)
+
+
+def display_uri() -> str:
+    """The tracking URI as it may be shown: credentials redacted."""
+    return redact_uri(tracking_uri())
+
+
+# --- authentication and permissions (MLflow's basic-auth server) -----------------------------------------------
+def auth_status(e: BaseException) -> int | None:
+    """401 or 403 when `e` is the tracking server refusing the caller (MLflow's UNAUTHENTICATED / PERMISSION_DENIED,
+    or an HTTP error response of a raw request), else None. Such errors are never retried."""
+    code = getattr(e, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        return 401
+    if code == "PERMISSION_DENIED":
+        return 403
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+class AccessDenied(ConfigError):
+    """The tracking server refused this identity: one `error:` line naming the permission it lacks, exit 2."""
+
+
+def access_denied(e: BaseException, permission: str, resource: str, grant: str | None = None) -> AccessDenied:
+    """The message for a 401/403: who, which permission on what, where, and how to get it (a 401 with an empty
+    `permission`: just "not authenticated")."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    where = display_uri()
+    if auth_status(e) == 401:
+        how = (f"check MLFLOW_TRACKING_PASSWORD of user {user!r}" if user else
+               "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        need = f"; this needs {permission} permission on {resource}" if permission else ""
+        return AccessDenied(f"MLflow server {where} did not accept the credentials (401 unauthenticated): {how}{need}")
+    fix = f": an admin can grant it with `finetune access grant --user {user or 'USER'} {grant} --permission {permission}`" if grant else ""
+    return AccessDenied(f"MLflow user {user or '(anonymous)'!r} lacks {permission} permission on {resource} at {where} "
+                        f"(403 permission denied){fix}")
+
+
+@contextlib.contextmanager
+def requires(permission: str, resource: str, grant: str | None = None) -> Iterator[None]:
+    """Turns a 401/403 from the tracking server inside the block into AccessDenied naming `permission` on
+    `resource` (e.g. "EDIT", "registered model 'm'"); `grant` is the `finetune access grant` selector
+    (e.g. "--registered-model m")."""
+    try:
+        yield
+    except AccessDenied:
+        raise
+    except Exception as e:
+        if auth_status(e):
+            raise access_denied(e, permission, resource, grant) from None
+        raise
+
+
+def on_model(name: str, permission: str):
+    return requires(permission, f"registered model {name!r}", f"--registered-model {name}")
+
+
+def on_experiment(name: str, permission: str):
+    return requires(permission, f"experiment {name!r}", f"--experiment {name}")
+
+
+def on_run(run_id: str, permission: str = "EDIT"):
+    return requires(permission, f"the experiment of MLflow run {run_id}")
 
 
 def configure() -> str:
@@ -73,7 +152,15 @@ def client():
 
 
 def check_tracking_server(timeout: float = 5.0) -> str:
-    """Fail fast, before any training, when MLFLOW_TRACKING_URI points at a server that does not answer."""
+    """Fail fast, before any training, when MLFLOW_TRACKING_URI points at a server that does not answer (or that
+    requires credentials this process does not have)."""
+    uri = check_remote(timeout)
+    configure()
+    return uri
+
+
+def check_remote(timeout: float = 5.0) -> str:
+    """check_tracking_server without touching a local store: for the CLI, before Prefect starts."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         import requests
@@ -83,11 +170,31 @@ def check_tracking_server(timeout: float = 5.0) -> str:
             r.raise_for_status()
         except Exception as e:
             raise ConfigError(
-                f"MLflow tracking server {uri} is unreachable ({type(e).__name__}): start it "
+                f"MLflow tracking server {redact_uri(uri)} is unreachable ({type(e).__name__}): start it "
                 "(see mlflow/README.md), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store"
             ) from None
-    configure()
+        check_credentials(timeout)
     return uri
+
+
+def check_credentials(timeout: float = 10.0) -> None:
+    """With a server that requires authentication (MLflow's basic-auth app answers 401), fail fast when the
+    credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, read by MLflow itself) are missing or wrong.
+    One cheap authenticated read through MLflow's own REST client, so it sends exactly what training will."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = tracking_uri()
+    try:
+        r = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                         params={"max_results": 1}, timeout=timeout, max_retries=0)
+    except Exception:
+        return  # a transport problem: the calls that follow report (and retry) it
+    if r.status_code == 401:
+        class _E(Exception):
+            error_code = "UNAUTHENTICATED"
+
+        raise access_denied(_E(), "", "")
 
 
 def _retry(fn, *args, attempts: int | None = None, **kwargs):
@@ -102,10 +209,11 @@ def _retry(fn, *args, attempts: int | None = None, **kwargs):
 
     def warn(state: tenacity.RetryCallState) -> None:
         log.warning("MLflow call %s failed (%s); retrying in %.0f s", getattr(fn, "__name__", fn),
-                    state.outcome.exception(), state.next_action.sleep)
+                    redact_uri(state.outcome.exception()), state.next_action.sleep)
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(Exception),
+        # a refusal (401/403) is an answer, not an outage: retrying it for minutes helps nobody
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, Exception) and not auth_status(e)),
         wait=tenacity.wait_exponential(multiplier=1, min=1, max=30),
         stop=stop, before_sleep=warn, reraise=True,
     )
@@ -121,7 +229,9 @@ def _experiment_id(c, name: str) -> str:
         artifact_location = (STORE_DIR / "artifacts" / name).resolve().as_uri()
     try:
         return c.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another run
+    except Exception as e:  # created concurrently by another run
+        if auth_status(e):
+            raise
         return c.get_experiment_by_name(name).experiment_id
 
 
@@ -130,10 +240,13 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     from mlflow.entities import Param
 
     c = client()
-    run = c.create_run(_experiment_id(c, experiment), run_name=run_name, tags=tags or {})
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        _retry(c.log_batch, run.info.run_id, params=items[i : i + 100])
+    with on_experiment(experiment, "EDIT"):
+        run = c.create_run(_experiment_id(c, experiment), run_name=run_name,
+                           tags={k: redact_uri(v) for k, v in (tags or {}).items()})
+        # no credential in a param: a URI with user:password@ (a dataset URL, say) is recorded redacted
+        items = [Param(k, redact_uri(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            _retry(c.log_batch, run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
 
 
@@ -174,29 +287,33 @@ class MetricsLogger:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and (k, step) not in self._logged
         ]
         if batch:
-            _retry(self._client.log_batch, self.run_id, metrics=batch)
+            with on_run(self.run_id):
+                _retry(self._client.log_batch, self.run_id, metrics=batch)
             self._logged.update((m.key, step) for m in batch)
 
 
 def log_artifacts(run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> None:
     c = client()
-    for p in paths:
-        _retry(c.log_artifact, run_id, p, artifact_path)
+    with on_run(run_id):
+        for p in paths:
+            _retry(c.log_artifact, run_id, p, artifact_path)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
-    for k, v in tags.items():
-        _retry(c.set_tag, run_id, k, str(v))
+    with on_run(run_id):
+        for k, v in tags.items():
+            _retry(c.set_tag, run_id, k, redact_uri(v))
 
 
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:
     """Params not logged yet (a resumed run already has them; MLflow refuses to change a param)."""
     c = client()
-    logged = c.get_run(run_id).data.params
-    for k, v in params.items():
-        if k not in logged and v is not None:
-            _retry(c.log_param, run_id, k, v)
+    with on_run(run_id):
+        logged = c.get_run(run_id).data.params
+        for k, v in params.items():
+            if k not in logged and v is not None:
+                _retry(c.log_param, run_id, k, redact_uri(v))
 
 
 def log_device(run_id: str, device: str) -> None:
@@ -209,7 +326,8 @@ def log_device(run_id: str, device: str) -> None:
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """FINISHED only on success; FAILED on an exception; KILLED on SIGTERM or cancellation."""
-    _retry(client().set_terminated, run_id, status, attempts=5)
+    with on_run(run_id):
+        _retry(client().set_terminated, run_id, status, attempts=5)
 
 
 # Explicit requirements: the inferred ones pull in torchvision (and fail to import without it).
@@ -238,20 +356,24 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
         return adapters.log_model(run_id, model_dir, hf_task, input_example)
 
     configure()
-    # MLflow files a logged model under the *active* experiment (else "Default"), not the run's: point it there.
-    mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
-    # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
-    pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
-    info = _retry(
-        mlflow.transformers.log_model,
-        transformers_model=pipe,
-        task=hf_task,
-        name="model",
-        run_id=run_id,
-        pip_requirements=pip_requirements(),
-        input_example=input_example,
-        attempts=3,
-    )
+    with on_run(run_id):
+        # MLflow files a logged model under the *active* experiment (else "Default"), not the run's: point it there.
+        mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
+        # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
+        pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
+        # save_pretrained: the run holds the pipeline's own save_pretrained output (safetensors weights, nothing
+        # pickled); loading it back reads safetensors
+        info = _retry(
+            mlflow.transformers.log_model,
+            transformers_model=pipe,
+            task=hf_task,
+            name="model",
+            run_id=run_id,
+            pip_requirements=pip_requirements(),
+            input_example=input_example,
+            save_pretrained=True,
+            attempts=3,
+        )
     return info.model_uri
 
 

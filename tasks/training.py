@@ -185,7 +185,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
             "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
-            "config": spec.model_dump(),
+            "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
         })
 
     log.info("training: %d examples, %d epochs, batch %d, %d optimizer steps, device %s",

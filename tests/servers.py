@@ -28,15 +28,17 @@ class MlflowServer:
     """A real `mlflow server` started by the project's launcher, mlflow/server.sh (sqlite backend, proxied
     artifacts, both under `root`), on a fixed port, so it can restart in place."""
 
-    def __init__(self, root: Path, port: int | None = None):
-        self.root, self.port = root, port or free_port()
+    def __init__(self, root: Path, port: int | None = None, **env: str):
+        """`env`: more settings for mlflow/server.sh (e.g. MLFLOW_AUTH=basic and the admin password)."""
+        self.root, self.port, self.env = root, port or free_port(), env
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Proc | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "MlflowServer":
         env = clean_env(MLFLOW_PORT=self.port, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{self.root / 'mlflow.db'}",
-                        MLFLOW_ARTIFACTS_DESTINATION=str(self.root / "artifacts"), MLFLOW_WORKERS=1)
+                        MLFLOW_ARTIFACTS_DESTINATION=str(self.root / "artifacts"), MLFLOW_WORKERS=1,
+                        MLFLOW_SERVER_DIR=str(self.root), **self.env)
         self.proc = Proc("mlflow-server", ["bash", str(ROOT / "mlflow" / "server.sh")], env, self.root)
         wait_http(f"{self.url}/health", self.proc, timeout=120)
         return self

@@ -25,6 +25,7 @@ def load_model(path: str, spec: JobSpec):
     names = spec.label_names or []
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        use_safetensors=True,  # weights as safetensors only: a pickled pytorch_model.bin is refused
     )
 
 

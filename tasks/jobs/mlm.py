@@ -160,7 +160,7 @@ def load_model(path: str, spec: JobSpec):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized" notice is reported once by check_model instead
     try:
-        return AutoModelForMaskedLM.from_pretrained(path)
+        return AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True)  # never unpickle weights
     finally:
         hf_logging.set_verbosity(verbosity)
 
