@@ -211,6 +211,8 @@ def promotion_artifact(name: str, result: dict) -> None:
         f"{result.get('challenger_error') or ''} |",
         f"| champion | {result.get('champion_version') or '-'} | {_score(result.get('champion_score'))} | "
         f"{result.get('champion_error') or ''} |",
+        *([f"| {result['baseline']} baseline | - | {_score(result.get('baseline_score'))} | "
+           f"{result.get('baseline_error') or ''} |"] if result.get("baseline") else []),
     ])
     _best_effort("promotion artifact", _create_markdown, md, artifact_key(name, "promotion"),
                  f"champion/challenger decision for {name}")

@@ -4,6 +4,11 @@ training ran each epoch, on the same batches and masks), and `champion` moves on
 than the margin. A challenger that fails evaluation or a smoke prediction is never promoted. The decision and both
 scores go onto the challenger version as tags and into a Prefect artifact.
 
+The quality floor: no version becomes champion, not even the first, unless it beats the job's trivial baseline on
+the same eval data by the promotion metric (its recipe's `baseline` hook): for classification the majority class
+(accuracy, macro-F1) and the eval label frequencies (loss), for MLM the model before fine-tuning (the run's
+epoch-0 evaluation). A tie does not beat it. `finetune promote` (a person decided) is not subject to it.
+
 The metrics a job allows, their direction and its default come from its recipe (`Recipe.promotion`): classify
 allows accuracy, f1 (default: macro-F1 does not reward predicting the majority class on skewed data) and loss; mlm
 allows perplexity (default), loss and accuracy (masked tokens)."""
@@ -57,6 +62,15 @@ def _bad(x: float | None) -> bool:
     return x is None or not math.isfinite(x)
 
 
+def _pair(a: float, b: float) -> tuple[str, str]:
+    """Two scores with 4 decimals, or as many more as it takes to tell them apart (0.69308 vs 0.69315)."""
+    for d in range(4, 10):
+        x, y = f"{a:.{d}f}", f"{b:.{d}f}"
+        if x != y:
+            return x, y
+    return f"{a:.4f}", f"{b:.4f}"
+
+
 def decide(
     metric: str,
     challenger: float | None,
@@ -67,25 +81,43 @@ def decide(
     has_champion: bool = True,
     challenger_error: str | None = None,
     champion_error: str | None = None,
+    baseline: float | None = None,
+    baseline_name: str = "trivial",
+    baseline_error: str | None = None,
 ) -> Decision:
-    """The promotion rule, a pure function. The challenger must evaluate (and pass its smoke prediction) and beat
-    the champion by more than `margin` in the metric's direction; a tie never promotes. Without a champion, a
-    healthy challenger is promoted. When the champion cannot be evaluated nothing moves automatically: the
-    comparison did not happen, so a person decides (`finetune promote`)."""
+    """The promotion rule, a pure function. The challenger must evaluate (and pass its smoke prediction), beat the
+    trivial `baseline` on the same eval data (the quality floor: checked even without a champion; a tie does not
+    beat it; no margin), and beat the champion by more than `margin` in the metric's direction; a tie never
+    promotes. Without a champion, a healthy challenger above the floor is promoted. When the champion or the
+    baseline cannot be evaluated nothing moves automatically: the comparison did not happen, so a person decides
+    (`finetune promote`). `baseline=None` (and no error): the job has no floor for this metric."""
     if challenger_error or _bad(challenger):
         return Decision(False, f"challenger failed evaluation: {challenger_error or f'{metric} is {challenger}'}")
+    up = higher_is_better if higher_is_better is not None else metric in ("accuracy", "f1")
+    better = "higher" if up else "lower"
+    if baseline_error or (baseline is not None and math.isnan(baseline)):
+        why = baseline_error or f"{metric} is {baseline}"
+        return Decision(False, f"the {baseline_name} baseline could not be computed ({why}): not promoting "
+                               "automatically; check the run and use `finetune promote` if the challenger should win")
+    floor = ""
+    if baseline is not None:
+        over = (challenger - baseline) if up else (baseline - challenger)
+        c, b = _pair(challenger, baseline)
+        if not over > TIE_TOLERANCE:
+            return Decision(False, f"does not beat the {baseline_name} baseline: {metric} {c} vs baseline {b} "
+                                   f"({better} is better)")
+        floor = f"; beats the {baseline_name} baseline {b}"
     if not has_champion:
-        return Decision(True, f"no champion yet: challenger {metric}={challenger:.4f}")
+        return Decision(True, f"no champion yet: challenger {metric}={c if baseline is not None else f'{challenger:.4f}'}"
+                              f"{floor}")
     if champion_error or _bad(champion):
         why = champion_error or f"{metric} is {champion}"
         return Decision(False, f"champion could not be evaluated ({why}): not promoting automatically; "
                                "check it and use `finetune promote` if the challenger should win")
-    up = higher_is_better if higher_is_better is not None else metric in ("accuracy", "f1")
     improvement = (challenger - champion) if up else (champion - challenger)
-    better = "higher" if up else "lower"
     cmp = f"{metric} {challenger:.4f} vs champion {champion:.4f} ({better} is better, margin {margin:g})"
     if improvement > margin + TIE_TOLERANCE:
-        return Decision(True, f"challenger wins: {cmp}", improvement)
+        return Decision(True, f"challenger wins: {cmp}{floor}", improvement)
     if abs(improvement) <= TIE_TOLERANCE:
         return Decision(False, f"tie: {cmp}", improvement)
     if improvement > 0:
@@ -149,12 +181,44 @@ def _evaluate(uri: str, cfg: JobConfig, data_path: str, tokenized_path: str | No
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def version_history(name: str, version: str, keys: tuple[str, ...]) -> list[dict]:
+    """The per-epoch metrics (`step` = epoch) of the run that produced `version`, as the training history."""
+    from tasks import registry, tracking
+
+    mv = registry.get_version(name, version)
+    if mv is None or not mv.run_id:
+        raise LookupError(f"{name} version {version} has no source run to take its history from")
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for m in tracking.client().get_metric_history(mv.run_id, key):
+            rows.setdefault(int(m.step), {"epoch": int(m.step)})[key] = m.value
+    return [rows[k] for k in sorted(rows)]
+
+
+def baseline_scores(cfg: JobConfig, name: str, version: str, data_path: str,
+                    history: list[dict] | None) -> tuple[dict | None, str | None]:
+    """The job's trivial baseline on the same eval data (its recipe's `baseline` hook), by canonical metric name,
+    or an error message. (None, None) when the job has no baseline. Without the run's history (a caller outside
+    the training flow) it is read back from the version's run."""
+    recipe = cfg.recipe
+    if recipe.baseline is None:
+        return None, None
+    try:
+        if history is None:
+            history = version_history(name, version, ("train_loss", *recipe.metrics))
+        return recipe.baseline(data_path, list(history), cfg.spec(_label_names(data_path))), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str | None = None,
-                        tokenized_path: str | None = None, run_final: dict | None = None) -> dict:
+                        tokenized_path: str | None = None, run_final: dict | None = None,
+                        run_history: list[dict] | None = None) -> dict:
     """Evaluates challenger `version` and the current champion of `name` on the eval split of `data_path` /
     `tokenized_path` (the run's prepared and tokenized data; default: rebuilt from the challenger run's params),
-    decides, moves `champion` when the challenger wins, and records the outcome (version tags, Prefect artifact).
-    Returns promoted, decision and both scores."""
+    and the job's trivial baseline on the same data (from `run_history`, the run's per-epoch metrics, where the
+    job needs it), decides, moves `champion` when the challenger wins and beats the baseline, and records the
+    outcome (version tags, Prefect artifact). Returns promoted, decision and the scores."""
     from tasks import registry
     from tasks.common import run_logger
 
@@ -174,12 +238,16 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
     if chall_err is None:
         smoke_err = smoke_test(registry.model_uri(name, version=version), cfg.job)
         chall_err = f"smoke prediction failed: {smoke_err}" if smoke_err else None
+    base, base_err = baseline_scores(cfg, name, version, data_path, run_history)
     champ, champ_err = (None, None)
     if champion is not None and chall_err is None:  # no need to score the champion against a failed challenger
         champ, champ_err = _evaluate(registry.model_uri(name, version=champion), cfg, data_path, tokenized_path)
+    baseline_name = cfg.recipe.baseline_name
     d = decide(
         metric, (chall or {}).get(metric), (champ or {}).get(metric), margin,
-        higher_is_better=higher_is_better(cfg.job, metric), has_champion=champion is not None, challenger_error=chall_err, champion_error=champ_err,
+        higher_is_better=higher_is_better(cfg.job, metric), has_champion=champion is not None,
+        challenger_error=chall_err, champion_error=champ_err,
+        baseline=(base or {}).get(metric), baseline_name=baseline_name, baseline_error=base_err,
     )
     if d.promoted:
         registry.move_champion(name, version, d.reason)
@@ -191,6 +259,8 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
         "challenger_version": version, "challenger_score": (chall or {}).get(metric), "challenger_scores": chall,
         "champion_version": champion, "champion_score": (champ or {}).get(metric), "champion_scores": champ,
         "improvement": d.improvement, "challenger_error": chall_err, "champion_error": champ_err,
+        "baseline": baseline_name if cfg.recipe.baseline else None, "baseline_score": (base or {}).get(metric),
+        "baseline_scores": base, "baseline_error": base_err,
     }
     record(name, result)
     log.info("promotion: %s", decision)
@@ -211,10 +281,12 @@ def record(name: str, result: dict) -> None:
         "promotion.challenger_score": fmt(result["challenger_score"]),
         "promotion.champion_score": fmt(result["champion_score"]),
         "promotion.champion_version": fmt(result["champion_version"]),
+        "promotion.baseline": fmt(result.get("baseline")),
+        "promotion.baseline_score": fmt(result.get("baseline_score")),
         "promotion.decision": "promoted" if result["promoted"] else "rejected",
         "promotion.reason": result["reason"][:4000],
     }
-    for role in ("challenger", "champion"):
+    for role in ("challenger", "champion", "baseline"):
         for k, v in (result.get(f"{role}_scores") or {}).items():
             tags[f"promotion.{role}.{k}"] = fmt(v)
     registry.set_version_tags(name, result["challenger_version"], tags)

@@ -80,7 +80,7 @@ def run_training(cfg: JobConfig) -> dict:
             mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
         _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec)
         outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
-                                tokenized_path=tokenized)
+                                tokenized_path=tokenized, history=result.history)
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
     if result.history and result.history[0].get("epoch") == 0:
         metrics.update({f"epoch0_{k}": v for k, v in result.history[0].items() if k != "epoch"})

@@ -133,7 +133,9 @@ def _stratified_subset(ds, n: int | None, seed: int, stratify: bool):
 
 
 def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, list[str]]:
-    """Labels become a ClassLabel column named `label`; string labels are mapped to ids (sorted names)."""
+    """Labels become a ClassLabel column named `label`. String labels are names (sorted); integer labels that are
+    exactly 0..n-1 are ids (names "0".."n-1"); any other integers (1..5 stars, 1/2) are names too, in numeric
+    order: 1..5 -> 5 classes "1".."5". `num_labels`, when given, must equal the number of classes found."""
     from datasets import ClassLabel
 
     feat = next(iter(dd.values())).features[label_col]
@@ -154,18 +156,20 @@ def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, lis
             raise ConfigError(f"label column {label_col!r} has missing values: fill or drop those rows")
         kinds = {type(v).__name__ for v in values}
         if kinds <= {"int", "bool"}:
-            ints = sorted(int(v) for v in values)
-            n = num_labels or (max(ints) + 1)
-            bad = [v for v in ints if v < 0 or v >= n]
-            if bad:
-                raise ConfigError(
-                    f"labels {bad[:10]} are outside 0..{n - 1} (num_labels={n}): relabel them to 0..{n - 1} "
-                    f"or raise --num-labels"
-                )
-            if n < 2:
+            ints = sorted({int(v) for v in values})
+            if len(ints) < 2:
                 raise ConfigError(f"label column {label_col!r} has a single class: classification needs at least 2")
-            names = [str(i) for i in range(n)]
+            if num_labels is not None and num_labels != len(ints):
+                raise ConfigError(
+                    f"num_labels={num_labels} but the data has {len(ints)} distinct labels {ints[:10]}: drop "
+                    f"--num-labels (the classes are the label values found), or fix the labels"
+                )
+            # Exactly 0..n-1: the values are class ids (names "0".."n-1"). Anything else (star ratings 1..5, 1/2,
+            # gaps) is a set of label *names*: n classes named by the values, in numeric order, never a phantom.
+            names = [str(i) for i in ints]
+            as_ids = ints == list(range(len(ints)))
         elif kinds == {"str"}:
+            as_ids = False
             names = sorted(values)
             if num_labels is not None and num_labels != len(names):
                 raise ConfigError(f"num_labels={num_labels} but the data has {len(names)} label names: drop --num-labels")
@@ -176,8 +180,11 @@ def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, lis
                 f"label column {label_col!r} mixes types {sorted(kinds)} (e.g. ints and strings): use one type"
             )
         cl = ClassLabel(names=names)
-        if kinds == {"str"}:
-            dd = dd.map(lambda b: {label_col: [cl.str2int(x) for x in b[label_col]]}, batched=True, desc="encode labels")
+        if kinds == {"str"} or not as_ids:
+            # The same name -> id table for every split (names were collected over all of them).
+            ids = {n: i for i, n in enumerate(names)}
+            dd = dd.map(lambda b: {label_col: [ids[str(int(x)) if not isinstance(x, str) else x] for x in b[label_col]]},
+                        batched=True, desc="encode labels")
         dd = dd.cast_column(label_col, cl)
     if label_col != "label":
         dd = dd.rename_column(label_col, "label")
@@ -191,7 +198,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     from tasks.common import run_logger
 
     log = run_logger(__name__)
-    key = stable_hash(cfg.model_dump(), seed, num_labels, _source_fingerprint(cfg.dataset), "v1")
+    key = stable_hash(cfg.model_dump(), seed, num_labels, _source_fingerprint(cfg.dataset), "v2")
     out = cache_root() / "data" / key
     dd = _load_raw(cfg)
 

@@ -14,6 +14,32 @@ def classification_metrics(preds, labels, num_labels: int) -> dict[str, float]:
     }
 
 
+def majority_baseline(data_path: str, num_labels: int | None = None) -> dict[str, float]:
+    """Scores of the trivial classifier on the eval split of a prepared dataset, by canonical promotion metric:
+    the best any input-independent predictor can do on exactly those labels.
+      accuracy, f1  the majority class of the eval split predicted for every example (macro-F1 over all classes,
+                    computed as the model's eval_f1 is; predicting the most frequent class maximises both, so no
+                    constant predictor can beat the floor, it can only tie it)
+      loss          cross-entropy of predicting the eval label frequencies for every example, i.e. their entropy
+                    (the lowest mean cross-entropy any constant distribution reaches; always finite)
+    With stratified splits (the default) the eval majority and frequencies are the train ones."""
+    import math
+    from collections import Counter
+
+    from datasets import load_from_disk
+
+    ev = load_from_disk(str(data_path))["eval"]
+    labels = list(ev["label"])
+    if not labels:
+        raise ValueError("the eval split is empty: no baseline")
+    n = num_labels or ev.features["label"].num_classes
+    counts = Counter(labels)
+    majority = min(counts, key=lambda c: (-counts[c], c))  # most frequent; lowest id on a tie
+    total = len(labels)
+    entropy = -sum(k / total * math.log(k / total) for k in counts.values())
+    return {**classification_metrics([majority] * total, labels, n), "loss": entropy}
+
+
 def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
     """Mean loss over examples, accuracy, macro-F1, and the predictions (for the confusion matrix)."""
     import torch

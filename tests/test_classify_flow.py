@@ -111,3 +111,54 @@ def test_bad_input_fails_before_training_and_records_nothing(tmp_path, tiny_mode
     c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiments = [e.experiment_id for e in c.search_experiments()]
     assert not experiments or not c.search_runs(experiments)
+
+
+def test_constant_predictor_is_registered_but_not_champion(tmp_path, tiny_model_dir, isolated):
+    """The quality floor, first version included: every text is the same, so whatever the model learns it predicts
+    one class for all of them. On balanced eval data that ties the majority-class baseline (f1 1/3): it registers
+    as challenger, is not champion, and the decision names the baseline."""
+    from mlflow import MlflowClient
+
+    from flows.classify import classify_flow
+
+    csv = tmp_path / "same.csv"
+    csv.write_text("review,sentiment\n" + "".join(f"the very same words,{'positive' if i % 2 else 'negative'}\n"
+                                                  for i in range(24)))
+    out = classify_flow(flow_cfg(str(csv), tiny_model_dir, tmp_path, tracking={"registered_model": "const-model"}))
+    assert out["version"] == "1" and out["aliases"] == ["challenger"] and not out["promoted"]
+    assert "does not beat the majority-class baseline: f1 0.3333 vs baseline 0.3333" in out["decision"]
+    assert "champion not set" in out["decision"]
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert "champion" not in c.get_registered_model("const-model").aliases
+    tags = c.get_model_version("const-model", "1").tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.baseline"] == "majority-class"
+    assert float(tags["promotion.baseline_score"]) == pytest.approx(1 / 3, abs=1e-5)
+    assert float(tags["promotion.baseline.accuracy"]) == pytest.approx(0.5)
+    assert out["promotion"]["baseline_score"] == pytest.approx(out["metrics"]["eval_f1"])
+
+
+def test_integer_labels_1_2_are_names_end_to_end(tmp_path, tiny_model_dir, isolated):
+    """Labels 1/2 (not 0/1): a 2-class model (no phantom '0'), named by the values; a perfect model scores
+    f1 1.0; it beats the baseline, becomes champion and predicts "1"/"2"."""
+    import csv as csvmod
+
+    from mlflow import MlflowClient
+
+    from conftest import NEGATIVE, POSITIVE
+    from flows.classify import classify_flow
+    from tasks.predict import predict
+
+    p = tmp_path / "stars.csv"
+    with p.open("w", newline="") as f:
+        w = csvmod.writer(f)
+        w.writerow(["review", "sentiment"])
+        w.writerows([(t, 2) for t in POSITIVE] * 3 + [(t, 1) for t in NEGATIVE] * 3)
+    out = classify_flow(flow_cfg(str(p), tiny_model_dir, tmp_path, tracking={"registered_model": "stars"}))
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    tags = c.get_run(out["run_id"]).data.tags
+    assert tags["num_labels"] == "2" and tags["label_names"] == "1,2"
+    assert out["metrics"]["eval_accuracy"] == 1.0 and out["metrics"]["eval_f1"] == 1.0
+    assert out["promoted"] and "champion" in out["aliases"]
+    assert "beats the majority-class baseline 0.3333" in out["decision"]
+    res = predict("models:/stars@champion", ["a great wonderful film", "an awful boring mess"])
+    assert [r["label"] for r in res] == ["2", "1"]

@@ -51,11 +51,87 @@ def test_missing_columns_named_with_fix(sentiment_csv, isolated):
     assert "'body'" in str(e.value) and "--text-column" in str(e.value) and "--label-column" in str(e.value)
 
 
-def test_labels_out_of_range(tmp_path, isolated):
+def test_num_labels_must_match_the_labels_found(tmp_path, isolated):
     p = tmp_path / "d.csv"
     p.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(12)))
-    with pytest.raises(ConfigError, match=r"outside 0..1"):
+    with pytest.raises(ConfigError, match=r"num_labels=2 but the data has 3 distinct labels \[0, 1, 2\]: drop --num-labels"):
         prepare_dataset(DataConfig(dataset=str(p)), seed=0, num_labels=2)
+    assert prepare_dataset(DataConfig(dataset=str(p)), seed=0, num_labels=3).label_names == ["0", "1", "2"]
+
+
+def _ints_csv(tmp_path, values, rows=40, name="d.csv"):
+    p = tmp_path / name
+    p.write_text("text,label\n" + "".join(f"text {i},{values[i % len(values)]}\n" for i in range(rows)))
+    return str(p)
+
+
+@pytest.mark.parametrize("values,names", [
+    ([1, 2, 3, 4, 5], ["1", "2", "3", "4", "5"]),      # star ratings
+    ([1, 2], ["1", "2"]),                               # 1/2: two classes, no phantom '0'
+    ([2, 10, 9], ["2", "9", "10"]),                     # gaps, numeric (not string) order
+    ([-1, 1], ["-1", "1"]),
+    ([0, 1, 2], ["0", "1", "2"]),                       # exactly 0..n-1: ids, as before
+])
+def test_integer_labels_not_0_to_n_minus_1_are_label_names(tmp_path, isolated, values, names):
+    info = prepare_dataset(DataConfig(dataset=_ints_csv(tmp_path, values)), seed=0)
+    assert info.label_names == names and info.num_labels == len(names)
+    dd = load_from_disk(info.path)
+    for split in ("train", "eval"):  # one mapping for both splits: each row's class name is its original value
+        ds = dd[split]
+        assert ds.features["label"].names == names
+        for text, label in zip(ds["text"], ds["label"]):
+            i = int(text.split()[1])
+            assert ds.features["label"].int2str(label) == str(values[i % len(values)])
+    assert sorted(set(dd["train"]["label"])) == list(range(len(names)))  # every class is a real one
+
+
+def test_star_ratings_with_num_labels(tmp_path, isolated):
+    csv = _ints_csv(tmp_path, [1, 2, 3, 4, 5])
+    assert prepare_dataset(DataConfig(dataset=csv), seed=0, num_labels=5).label_names == ["1", "2", "3", "4", "5"]
+    with pytest.raises(ConfigError, match=r"num_labels=6 but the data has 5 distinct labels \[1, 2, 3, 4, 5\]"):
+        prepare_dataset(DataConfig(dataset=csv), seed=0, num_labels=6)
+
+
+def test_integer_labels_mapped_consistently_across_given_splits(tmp_path, isolated):
+    """A file per split (as Hub datasets come): a value missing from one split still gets the same id in both."""
+    import datasets
+
+    from tasks.data import _encode_labels
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 3, 5]}),
+        "eval": datasets.Dataset.from_dict({"text": ["d", "e"], "label": [5, 2]}),
+    })
+    out, names = _encode_labels(dd, "label", None)
+    assert names == ["1", "2", "3", "5"]
+    assert out["train"]["label"] == [0, 2, 3] and out["eval"]["label"] == [3, 1]
+
+
+def test_a_perfect_model_on_1_2_labels_scores_f1_1(tmp_path, isolated):
+    """No phantom class: macro-F1 over the real classes only (the issue: 0.667 beside accuracy 1.0)."""
+    from tasks.evaluate import classification_metrics
+
+    info = prepare_dataset(DataConfig(dataset=_ints_csv(tmp_path, [1, 2])), seed=0)
+    labels = load_from_disk(info.path)["eval"]["label"]
+    assert classification_metrics(labels, labels, info.num_labels) == {"accuracy": 1.0, "f1": 1.0}
+
+
+def test_star_rating_model_predicts_label_names(tmp_path, isolated, tiny_model_dir):
+    """A classifier built for 1..5 star data has 5 classes named by the ratings; predictions return those names."""
+    from tasks.jobs import JobSpec, get
+    from tasks.predict import load_pipeline
+
+    info = prepare_dataset(DataConfig(dataset=_ints_csv(tmp_path, [1, 2, 3, 4, 5])), seed=0)
+    recipe = get("classify")
+    model = recipe.load_model(tiny_model_dir, JobSpec(job="classify", label_names=info.label_names))
+    assert model.config.num_labels == 5
+    assert model.config.id2label == {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "m")
+    out = load_pipeline(str(tmp_path / "m"), "text-classification")(["five stars", "one star"], top_k=None)
+    assert all({r["label"] for r in row} == {"1", "2", "3", "4", "5"} for row in out)
 
 
 def test_mixed_label_types(tmp_path, isolated):

@@ -49,7 +49,12 @@ def test_mlm_flow_tracks_and_registers(prefect_harness, isolated, tiny_model_dir
     scores = out["promotion"]["challenger_scores"]
     assert scores["perplexity"] == pytest.approx(out["metrics"]["perplexity"], rel=1e-6)
     assert scores["accuracy"] == pytest.approx(out["metrics"]["eval_masked_accuracy"], abs=1e-6)
+    # the quality floor: the model before fine-tuning, the run's own epoch-0 evaluation
+    assert out["promotion"]["baseline"] == "untrained-model (epoch 0)"
+    assert out["promotion"]["baseline_score"] == pytest.approx(out["metrics"]["epoch0_perplexity"], rel=1e-6)
+    assert "beats the untrained-model (epoch 0) baseline" in out["decision"]
     mv = c.get_model_version("tiny-mlm", "1")
+    assert float(mv.tags["promotion.baseline_score"]) == pytest.approx(out["metrics"]["epoch0_perplexity"], rel=1e-4)
     assert mv.run_id == out["run_id"]
     assert model_task("models:/tiny-mlm/1") == "fill-mask"
     assert "fill_mask_examples.json" in {f.path.split("/")[-1] for f in c.list_artifacts(out["run_id"], "eval")}

@@ -53,6 +53,91 @@ def test_failed_challenger_is_never_promoted(score, error):
     assert not decide("f1", score, None, has_champion=False, challenger_error=error).promoted
 
 
+# --- the quality floor ------------------------------------------------------------------------------------------
+
+
+def test_first_version_must_beat_the_baseline():
+    d = decide("f1", 1 / 3, None, has_champion=False, baseline=1 / 3, baseline_name="majority-class")
+    assert not d.promoted
+    assert d.reason.startswith("does not beat the majority-class baseline: f1 0.3333 vs baseline 0.3333")
+    d = decide("f1", 0.30, None, has_champion=False, baseline=1 / 3, baseline_name="majority-class")
+    assert not d.promoted and "does not beat" in d.reason
+    d = decide("f1", 0.80, None, has_champion=False, baseline=1 / 3, baseline_name="majority-class")
+    assert d.promoted and "no champion" in d.reason and "beats the majority-class baseline 0.3333" in d.reason
+
+
+def test_baseline_respects_the_direction_and_has_no_margin():
+    # lower is better: perplexity must drop below the untrained model's
+    assert decide("perplexity", 90.0, None, has_champion=False, baseline=100.0).promoted
+    assert not decide("perplexity", 100.0, None, has_champion=False, baseline=100.0).promoted  # a tie
+    assert not decide("perplexity", 120.0, None, has_champion=False, baseline=100.0).promoted
+    assert decide("perplexity", 90.0, None, has_champion=False, baseline=float("inf")).promoted
+    # the margin is for the champion comparison, not the floor
+    assert decide("accuracy", 0.51, None, has_champion=False, baseline=0.50, margin=0.2).promoted
+
+
+def test_a_champion_does_not_lower_the_floor():
+    """Beating a (bad) champion is not enough: the challenger must beat the baseline too."""
+    d = decide("accuracy", 0.50, 0.40, baseline=0.50, baseline_name="majority-class")
+    assert not d.promoted and "does not beat the majority-class baseline: accuracy 0.5000 vs baseline 0.5000" in d.reason
+    d = decide("accuracy", 0.70, 0.60, baseline=0.50, baseline_name="majority-class")
+    assert d.promoted and "challenger wins" in d.reason and "majority-class baseline 0.5000" in d.reason
+
+
+def test_baseline_that_cannot_be_computed_blocks_automatic_promotion():
+    for kw in ({"baseline_error": "LookupError: no epoch 0"}, {"baseline": float("nan")}):
+        d = decide("f1", 0.9, None, has_champion=False, baseline_name="untrained-model (epoch 0)", **kw)
+        assert not d.promoted and "untrained-model (epoch 0) baseline could not be computed" in d.reason
+        assert "finetune promote" in d.reason
+
+
+def test_no_baseline_means_no_floor():
+    assert decide("coverage", 0.1, None, has_champion=False, baseline=None).promoted
+
+
+def test_majority_class_baseline(tmp_path):
+    """The classification hook: the majority class of the eval split, scored as the model's eval is."""
+    import math
+
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    from tasks.jobs import JobSpec, get
+
+    names = ["1", "2", "3"]
+    feats = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    ev = [0] * 6 + [1] * 3 + [2] * 1  # 60% class "1"
+    DatasetDict({
+        "train": Dataset.from_dict({"text": ["t"] * 3, "label": [0, 1, 2]}, features=feats),
+        "eval": Dataset.from_dict({"text": ["t"] * 10, "label": ev}, features=feats),
+    }).save_to_disk(str(tmp_path / "d"))
+    b = get("classify").baseline(str(tmp_path / "d"), [], JobSpec(job="classify", label_names=names))
+    assert b["accuracy"] == pytest.approx(0.6)
+    assert b["f1"] == pytest.approx((2 * 0.6 / 1.6) / 3)  # F1 of class "1" (precision 0.6, recall 1), others 0
+    assert b["loss"] == pytest.approx(-(0.6 * math.log(0.6) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1)))
+    # exactly what the classifier's evaluation gives a model that always predicts the majority class: a tie
+    from tasks.evaluate import classification_metrics
+
+    assert classification_metrics([0] * 10, ev, 3)["f1"] == b["f1"]
+    # balanced 2 classes: the numbers of the issue (f1 0.3333, accuracy 0.5, loss ln 2)
+    feats2 = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    DatasetDict({"train": Dataset.from_dict({"text": ["t"] * 2, "label": [0, 1]}, features=feats2),
+                 "eval": Dataset.from_dict({"text": ["t"] * 4, "label": [0, 1, 0, 1]}, features=feats2)}
+                ).save_to_disk(str(tmp_path / "b"))
+    b2 = get("classify").baseline(str(tmp_path / "b"), [], JobSpec(job="classify", label_names=["neg", "pos"]))
+    assert b2 == pytest.approx({"accuracy": 0.5, "f1": 1 / 3, "loss": math.log(2)})
+
+
+def test_epoch0_baseline_of_mlm():
+    from tasks.jobs import JobSpec, get
+
+    history = [{"epoch": 0, "eval_loss": 6.0, "perplexity": 403.4, "eval_masked_accuracy": 0.05},
+               {"epoch": 1, "train_loss": 5.0, "eval_loss": 5.0, "perplexity": 148.4, "eval_masked_accuracy": 0.1}]
+    b = get("mlm").baseline("unused", history, JobSpec(job="mlm"))
+    assert b == {"loss": 6.0, "perplexity": 403.4, "accuracy": 0.05}
+    with pytest.raises(LookupError, match="epoch-0"):
+        get("mlm").baseline("unused", history[1:], JobSpec(job="mlm"))
+
+
 def test_champion_that_cannot_be_evaluated_blocks_automatic_promotion():
     d = decide("f1", 0.9, None, champion_error="RuntimeError: cannot load")
     assert not d.promoted and "finetune promote" in d.reason
@@ -100,8 +185,12 @@ def fake_versions(store):
     return name, add
 
 
-def _patch_scores(monkeypatch, scores: dict[str, float | Exception], smoke: dict[str, str | None] | None = None):
+def _patch_scores(monkeypatch, scores: dict[str, float | Exception], smoke: dict[str, str | None] | None = None,
+                  baseline: float = 0.1):
     import flows.promotion as p
+
+    monkeypatch.setattr(p, "baseline_scores", lambda cfg, name, version, data_path, history: (
+        {"f1": baseline, "accuracy": baseline, "loss": 1 - baseline}, None))
 
     def fake_eval(uri, cfg, data_path, tokenized_path):
         s = scores[uri.rsplit("/", 1)[-1]]
@@ -135,6 +224,8 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
     assert float(tags["promotion.challenger_score"]) == pytest.approx(0.63)
     assert float(tags["promotion.champion_score"]) == pytest.approx(0.60)
     assert tags["promotion.champion_version"] == "1"
+    assert tags["promotion.baseline"] == "majority-class" and float(tags["promotion.baseline_score"]) == pytest.approx(0.1)
+    assert float(tags["promotion.baseline.accuracy"]) == pytest.approx(0.1)
 
     v3 = add()
     registry.set_alias(name, "challenger", v3)
@@ -171,6 +262,42 @@ def test_first_version_that_fails_smoke_is_not_champion(fake_versions, monkeypat
     _patch_scores(monkeypatch, {"1": 0.9}, smoke={"1": "RuntimeError: boom"})
     r = champion_challenger(ClassifyConfig(), name, add(), data_path="unused")
     assert not r["promoted"] and registry.alias_version(name, "champion") is None
+
+
+def test_first_version_below_the_baseline_stays_challenger(fake_versions, monkeypatch):
+    from flows.promotion import champion_challenger
+    from tasks import registry
+
+    name, add = fake_versions
+    _patch_scores(monkeypatch, {"1": 0.5, "2": 0.8}, baseline=0.5)
+    v1 = add()
+    registry.set_alias(name, "challenger", v1)
+    r = champion_challenger(ClassifyConfig(), name, v1, data_path="unused")
+    assert not r["promoted"] and registry.alias_version(name, "champion") is None
+    assert registry.alias_version(name, "challenger") == "1"
+    assert "does not beat the majority-class baseline: f1 0.5000 vs baseline 0.5000" in r["decision"]
+    assert r["baseline_score"] == pytest.approx(0.5) and r["baseline"] == "majority-class"
+    tags = registry.get_version(name, "1").tags
+    assert tags["promotion.decision"] == "rejected" and float(tags["promotion.baseline_score"]) == pytest.approx(0.5)
+    v2 = add()
+    r = champion_challenger(ClassifyConfig(), name, v2, data_path="unused")
+    assert r["promoted"] and registry.alias_version(name, "champion") == "2"
+
+
+def test_baseline_from_the_version_run_when_no_history_is_given(store, monkeypatch):
+    """Outside the training flow (no history passed) the MLM floor is read back from the version's run metrics."""
+    import flows.promotion as p
+    from tasks import registry, tracking
+
+    run_id = tracking.start_run("cc", "r", {"job": "mlm"})
+    log = tracking.MetricsLogger(run_id)
+    log({"eval_loss": 6.0, "perplexity": 403.0, "eval_masked_accuracy": 0.05}, 0)
+    log({"train_loss": 5.5, "eval_loss": 5.0, "perplexity": 148.0, "eval_masked_accuracy": 0.1}, 1)
+    v = registry.register_model(f"runs:/{run_id}/model", "cc-mlm", run_id)
+    scores, err = p.baseline_scores(MLMConfig(), "cc-mlm", v, "unused", None)
+    assert err is None and scores == {"loss": 6.0, "perplexity": 403.0, "accuracy": 0.05}
+    scores, err = p.baseline_scores(ClassifyConfig(), "cc-mlm", v, "/no/such/data", None)
+    assert scores is None and err  # the classification floor needs the eval data
 
 
 # --- evaluation of real (tiny) registry models -------------------------------------------------------------------

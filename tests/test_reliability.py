@@ -140,7 +140,7 @@ def test_failed_training_marks_run_failed_and_registers_nothing(sentiment_csv, t
     import tasks.training as tc
     from flows.classify import classify_flow
 
-    base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=1)
+    base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "o")  # 3 epochs: it learns, so it beats the baseline
     cfg = base.model_copy(update={"tracking": base.tracking.model_copy(update={"registered_model": "rel-model",
                                                                               "experiment": "rel"})})
     first = classify_flow(cfg)  # a champion exists

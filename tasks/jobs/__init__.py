@@ -93,6 +93,11 @@ class Recipe:
     artifacts: Callable[..., tuple[list[str], str]] | None = None  # (run_dir, model_dir, extras, spec) -> paths, text
     align_eval: Callable[[Any, JobSpec], Callable | None] | None = None  # registry model -> batch label remap
     eval_before_training: bool = False                              # log an epoch-0 evaluation
+    # The quality floor: (prepared data path, the run's history, spec) -> the trivial baseline's scores on the same
+    # eval data, by canonical promotion metric name. No version becomes champion, not even the first, unless it
+    # beats it (flows/promotion.py). None, or a metric the hook does not score: no floor for that metric.
+    baseline: Callable[[str, list[dict], JobSpec], dict[str, float]] | None = None
+    baseline_name: str = "trivial"                                  # named in the decision: "the <name> baseline"
     needs_labels: bool = True                                       # labelled data (label names, num_labels)
     data_defaults: dict = field(default_factory=dict)               # DataConfig defaults for this job
     embedded_defaults: dict = field(default_factory=dict)           # sample counts on the embedded data
@@ -107,6 +112,15 @@ class Recipe:
 
     def promotion_key(self, metric: str) -> str:
         return self.promotion.metrics[metric][0]
+
+
+def epoch0_baseline(recipe: Recipe, history: list[dict]) -> dict[str, float]:
+    """Baseline hook body for jobs that evaluate before training (`eval_before_training`): the model's own epoch-0
+    scores from the run's history, by canonical promotion metric name."""
+    row = next((h for h in history or [] if h.get("epoch") == 0), None)
+    if row is None:
+        raise LookupError("the run's history has no epoch-0 evaluation to take the baseline from")
+    return {name: float(row[key]) for name, (key, _) in recipe.promotion.metrics.items() if key in row}
 
 
 _JOBS: dict[str, Recipe] = {}

@@ -82,6 +82,14 @@ def artifacts(run_dir: str, model_dir: str, extras: dict, spec: JobSpec) -> tupl
     return confusion_matrix_artifacts(extras["preds"], extras["labels"], spec.label_names, Path(run_dir) / "eval"), ""
 
 
+def baseline(data_path: str, history: list[dict], spec: JobSpec) -> dict[str, float]:
+    """The quality floor: the best input-independent predictor on the run's eval split (see
+    `tasks.evaluate.majority_baseline`). A version must beat it to become champion."""
+    from tasks.evaluate import majority_baseline
+
+    return majority_baseline(data_path, len(spec.label_names) if spec.label_names else None)
+
+
 def align_eval(model, spec: JobSpec):
     """A registry model may order its labels differently from this run's data: map batch labels by name."""
     names = spec.label_names or []
@@ -121,6 +129,8 @@ RECIPE = register(Recipe(
     run_tags=run_tags,
     artifacts=artifacts,
     align_eval=align_eval,
+    baseline=baseline,
+    baseline_name="majority-class",
     # Quick, representative offline default: about 4 minutes on 2 CPU cores (see README). MiniLM-sized encoders
     # like a higher rate than BERT-base's 5e-5.
     embedded_defaults={"train_samples": 3000, "eval_samples": 1000},

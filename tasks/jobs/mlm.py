@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.jobs import JobSpec, Promotion, Recipe, register
+from tasks.jobs import JobSpec, Promotion, Recipe, epoch0_baseline, register
 from tasks.predict import predict_fill_mask
 
 EXAMPLE = "This is a [MASK] movie!"
@@ -212,6 +212,12 @@ def check_prediction(out: list) -> str | None:
     return None
 
 
+def baseline(data_path: str, history: list[dict], spec: JobSpec) -> dict[str, float]:
+    """The quality floor: the model before fine-tuning, scored by the run's epoch-0 evaluation on the same
+    held-out blocks and masks (history[0]). A version must beat it to become champion."""
+    return epoch0_baseline(spec.recipe, history)
+
+
 def artifacts(run_dir: str, model_dir: str, extras: dict, spec: JobSpec) -> tuple[list[str], str]:
     """Top-k candidates of the trained model (local checkpoint) on the example text: JSON for the run, text for the
     summary. `[MASK]` is mapped to the model's own mask token, as `finetune predict` does."""
@@ -251,6 +257,8 @@ RECIPE = register(Recipe(
     run_tags=run_tags,
     artifacts=artifacts,
     eval_before_training=True,
+    baseline=baseline,
+    baseline_name="untrained-model (epoch 0)",
     needs_labels=False,
     data_defaults={"label_column": None},
     # The bundled MiniLM's MLM head starts untrained: 3e-4 reached perplexity 202 and masked accuracy 0.205 in one

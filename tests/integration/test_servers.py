@@ -139,7 +139,7 @@ def mlflow_run_of(url: str, flow_run_id: str) -> dict:
 @pytest.fixture(scope="module")
 def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir, tmp_path_factory):
     """Deploy both jobs, then three classify retraining runs triggered through the API:
-      A (worker): a model that learns nothing          -> first version, becomes champion
+      A (worker): a model that learns a little         -> first version, beats the majority-class floor: champion
       B (worker): a good model, but promotion margin 5 -> better, not by the margin: stays challenger
       C (served): the same good model, margin 0        -> wins: champion moves to it"""
     csv = _sentiment_csv(tmp_path_factory.mktemp("data"))
@@ -174,7 +174,7 @@ def lifecycle(workdir, prefect_server, mlflow_server, client_env, tiny_model_dir
                   client_env, workdir)
     try:
         out["A"] = trigger_and_wait(prefect_server, dep["id"],
-                                    run_config(workdir, csv, tiny_model_dir, lr=1e-9, epochs=2, margin=0.0), [worker])
+                                    run_config(workdir, csv, tiny_model_dir, lr=5e-3, epochs=2, margin=0.0), [worker])
         out["after_A"] = {a: alias_version(mlflow_server, a) for a in ("champion", "challenger")}
         out["B"] = trigger_and_wait(prefect_server, dep["id"],
                                     run_config(workdir, csv, tiny_model_dir, lr=5e-3, epochs=6, margin=5.0), [worker])
@@ -271,7 +271,10 @@ def test_mlflow_runs_have_epoch_metrics_and_loss_curve(lifecycle, mlflow_server)
 
 
 def test_champion_moves_only_when_the_challenger_wins(lifecycle, mlflow_server):
-    assert lifecycle["after_A"] == {"champion": "1", "challenger": None}  # first healthy version
+    assert lifecycle["after_A"] == {"champion": "1", "challenger": None}  # first version above the floor
+    t1 = version_tags(mlflow_server, "1")
+    assert "beats the majority-class baseline" in t1["promotion.reason"]
+    assert float(t1["promotion.challenger_score"]) < float(t1["promotion.baseline_score"])
     assert lifecycle["after_B"] == {"champion": "1", "challenger": "2"}  # better, not by the margin
     t2 = version_tags(mlflow_server, "2")
     assert t2["promotion.decision"] == "rejected" and t2["promotion.metric"] == "loss"

@@ -55,6 +55,8 @@ RECIPE = register(Recipe(
     run_tags=classify.run_tags,
     artifacts=classify.artifacts,
     align_eval=classify.align_eval,
+    baseline=classify.baseline,  # the majority-class floor (accuracy); coverage has none
+    baseline_name="majority-class",
     data_defaults={"text_column": "text", "label_column": "topic"},
     learning_rate=1e-2,
 ))
