@@ -74,7 +74,8 @@ class JobConfig(BaseModel):
         """The ground floor's view of this config (tasks never see the flow's config class)."""
         fields = self.recipe.options.model_fields
         return JobSpec(job=self.job, data=self.data, train=self.train, peft=self.peft, lora=self.lora,
-                       options={k: getattr(self, k) for k in fields}, label_names=label_names)
+                       options={k: getattr(self, k) for k in fields}, label_names=label_names,
+                       promotion_metric=self.tracking.promotion_metric)
 
 
 def _job_defaults(recipe: Recipe):

@@ -21,11 +21,7 @@ from typing import Any
 from flows.config import ConfigError, JobConfig
 from tasks import jobs
 
-# Spellings users type for the canonical names; a job's logged metric key is accepted too (eval_f1 -> f1).
-SYNONYMS = {
-    "acc": "accuracy", "masked_accuracy": "accuracy", "macro-f1": "f1", "macro_f1": "f1", "f1_macro": "f1",
-    "ppl": "perplexity", "eval_perplexity": "perplexity",
-}
+SYNONYMS = jobs.SYNONYMS  # re-exported
 TIE_TOLERANCE = 1e-9
 
 
@@ -33,18 +29,7 @@ def resolve_metric(job: str | JobConfig, metric: str | None = None) -> str:
     """Canonical metric name for a job (default per job); an unknown or unfitting name is a ConfigError."""
     if isinstance(job, JobConfig):
         job, metric = job.job, job.tracking.promotion_metric if metric is None else metric
-    p = jobs.get(job).promotion
-    if metric is None:
-        return p.default
-    raw = metric.strip().lower()
-    by_key = {key: name for name, (key, _) in p.metrics.items()}
-    name = by_key.get(raw) or SYNONYMS.get(raw, raw)
-    if name not in p.metrics:
-        raise ConfigError(
-            f"promotion metric {metric!r} does not apply to {job} models: use one of {', '.join(p.metrics)} "
-            f"(default {p.default})"
-        )
-    return name
+    return jobs.resolve_metric(job, metric)
 
 
 def higher_is_better(job: str, metric: str) -> bool:

@@ -32,6 +32,26 @@ def log_evaluation(run_id: str, run_dir: str, model_dir: str, history: list[dict
     return paths, text
 
 
+def selection_tags(result) -> dict:
+    """Which epoch's weights the run logged and registered (its metrics are the run's final ones), the best epoch
+    by the selection metric, and where early stopping ended training. Tags, not params: a resumed run sets them."""
+    tags = {"selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
+            "selection_metric": result.selection_metric, "stopped_early_at": result.stopped_early_at}
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def selection_note(result, select: str) -> str:
+    """One line for the summary: `2 of 4 (best by eval_f1; stopped early after epoch 4)`."""
+    trained = max((r["epoch"] for r in result.history), default=0)
+    if select == "best" and result.selected_epoch == result.best_epoch:
+        note = f"{result.selected_epoch} of {trained} (best by {result.selection_metric}"
+    else:
+        note = f"{result.selected_epoch} of {trained} (the last; best by {result.selection_metric}: {result.best_epoch}"
+    if result.stopped_early_at:
+        note += f"; stopped early after epoch {result.stopped_early_at}"
+    return note + ")"
+
+
 def run_training(cfg: JobConfig) -> dict:
     """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
     from tasks import tracking
@@ -75,6 +95,7 @@ def run_training(cfg: JobConfig) -> dict:
             spec, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
         )
         tracking.log_device(run_id, result.device)
+        tracking.set_tags(run_id, selection_tags(result))
         tracking.log_params_once(run_id, {"trainable_parameters": result.trainable_parameters})
         if result.train_samples_per_second:
             mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
@@ -87,10 +108,12 @@ def run_training(cfg: JobConfig) -> dict:
     summary_artifact(cfg.job, cfg.registered_model, run_id, metrics, outcome, uri)
     print(summary_text(cfg.job, metrics, run_id, cfg.registered_model, outcome.get("version"),
                        outcome.get("aliases", []), outcome["predict_cmd"], outcome.get("decision")))
+    print(f"  registered epoch       {selection_note(result, cfg.train.select)}")
     if text:
         print(text)
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
-            "model_dir": result.model_dir,
+            "model_dir": result.model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
+            "stopped_early_at": result.stopped_early_at,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
             "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters}
 

@@ -52,6 +52,14 @@ class TrainConfig(BaseModel):
         None, gt=0, description="Also checkpoint every N optimizer steps (always at each epoch end)."
     )
     resume: bool = Field(False, description="Resume from the last complete checkpoint in the run's output dir.")
+    select: Literal["best", "last"] = Field(
+        "best", description="Which epoch's weights the run saves and registers: best by the promotion metric, or "
+                            "the last one trained.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N epochs in a row without improvement of the promotion metric "
+                                "(default: train every epoch).",
+    )
 
 
 class LoraConfig(BaseModel):
@@ -69,12 +77,18 @@ class LoraConfig(BaseModel):
 
 class TrainResult(BaseModel):
     """What training hands on: where the model is, the per-epoch history (epoch 0 = before training, for jobs that
-    evaluate first), the final row, the device, and the throughput."""
+    evaluate first; every epoch trained), the final row (the row of the epoch whose weights were saved: the
+    selected epoch), the device, and the throughput. `best_epoch` is the best by the selection metric (None when no
+    epoch scored a finite value); `stopped_early_at` the last epoch trained when early stopping ended the run."""
 
     model_dir: str
     history: list[dict]
     final: dict
     device: str
+    selected_epoch: int | None = None
+    best_epoch: int | None = None
+    selection_metric: str | None = None
+    stopped_early_at: int | None = None
     train_samples_per_second: float | None = None
     resumed_from: str | None = None
     trainable_parameters: int | None = None
@@ -85,6 +99,47 @@ class FitOutput(BaseModel):
     history: list[dict]
     samples_per_second: float = 0.0
     resumed_from: str | None = None
+    selected_epoch: int | None = None  # the epoch whose weights the model holds after fit (None: the last row)
+
+
+# --- epoch selection and early stopping: one rule for both engines ----------------------------------------------
+
+
+class Progress(BaseModel):
+    """Where a run stands by its selection metric, computed from the per-epoch history alone (so it survives a
+    resume with the history): the best epoch so far and how many epochs have passed without improving on it."""
+
+    best_epoch: int | None = None
+    best_value: float | None = None
+    epochs_without_improvement: int = 0
+
+    def should_stop(self, patience: int | None) -> bool:
+        return bool(patience) and self.epochs_without_improvement >= patience
+
+
+def track_best(history: list[dict], key: str, higher_is_better: bool) -> Progress:
+    """The best epoch by `key`: a strict improvement over the best so far (a tie keeps the earlier epoch); a
+    missing or non-finite value (a diverged run) never counts. Epoch 0 (the untrained model, for jobs that evaluate
+    before training) is not a candidate: a run registers trained weights."""
+    p = Progress()
+    for row in history:
+        if row.get("epoch", 0) < 1:
+            continue
+        v = row.get(key)
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        if ok and (p.best_value is None or (v > p.best_value if higher_is_better else v < p.best_value)):
+            p.best_epoch, p.best_value, p.epochs_without_improvement = row["epoch"], float(v), 0
+        else:
+            p.epochs_without_improvement += 1
+    return p
+
+
+def _cpu_copy(state: dict) -> dict:
+    """A detached CPU copy of a (possibly nested, for LoRA) state dict: the best epoch's weights, kept aside."""
+    import torch
+
+    return {k: _cpu_copy(v) if isinstance(v, dict) else v.detach().to("cpu", copy=True)
+            if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -162,6 +217,11 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
     resumed_loss = (0.0, 0)
     ckpt_root = run_dir / "checkpoints"
+    key, higher = spec.selection_metric
+    keep_best = t.select == "best"
+    # The best epoch's weights (CPU copy; adapter + head only with LoRA) while later epochs train; None while the
+    # model itself is the best (or nothing is best yet).
+    best_state: dict | None = None
 
     if t.resume:
         found = load_latest_checkpoint(ckpt_root)
@@ -175,16 +235,28 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             history, step = st["history"], st["step"]
             start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
             resumed_from = str(path)
+            best_state = st.get("best_state")
+            best = track_best(history, key, higher)
+            if keep_best and best_state is None and best.best_epoch is not None:
+                if best.best_epoch == history[-1]["epoch"] and not skip_batches:
+                    best_state = _cpu_copy(adapters.model_state(model))  # saved at the end of the best epoch
+                else:  # a checkpoint written before epoch selection existed
+                    log.warning("checkpoint %s does not hold the weights of the best epoch %d: the run will save "
+                                "its last epoch", path, best.best_epoch)
             log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
             if on_metrics:  # idempotent: only epochs the interrupted run did not get to log are sent
                 for row in history:
                     on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
+        # The best epoch so far follows from the history; its weights travel with the checkpoint unless they are
+        # the checkpoint's own model (the end of the best epoch), which resume copies aside again.
+        at_best = batches_done == 0 and history and track_best(history, key, higher).best_epoch == history[-1]["epoch"]
         save_checkpoint(ckpt_root, step, {
             "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
             "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
+            "best_state": None if at_best else best_state,
             "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
         })
 
@@ -193,6 +265,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     model.train()
     seen, t0 = 0, time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
+        if track_best(history, key, higher).should_stop(t.early_stopping_patience):
+            break  # a resumed run that had already stopped early
         epoch_start_gen = gen.get_state()
         loss_sum, loss_n = resumed_loss
         resumed_loss = (0.0, 0)
@@ -227,14 +301,27 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         skip_batches = 0
         row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
         history.append(row)
+        progress = track_best(history, key, higher)
+        if keep_best and progress.best_epoch == epoch:
+            best_state = _cpu_copy(adapters.model_state(model))  # later epochs train on: keep these weights aside
         # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
         checkpoint(epoch + 1, 0, gen.get_state(), (0.0, 0))
         if on_metrics:
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        if progress.should_stop(t.early_stopping_patience):
+            log.info("early stopping after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)",
+                     epoch, key, progress.epochs_without_improvement, progress.best_value, progress.best_epoch)
+            break
     elapsed = time.perf_counter() - t0
+    selected = history[-1]["epoch"] if history else None
+    best = track_best(history, key, higher).best_epoch
+    if keep_best and best is not None and best != selected and best_state is not None:
+        adapters.load_model_state(model, best_state)  # copied onto the model's device
+        selected = best
+        log.info("restored the weights of epoch %d, the best by %s", best, key)
     return FitOutput(history=history, samples_per_second=seen / elapsed if elapsed and seen else 0.0,
-                     resumed_from=resumed_from)
+                     resumed_from=resumed_from, selected_epoch=selected)
 
 
 # --- fit: the job's HF Trainer class -------------------------------------------------------------------------
@@ -256,6 +343,11 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> d
     )
 
 
+def trainer_metric_name(key: str) -> str:
+    """The name Trainer reads a metric under (it prefixes `eval_` to metric_for_best_model when missing)."""
+    return key if key.startswith("eval_") else f"eval_{key}"
+
+
 def with_job_evaluation(trainer_cls: type, evaluate_fn) -> type:
     """The job's Trainer class with `evaluate` replaced by the job's own evaluation (the function the plain loop
     and promotion call, on the same eval loader). Trainer still schedules it, logs it into its state (so resume
@@ -265,6 +357,9 @@ def with_job_evaluation(trainer_cls: type, evaluate_fn) -> type:
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             metrics = evaluate_fn(self.model, f"eval epoch {int(round(self.state.epoch or 0))}")
             self.log(dict(metrics))
+            # Trainer looks metrics up as `eval_<name>` (metric_for_best_model): alias the job's other keys
+            # (perplexity -> eval_perplexity) for its bookkeeping; only the job's own names are logged.
+            metrics = {**{trainer_metric_name(k): v for k, v in metrics.items()}, **metrics}
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
             return metrics
 
@@ -323,7 +418,12 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     recipe, t = spec.recipe, spec.train
     dd = load_from_disk(tokenized_path)
     steps_per_epoch = math.ceil(len(dd["train"]) / t.batch_size)
-    args = recipe.trainer_args(spec, str(run / "trainer"), hf_training_kwargs(t, steps_per_epoch, device, dtype))
+    key, higher = spec.selection_metric
+    # Trainer tracks the best epoch by the same metric (and keeps its checkpoint through save_total_limit);
+    # with `select: best` it loads those weights at the end.
+    kwargs = {**hf_training_kwargs(t, steps_per_epoch, device, dtype), "metric_for_best_model": trainer_metric_name(key),
+              "greater_is_better": higher, "load_best_model_at_end": t.select == "best"}
+    args = recipe.trainer_args(spec, str(run / "trainer"), kwargs)
 
     class ToMetrics(TrainerCallback):
         """After each evaluation, the epoch's row (train loss logged just before it, eval metrics) goes to
@@ -334,19 +434,38 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
             if on_metrics and rows:
                 on_metrics({k: v for k, v in rows[-1].items() if k != "epoch"}, rows[-1]["epoch"])
 
+    class StopEarly(TrainerCallback):
+        """Early stopping by the rule the plain loop uses (`track_best`), computed from Trainer's log history: no
+        state of its own, so a resumed run continues the count."""
+
+        def on_evaluate(self, args, state, control, **kw):
+            progress = track_best(history_from_trainer(state.log_history, recipe.metrics), key, higher)
+            if progress.should_stop(t.early_stopping_patience):
+                control.should_training_stop = True
+
+    resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
+    if resume and t.early_stopping_patience:
+        done = history_from_trainer(json.loads((Path(resume) / "trainer_state.json").read_text())["log_history"],
+                                    recipe.metrics)
+        if track_best(done, key, higher).should_stop(t.early_stopping_patience):
+            args.num_train_epochs = done[-1]["epoch"]  # it had stopped early: train no further, only finish
     trainer_cls = with_job_evaluation(recipe.trainer_class(spec), evaluate_fn)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
-        data_collator=recipe.collator(tok, spec), processing_class=tok, callbacks=[ToMetrics()],
+        data_collator=recipe.collator(tok, spec), processing_class=tok,
+        callbacks=[ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
     )
-    resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
     out = trainer.train(resume_from_checkpoint=resume)
     history = history_from_trainer(trainer.state.log_history, recipe.metrics)
     if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
         for row in history:
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+    selected = history[-1]["epoch"] if history else None
+    best_ckpt = trainer.state.best_model_checkpoint
+    if t.select == "best" and best_ckpt:  # the weights Trainer loaded at the end: that checkpoint's epoch
+        selected = int(round(json.loads((Path(best_ckpt) / "trainer_state.json").read_text())["epoch"]))
     return FitOutput(history=history, samples_per_second=float(out.metrics.get("train_samples_per_second", 0.0)),
-                     resumed_from=resume)
+                     resumed_from=resume, selected_epoch=selected)
 
 
 # --- save ----------------------------------------------------------------------------------------------------
@@ -363,10 +482,11 @@ def save_model_dir(run: Path, write: Callable[[Path], Any]) -> Path:
     return final
 
 
-def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final: dict) -> None:
-    """The resolved job spec and the metrics beside the weights: a model dir says what made it."""
+def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final: dict, **selection) -> None:
+    """The resolved job spec and the metrics beside the weights: a model dir says what made it (`final` is the
+    row of the saved epoch; `selection`: selected_epoch, stopped_early_at)."""
     (model_dir / "config.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    (model_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=2))
+    (model_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final, **selection}, indent=2))
 
 
 # --- the core --------------------------------------------------------------------------------------------------
@@ -432,7 +552,26 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     else:
         out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype)
     history += out.history
-    final = history[-1] if history else {}
+    key, higher = spec.selection_metric
+    progress = track_best(out.history, key, higher)
+    selected = out.selected_epoch if out.selected_epoch is not None else (history[-1]["epoch"] if history else None)
+    if spec.train.select == "best" and progress.best_epoch is not None and selected != progress.best_epoch:
+        log.warning("the saved weights are epoch %s's, but epoch %s scored best by %s", selected,
+                    progress.best_epoch, key)
+    last = out.history[-1]["epoch"] if out.history else None
+    stopped_early_at = last if last is not None and last < spec.train.epochs else None
+    final = next((r for r in history if r["epoch"] == selected), history[-1] if history else {})
+    if out.history:
+        log.info("saving epoch %s of %s (%s, by %s%s)", selected, last,
+                 "the best" if selected == progress.best_epoch else "the last", key,
+                 f"; stopped early after epoch {stopped_early_at}" if stopped_early_at else "")
+    if selected is not None and selected != last:
+        # The evaluation extras (e.g. the confusion matrix's predictions) must describe the saved weights; this
+        # also checks that they are that epoch's.
+        again = evaluate_fn(model, f"eval epoch {selected} (selected)")
+        if not math.isclose(again.get(key, math.nan), final.get(key, math.nan), rel_tol=1e-4, abs_tol=1e-6):
+            log.warning("the restored epoch %s evaluates to %s=%s, not %s as during training", selected, key,
+                        again.get(key), final.get(key))
     if recipe.eval_before_training and len(history) > 1:
         log.info("eval before -> after: %s", ", ".join(
             f"{k} {history[0][k]:.4f} -> {final[k]:.4f}" for k in recipe.metrics if k in final and k in history[0]))
@@ -446,12 +585,13 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
         else:
             model.save_pretrained(d)
             tok.save_pretrained(d)
-        write_run_files(d, spec, history, final)
+        write_run_files(d, spec, history, final, selected_epoch=selected, stopped_early_at=stopped_early_at)
 
     model_dir = save_model_dir(run, write)
     write_json_atomic(run / "eval_extras.json", extras)
     return TrainResult(
         model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
+        selected_epoch=selected, best_epoch=progress.best_epoch, selection_metric=key, stopped_early_at=stopped_early_at,
         train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
         trainable_parameters=trainable, total_parameters=total,
     )

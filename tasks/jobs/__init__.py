@@ -36,6 +36,9 @@ class JobSpec(BaseModel):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     options: dict[str, Any] = Field(default_factory=dict)
     label_names: list[str] | None = None
+    # The metric that decides promotion (any spelling `resolve_metric` accepts; None: the job's default). Training
+    # selects the registered epoch (`train.select: best`) and stops early by the same metric.
+    promotion_metric: str | None = None
 
     @property
     def recipe(self) -> "Recipe":
@@ -49,6 +52,11 @@ class JobSpec(BaseModel):
     @property
     def engine(self) -> str:
         return self.opts.engine
+
+    @property
+    def selection_metric(self) -> tuple[str, bool]:
+        """(logged metric key, higher is better) of the promotion metric: what picks the best epoch."""
+        return self.recipe.promotion.metrics[resolve_metric(self.job, self.promotion_metric)]
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,31 @@ def epoch0_baseline(recipe: Recipe, history: list[dict]) -> dict[str, float]:
     if row is None:
         raise LookupError("the run's history has no epoch-0 evaluation to take the baseline from")
     return {name: float(row[key]) for name, (key, _) in recipe.promotion.metrics.items() if key in row}
+
+
+# Spellings users type for the canonical promotion metric names; a job's logged metric key is accepted too
+# (eval_f1 -> f1).
+SYNONYMS = {
+    "acc": "accuracy", "masked_accuracy": "accuracy", "macro-f1": "f1", "macro_f1": "f1", "f1_macro": "f1",
+    "ppl": "perplexity", "eval_perplexity": "perplexity",
+}
+
+
+def resolve_metric(job: str, metric: str | None = None) -> str:
+    """Canonical promotion metric name of a job (its default when None); an unknown or unfitting name is a
+    ConfigError. `flows.promotion.resolve_metric` is the public entry (it also takes a job config)."""
+    p = get(job).promotion
+    if metric is None:
+        return p.default
+    raw = metric.strip().lower()
+    by_key = {key: name for name, (key, _) in p.metrics.items()}
+    name = by_key.get(raw) or SYNONYMS.get(raw, raw)
+    if name not in p.metrics:
+        raise ConfigError(
+            f"promotion metric {metric!r} does not apply to {job} models: use one of {', '.join(p.metrics)} "
+            f"(default {p.default})"
+        )
+    return name
 
 
 _JOBS: dict[str, Recipe] = {}
