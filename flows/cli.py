@@ -12,8 +12,10 @@ the YAML, and every config problem comes back as one `error:` message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
+import logging
 import sys
 import types
 import typing
@@ -276,7 +278,8 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
-        result = train.run_job(cfg)
+        with expected_errors_without_traceback():
+            result = train.run_job(cfg)
         if as_json:
             print(json.dumps(result, indent=2, default=str))
         return 0
@@ -433,6 +436,32 @@ def build_cli() -> click.Group:
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [access_group()]
     return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
                   context_settings=CONTEXT)
+
+
+class _ExpectedErrorFilter(logging.Filter):
+    """Drops the traceback from Prefect's flow/task run log records of an expected error (ConfigError: bad input,
+    a permission the identity lacks): the record's one-line message stays, and `main` prints the `error:` line.
+    Bugs keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.common import ConfigError
+
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def expected_errors_without_traceback():
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    f = _ExpectedErrorFilter()
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
 
 
 def main(argv: list[str] | None = None) -> int:
