@@ -268,7 +268,7 @@ def _leaks(text: str) -> list[str]:
     return [s for s in SECRETS if s in text]
 
 
-def test_no_secret_in_params_tags_artifacts_or_logs(trained, mlflow_auth, prefect_auth, workdir):
+def test_no_secret_in_params_tags_artifacts_or_logs(trained, mlflow_auth, prefect_auth, workdir, monkeypatch):
     import json
 
     result = json.loads(trained["proc"].stdout[trained["proc"].stdout.index("{"):])
@@ -282,15 +282,15 @@ def test_no_secret_in_params_tags_artifacts_or_logs(trained, mlflow_auth, prefec
     # every artifact file of the run (model, eval plots, metrics.json, config.yaml), as bytes
     import mlflow
 
-    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PW)
-    try:
-        mlflow.set_tracking_uri(mlflow_auth.url)
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(workdir / "download")))
-        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result["logged_model_uri"],
-                                                             dst_path=str(workdir / "download-model")))
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
-        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    # monkeypatch restores all three afterwards: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which would
+    # otherwise point every later test of the session at this (soon stopped) server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PW)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_auth.url)
+    mlflow.set_tracking_uri(mlflow_auth.url)
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(workdir / "download")))
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result["logged_model_uri"],
+                                                         dst_path=str(workdir / "download-model")))
     files = [f for d in (local, model_dir) for f in d.rglob("*") if f.is_file()]
     assert any(f.name == "config.yaml" for f in files) and any(f.suffix == ".safetensors" for f in files)
     assert not any(f.suffix in (".bin", ".pkl", ".pickle") for f in files), "weights must be safetensors"
