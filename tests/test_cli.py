@@ -14,6 +14,12 @@ from flows import cli
 from flows.config import ClassifyConfig, JobConfig, MLMConfig, job_configs
 
 
+@pytest.fixture(autouse=True)
+def _local_store(tmp_path, monkeypatch):
+    """Every command here talks to a private sqlite store, whatever MLFLOW_TRACKING_URI the session carries."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'cli-mlflow.db'}")
+
+
 @pytest.fixture
 def ran(monkeypatch):
     """Replaces the training flow: records the config it would have run."""
