@@ -61,14 +61,17 @@ def set_rng_state(st: dict) -> None:
 
 
 def _numpy_array_globals() -> list:
-    """Exactly what unpickling a numpy array needs (checkpoints written before RNG states were plain)."""
+    """Exactly what unpickling a numpy array needs (checkpoints written before RNG states were plain, or states that
+    hold arrays)."""
     import numpy as np
 
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # the dtype classes (Int64DType, Float64DType, ...) are plain descriptions of data: safe to allow, all of them
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *dtypes]
 
 
 def safe_load(path: str | Path):
