@@ -42,6 +42,7 @@ def compare_rows(name: str) -> list[dict[str, Any]]:
     for alias, v in registry.aliases(name).items():
         by_version.setdefault(v, []).append(alias)
     c = tracking.client()
+    metric_names = key_metrics()
     rows = []
     for mv in versions:
         row: dict[str, Any] = {"version": int(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), [])))}
@@ -57,7 +58,7 @@ def compare_rows(name: str) -> list[dict[str, Any]]:
         for p in KEY_PARAMS:
             if p in params:
                 row[p] = _short(params[p])
-        for m in key_metrics():
+        for m in metric_names:
             if m in metrics:
                 row[m] = round(float(metrics[m]), 4)
         tags = mv.tags or {}
@@ -75,8 +76,8 @@ def _columns(rows: list[dict]) -> list[str]:
     return [c for c in order if c in present]
 
 
-def _cell(col: str, v: Any) -> str:
-    if col in key_metrics() and isinstance(v, (int, float)) and not isinstance(v, bool):
+def _cell(col: str, v: Any, metrics: set[str]) -> str:
+    if col in metrics and isinstance(v, (int, float)) and not isinstance(v, bool):
         return f"{v:.4f}"  # one precision for every metric, so columns line up and compare by eye
     return "" if v is None else str(v)
 
@@ -90,13 +91,14 @@ def format_table(rows: list[dict]) -> str:
     from rich.table import Table
 
     cols = _columns(rows)
-    cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
+    metrics = set(key_metrics())  # once per table: it walks the job registry
+    cells = [[_cell(c, r.get(c, ""), metrics) for c in cols] for r in rows]
     styled = sys.stdout.isatty()
     utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
     rule = box.SIMPLE_HEAD if utf8 else box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
     table = Table(box=rule, show_edge=False, pad_edge=False, header_style="bold" if styled else "")
     for c in cols:
-        table.add_column(c, justify="right" if c == "version" or c in key_metrics() else "left", no_wrap=True)
+        table.add_column(c, justify="right" if c == "version" or c in metrics else "left", no_wrap=True)
     for row in cells:
         table.add_row(*row)
     # wide enough that no cell wraps: the table keeps its natural width

@@ -49,13 +49,6 @@ def fill_mask(pipe, texts: list[str], top_k: int = 5) -> list[dict]:
     return results
 
 
-def load_pipeline(model_dir: str, hf_task: str):
-    """A CPU pipeline from a saved model dir (full weights, or a LoRA adapter with its `base/`)."""
-    from tasks.adapters import load_pipeline as load
-
-    return load(model_dir, hf_task)
-
-
 def predict_fill_mask(model_uri: str, texts: list[str], top_k: int = 5) -> list[dict]:
     """Fill-mask models load as their pipeline (pyfunc returns only the top token)."""
     import mlflow

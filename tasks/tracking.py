@@ -318,9 +318,7 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
 
 def log_device(run_id: str, device: str) -> None:
     """The device as a param (compare runs by hardware) and a tag; a resumed run keeps its first param value."""
-    c = client()
-    if "device" not in c.get_run(run_id).data.params:
-        _retry(c.log_param, run_id, "device", device)
+    log_params_once(run_id, {"device": device})
     set_tags(run_id, {"device": device})
 
 

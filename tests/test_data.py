@@ -119,7 +119,7 @@ def test_a_perfect_model_on_1_2_labels_scores_f1_1(tmp_path, isolated):
 def test_star_rating_model_predicts_label_names(tmp_path, isolated, tiny_model_dir):
     """A classifier built for 1..5 star data has 5 classes named by the ratings; predictions return those names."""
     from tasks.jobs import JobSpec, get
-    from tasks.predict import load_pipeline
+    from tasks.adapters import load_pipeline
 
     info = prepare_dataset(DataConfig(dataset=_ints_csv(tmp_path, [1, 2, 3, 4, 5])), seed=0)
     recipe = get("classify")

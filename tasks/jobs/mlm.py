@@ -224,7 +224,8 @@ def artifacts(run_dir: str, model_dir: str, extras: dict, spec: JobSpec) -> tupl
     import json
     from pathlib import Path
 
-    from tasks.predict import fill_mask, format_predictions, load_pipeline
+    from tasks.adapters import load_pipeline
+    from tasks.predict import fill_mask, format_predictions
 
     results = fill_mask(load_pipeline(model_dir, "fill-mask"), [EXAMPLE], spec.opts.top_k)
     path = Path(run_dir) / "eval" / "fill_mask_examples.json"
