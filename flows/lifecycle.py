@@ -19,7 +19,8 @@ def predict_command(name: str, alias: str | None = None, version: str | None = N
 
 @task(name="register-and-promote", cache_policy=NO_CACHE, task_run_name=register_task_run_name)
 def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dict, data_path: str | None = None,
-                         tokenized_path: str | None = None, history: list[dict] | None = None) -> dict:
+                         tokenized_path: str | None = None, history: list[dict] | None = None,
+                         probe: dict[str, float] | None = None) -> dict:
     """New version -> alias `challenger` -> champion/challenger (unless --no-promote). `data_path` and
     `tokenized_path` are the prepared and tokenized datasets the run trained on: champion and challenger are scored
     on their eval split by the job's own evaluation; `history` (the run's per-epoch metrics) and `data_path` feed
@@ -38,7 +39,7 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
             from flows.promotion import champion_challenger
 
             promotion = champion_challenger(cfg, name, version, data_path=data_path, tokenized_path=tokenized_path,
-                                            run_final=final, run_history=history)
+                                            run_final=final, run_history=history, probe=probe)
             decision = promotion["decision"]
         else:
             decision = f"version {version} registered as challenger; promotion skipped (--no-promote)"
@@ -53,7 +54,8 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
 
 
 def publish_model(cfg: JobConfig, run_id: str, model_dir: str, final: dict, data_path: str | None = None,
-                  tokenized_path: str | None = None, history: list[dict] | None = None) -> dict:
+                  tokenized_path: str | None = None, history: list[dict] | None = None,
+                  probe: dict[str, float] | None = None) -> dict:
     """Log the model to the run (the job's transformers task), register it, set aliases; returns version, aliases,
     model URI and the predict command."""
     from tasks.tracking import log_model_task
@@ -61,7 +63,7 @@ def publish_model(cfg: JobConfig, run_id: str, model_dir: str, final: dict, data
     recipe = cfg.recipe
     example = recipe.smoke_example
     model_uri = log_model_task(run_id, model_dir, recipe.hf_task, [example.replace("[MASK]", _mask_token(model_dir))])
-    out = register_and_promote(cfg, run_id, model_uri, final, data_path, tokenized_path, history)
+    out = register_and_promote(cfg, run_id, model_uri, final, data_path, tokenized_path, history, probe)
     alias = "champion" if "champion" in out["aliases"] else None
     out.update(
         logged_model_uri=model_uri,

@@ -196,14 +196,62 @@ def baseline_scores(cfg: JobConfig, name: str, version: str, data_path: str,
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def eval_fingerprint(cfg: JobConfig, tokenized_path: str) -> str:
+    """Names an eval set as scored: the content-addressed tokenized data (eval split, fixed MLM masks), the eval batch
+    size and the precision. Equal fingerprints give equal scores for a given model version."""
+    from pathlib import Path
+
+    from tasks.common import stable_hash
+
+    t = cfg.train
+    return stable_hash(Path(tokenized_path).name, t.eval_batch_size, t.precision, t.device)[:12]
+
+
+def stored_scores(name: str, version: str, fingerprint: str) -> dict[str, float] | None:
+    """A version's scores on the eval set `fingerprint`, recorded on it when they were first computed."""
+    from tasks import registry
+
+    mv = registry.get_version(name, version)
+    prefix = f"eval.{fingerprint}."
+    got = {k[len(prefix):]: float(v) for k, v in ((mv.tags or {}) if mv else {}).items() if k.startswith(prefix)}
+    return got or None
+
+
+def store_scores(name: str, version: str, fingerprint: str, scores: dict[str, float] | None) -> None:
+    """Records scores on the version (tags `eval.<fingerprint>.<metric>`, full precision): a champion is scored once
+    per eval set, not once per retraining."""
+    from tasks import registry
+
+    if scores:
+        registry.set_version_tags(name, version, {f"eval.{fingerprint}.{k}": repr(float(v)) for k, v in scores.items()})
+
+
+def run_scores(cfg: JobConfig, row: dict) -> dict[str, float]:
+    """A run's metrics row by canonical promotion metric name."""
+    return {name: float(row[key]) for name, (key, _) in cfg.recipe.promotion.metrics.items() if key in row}
+
+
+def _check_logged(uri: str, cfg: JobConfig, data_path: str, tokenized_path: str, probe: dict) -> str | None:
+    from tasks.evaluate import check_registered
+
+    try:
+        return check_registered(uri, cfg.spec(_label_names(data_path)), data_path, tokenized_path, probe)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str | None = None,
                         tokenized_path: str | None = None, run_final: dict | None = None,
-                        run_history: list[dict] | None = None) -> dict:
+                        run_history: list[dict] | None = None, probe: dict[str, float] | None = None) -> dict:
     """Evaluates challenger `version` and the current champion of `name` on the eval split of `data_path` /
     `tokenized_path` (the run's prepared and tokenized data; default: rebuilt from the challenger run's params),
     and the job's trivial baseline on the same data (from `run_history`, the run's per-epoch metrics, where the
     job needs it), decides, moves `champion` when the challenger wins and beats the baseline, and records the
-    outcome (version tags, Prefect artifact). Returns promoted, decision and the scores."""
+    outcome (version tags, Prefect artifact). Returns promoted, decision and the scores.
+
+    Nothing is evaluated twice: from the training flow (`run_final` and `probe` given, on the run's own data) the
+    challenger's scores are its run's final metrics, and the registered model is only checked against the trained
+    one on the probe batch; a champion's scores on an eval set are recorded on its version and reused."""
     from tasks import registry
     from tasks.common import run_logger
 
@@ -219,14 +267,27 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
 
     log.info("champion/challenger on %s: challenger v%s vs champion %s, metric %s, margin %g", name, version,
              f"v{champion}" if champion else "(none)", metric, margin)
-    chall, chall_err = _evaluate(registry.model_uri(name, version=version), cfg, data_path, tokenized_path)
+    fingerprint = eval_fingerprint(cfg, tokenized_path) if tokenized_path else None
+    chall_uri = registry.model_uri(name, version=version)
+    if run_final is not None and probe and tokenized_path:
+        chall, chall_err = run_scores(cfg, run_final), _check_logged(chall_uri, cfg, data_path, tokenized_path, probe)
+    else:
+        chall, chall_err = _evaluate(chall_uri, cfg, data_path, tokenized_path)
+    if fingerprint and chall_err is None:
+        store_scores(name, version, fingerprint, chall)
     if chall_err is None:
         smoke_err = smoke_test(registry.model_uri(name, version=version), cfg.job)
         chall_err = f"smoke prediction failed: {smoke_err}" if smoke_err else None
     base, base_err = baseline_scores(cfg, name, version, data_path, run_history)
     champ, champ_err = (None, None)
     if champion is not None and chall_err is None:  # no need to score the champion against a failed challenger
-        champ, champ_err = _evaluate(registry.model_uri(name, version=champion), cfg, data_path, tokenized_path)
+        champ = stored_scores(name, champion, fingerprint) if fingerprint else None
+        if champ is not None and metric in champ:
+            log.info("champion v%s: scores on this eval set recorded on the version (eval.%s.*)", champion, fingerprint)
+        else:
+            champ, champ_err = _evaluate(registry.model_uri(name, version=champion), cfg, data_path, tokenized_path)
+            if fingerprint and champ_err is None:
+                store_scores(name, champion, fingerprint, champ)
     baseline_name = cfg.recipe.baseline_name
     d = decide(
         metric, (chall or {}).get(metric), (champ or {}).get(metric), margin,

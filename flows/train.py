@@ -101,7 +101,7 @@ def run_training(cfg: JobConfig) -> dict:
             mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
         _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec)
         outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
-                                tokenized_path=tokenized, history=result.history)
+                                tokenized_path=tokenized, history=result.history, probe=result.probe)
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
     if result.history and result.history[0].get("epoch") == 0:
         metrics.update({f"epoch0_{k}": v for k, v in result.history[0].items() if k != "epoch"})
@@ -115,7 +115,8 @@ def run_training(cfg: JobConfig) -> dict:
             "model_dir": result.model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
             "stopped_early_at": result.stopped_early_at,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
-            "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters}
+            "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
+            "probe": result.probe}
 
 
 @functools.lru_cache(maxsize=None)

@@ -126,10 +126,10 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256((blob + tok.padding_side + type(tok).__name__).encode()).hexdigest()[:16]
 
 
-def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: str | None = None) -> dict[str, float]:
-    """A registry model scored by its job's own evaluation on the run's eval split. When the model's tokenizer
-    produces what the run's did, the run's tokenized eval split is used as is (same batches, same masks): the score
-    equals the run's final metric. Otherwise the eval texts are tokenized again with the model's tokenizer."""
+def _registered_for_eval(model_uri: str, spec, data_path: str, tokenized_path: str | None):
+    """A registry model ready for its job's evaluation: (model, eval loader, device, dtype, tokenized path). When
+    the model's tokenizer produces what the run's did, the run's tokenized eval split is used as is (same batches,
+    same masks); otherwise the eval texts are tokenized again with the model's tokenizer."""
     import mlflow
     from transformers import AutoTokenizer
 
@@ -154,9 +154,45 @@ def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: st
     remap = recipe.align_eval(model, spec) if recipe.align_eval else None
     device = select_device(t.device)
     model.to(device)
-    r = recipe.evaluate(model, _Mapped(loader, remap) if remap else loader, device, amp_dtype(device, t.precision),
-                        desc="promotion eval")
+    return model, (_Mapped(loader, remap) if remap else loader), device, amp_dtype(device, t.precision), tokenized_path
+
+
+def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: str | None = None) -> dict[str, float]:
+    """A registry model scored by its job's own evaluation on the run's eval split (see `_registered_for_eval`):
+    on the run's own tokenized data the score equals the run's final metric."""
+    model, loader, device, dtype, _ = _registered_for_eval(model_uri, spec, data_path, tokenized_path)
+    r = spec.recipe.evaluate(model, loader, device, dtype, desc="promotion eval")
     return {k: v for k, v in r.items() if isinstance(v, float)}
+
+
+PROBE_BATCHES = 1
+
+
+def probe_scores(model, loader, spec, device, dtype, batches: int = PROBE_BATCHES) -> dict[str, float]:
+    """The job's evaluation on the first `batches` eval batches: a cheap fingerprint of what a model computes, so
+    the logged model can be checked against the trained one without evaluating it again on the whole split."""
+    import itertools
+
+    first = list(itertools.islice(iter(loader), batches))
+    r = spec.recipe.evaluate(model, first, device, dtype, desc="probe")
+    return {k: v for k, v in r.items() if isinstance(v, float)}
+
+
+def check_registered(model_uri: str, spec, data_path: str, tokenized_path: str, expected: dict[str, float],
+                     rel_tol: float = 1e-3, abs_tol: float = 1e-5) -> str | None:
+    """None when the registry model scores what the trained model scored on the probe batches (`expected`, from
+    `probe_scores` at the end of training), else what differs. Same weights give the same numbers up to float
+    noise; another epoch's or a corrupted model's differ by far more than 0.1%."""
+    import math
+
+    model, loader, device, dtype, used = _registered_for_eval(model_uri, spec, data_path, tokenized_path)
+    if used != tokenized_path:
+        return "the registered model's tokenizer differs from the one it was trained with"
+    got = probe_scores(model, loader, spec, device, dtype)
+    bad = [f"{k} {got.get(k)} vs {v} trained" for k, v in expected.items()
+           if not math.isclose(got.get(k, math.nan), v, rel_tol=rel_tol, abs_tol=abs_tol)]
+    return ("the registered model does not reproduce the trained one on the probe batch: " + ", ".join(bad)
+            if bad else None)
 
 
 class _Mapped:

@@ -92,6 +92,7 @@ class TrainResult(BaseModel):
     train_samples_per_second: float | None = None
     resumed_from: str | None = None
     trainable_parameters: int | None = None
+    probe: dict[str, float] = {}  # the saved weights' scores on the first eval batch (see tasks.evaluate.probe_scores)
     total_parameters: int | None = None
 
 
@@ -589,11 +590,14 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
 
     model_dir = save_model_dir(run, write)
     write_json_atomic(run / "eval_extras.json", extras)
+    from tasks.evaluate import probe_scores
+
+    probe = probe_scores(model, loaders["eval"], spec, device, dtype)  # lets promotion check the logged model cheaply
     return TrainResult(
         model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
         selected_epoch=selected, best_epoch=progress.best_epoch, selection_metric=key, stopped_early_at=stopped_early_at,
         train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
-        trainable_parameters=trainable, total_parameters=total,
+        trainable_parameters=trainable, total_parameters=total, probe=probe,
     )
 
 

@@ -53,10 +53,21 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     # registered; the first version is champion
     mv = c.get_model_version_by_alias("tiny-sentiment", "champion")
     assert str(mv.version) == "1" and mv.run_id == run.info.run_id and out["version"] == "1"
-    # one evaluation per job: promotion scored the registered model exactly as the run's last epoch did
+    # one evaluation per job: promotion took the run's final metrics and only checked the registered model on the
+    # probe batch; a full evaluation of the registered model gives the same numbers (what makes the reuse sound)
+    from flows.promotion import eval_data_for_version, eval_fingerprint, evaluate_registered
+
+    assert out["promotion"]["challenger_error"] is None
     scores = out["promotion"]["challenger_scores"]
+    v1_cfg, data_path, tokenized_path = eval_data_for_version("tiny-sentiment", "1")
+    full = evaluate_registered("models:/tiny-sentiment/1", v1_cfg, data_path, tokenized_path)
     for name, key in (("f1", "eval_f1"), ("accuracy", "eval_accuracy"), ("loss", "eval_loss")):
         assert scores[name] == pytest.approx(out["metrics"][key], abs=1e-6), name
+        assert full[name] == pytest.approx(out["metrics"][key], abs=1e-6), name
+    # ... and recorded on the version under the eval set's fingerprint, for when it is the champion
+    fp = eval_fingerprint(v1_cfg, tokenized_path)
+    tags = c.get_model_version("tiny-sentiment", "1").tags
+    assert float(tags[f"eval.{fp}.f1"]) == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
 
     # predictions through the registry return label names and scores
     res = predict("models:/tiny-sentiment@champion", ["a great wonderful film", "an awful boring mess"])
@@ -84,9 +95,26 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     df = mlflow.pyfunc.load_model("models:/tiny-sentiment/1").predict(["loved it , excellent"])
     assert df.iloc[0]["label"] == "positive"
 
-    # a second run registers version 2 without losing version 1
-    out2 = classify_flow(flow_cfg(sentiment_csv, tiny_model_dir, tmp_path, engine="trainer"))
-    assert out2["version"] == "2"
+    # a second run registers version 2 without losing version 1; the champion is not evaluated again (its scores
+    # on this eval set are on its version), and nothing else is evaluated in full either
+    import flows.promotion as promotion
+
+    full_evals = []
+    real = promotion._evaluate
+    promotion._evaluate = lambda *a, **k: full_evals.append(a[0]) or real(*a, **k)
+    try:
+        out2 = classify_flow(flow_cfg(sentiment_csv, tiny_model_dir, tmp_path, engine="trainer"))
+    finally:
+        promotion._evaluate = real
+    assert out2["version"] == "2" and full_evals == []
+    assert out2["promotion"]["champion_scores"]["f1"] == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
+    # the probe check tells models apart: version 2 does not reproduce version 1's trained weights
+    from tasks.evaluate import check_registered
+
+    spec = v1_cfg.spec(["negative", "positive"])
+    assert check_registered("models:/tiny-sentiment/1", spec, data_path, tokenized_path, out["probe"]) is None
+    assert "does not reproduce" in check_registered("models:/tiny-sentiment/2", spec, data_path, tokenized_path,
+                                                    out["probe"])
     assert c.get_model_version("tiny-sentiment", "1").run_id == run.info.run_id
     assert set(c.get_run(out2["run_id"]).data.metrics) >= {"train_loss", "eval_loss", "eval_accuracy", "eval_f1"}
 
