@@ -203,8 +203,11 @@ def eval_fingerprint(cfg: JobConfig, tokenized_path: str) -> str:
 
     from tasks.common import stable_hash
 
+    from tasks.device import amp_dtype, select_device
+
     t = cfg.train
-    return stable_hash(Path(tokenized_path).name, t.eval_batch_size, t.precision, t.device)[:12]
+    device = select_device(t.device)  # as resolved here: `auto` means bf16 on one CPU and fp32 on another
+    return stable_hash(Path(tokenized_path).name, t.eval_batch_size, device.type, str(amp_dtype(device, t.precision)))[:12]
 
 
 def stored_scores(name: str, version: str, fingerprint: str) -> dict[str, float] | None:

@@ -42,7 +42,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seeds data subsets, shuffling, initialisation and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (or fp16) autocast on a GPU, fp32 on the CPU."
+        "auto", description="auto: bf16 (or fp16) autocast on a GPU; on the CPU bf16 autocast where it is native "
+        "(AMX or AVX512-BF16), else fp32."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: a GPU when present.")
     output_dir: str = Field(
