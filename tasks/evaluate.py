@@ -165,16 +165,15 @@ def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: st
     return {k: v for k, v in r.items() if isinstance(v, float)}
 
 
-PROBE_BATCHES = 1
+PROBE_ROWS = 8
 
 
-def probe_scores(model, loader, spec, device, dtype, batches: int = PROBE_BATCHES) -> dict[str, float]:
-    """The job's evaluation on the first `batches` eval batches: a cheap fingerprint of what a model computes, so
-    the logged model can be checked against the trained one without evaluating it again on the whole split."""
-    import itertools
-
-    first = list(itertools.islice(iter(loader), batches))
-    r = spec.recipe.evaluate(model, first, device, dtype, desc="probe")
+def probe_scores(model, loader, spec, device, dtype, rows: int = PROBE_ROWS) -> dict[str, float]:
+    """The job's evaluation on the first `rows` eval examples: a cheap fingerprint of what a model computes, so the
+    logged model can be checked against the trained one without evaluating it again on the whole split."""
+    first = next(iter(loader))
+    probe = {k: v[:rows] for k, v in first.items()}
+    r = spec.recipe.evaluate(model, [probe], device, dtype, desc="probe")
     return {k: v for k, v in r.items() if isinstance(v, float)}
 
 

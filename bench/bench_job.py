@@ -1,0 +1,105 @@
+"""Benchmark: the whole `finetune classify` job (CLI start, Prefect, data, tokenize, train, evaluate, MLflow logging,
+registration, promotion) against the plain HF Trainer script a user would write instead (bench/trainer_classify.py:
+same examples, model, length, batch, schedule and epochs, bf16 where the CPU has it natively), one after the other
+in one run. Prints both wall times, both held-out accuracies, the precision each used and the ratio.
+
+    .venv/bin/python bench/bench_job.py                       # the default job
+    .venv/bin/python bench/bench_job.py -- --train-samples 2000 --eval-samples 500   # flags go to both sides
+
+Each side starts cold: a fresh cache dir and MLflow store for the job (its Prefect temporary server starts as it
+does for a user), a fresh process for the Trainer script. Wall times on a shared machine are noisy: compare the
+ratio, and rerun with --repeats 2 for medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_job(flags: list[str], tmp: Path) -> dict:
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv/bin/finetune"), "classify", "--output-dir", str(tmp / "out"),
+                           "--registered-model", "bench-classifier", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"finetune classify failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    from mlflow import MlflowClient
+
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()],
+        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return {"seconds": seconds, "accuracy": run.data.metrics["eval_accuracy"], "f1": run.data.metrics["eval_f1"],
+            "precision": run.data.params.get("device", "?")}
+
+
+def run_trainer(cfg, tmp: Path) -> dict:
+    from tasks.common import resolve_model
+    from tasks.data import prepare_dataset
+
+    os.environ["FINETUNE_CACHE_DIR"] = str(tmp / "peer-cache")
+    data = prepare_dataset(cfg.data, cfg.train.seed)  # the same examples, given to the script ready to load
+    t = cfg.train
+    cmd = [sys.executable, str(ROOT / "bench/trainer_classify.py"), data.path, resolve_model(t.model), str(tmp / "peer"),
+           "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
+           "--max-length", str(cfg.data.max_length), "--learning-rate", str(t.learning_rate),
+           "--warmup-ratio", str(t.warmup_ratio), "--weight-decay", str(t.weight_decay), "--seed", str(t.seed),
+           "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"Trainer script failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": seconds}
+
+
+def config_from_flags(flags: list[str]):
+    """The job's resolved config for these flags, parsed by the CLI's own generated command."""
+    from flows.cli import job_command, overrides_from
+    from flows.config import ClassifyConfig, build_config
+
+    cmd = job_command("classify", ClassifyConfig)
+    ctx = cmd.make_context("classify", list(flags))
+    return build_config(ClassifyConfig, ctx.params.get("config"), overrides_from(ctx, cmd.params))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("flags", nargs="*", help="finetune classify flags (after --), applied to both sides")
+    a = ap.parse_args()
+
+    cfg = config_from_flags(a.flags)
+    rows: dict[str, list[dict]] = {"finetune classify (whole job)": [], "HF Trainer script": []}
+    for i in range(a.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-job-") as d:
+            rows["finetune classify (whole job)"].append(run_job(a.flags, Path(d)))
+            rows["HF Trainer script"].append(run_trainer(cfg, Path(d)))
+    print(f"\nclassification, whole job, {cfg.data.train_samples} train / {cfg.data.eval_samples} eval, "
+          f"batch {cfg.train.batch_size}, length {cfg.data.max_length}, {cfg.train.epochs} epoch(s), "
+          f"{os.cpu_count()} CPUs, {a.repeats} repeat(s)")
+    print(f"{'side':<32}{'wall s (median)':>16}{'accuracy':>10}{'f1':>8}  precision   runs (s)")
+    med = {}
+    for side, rs in rows.items():
+        med[side] = statistics.median(r["seconds"] for r in rs)
+        print(f"{side:<32}{med[side]:>16.1f}{rs[-1]['accuracy']:>10.4f}{rs[-1]['f1']:>8.4f}  {rs[-1]['precision']:<11} "
+              + ", ".join(f"{r['seconds']:.1f}" for r in rs))
+    job, peer = med["finetune classify (whole job)"], med["HF Trainer script"]
+    print(f"job time / Trainer time: {job / peer:.2f}  (the job is {peer / job:.2f}x as fast)")
+
+
+if __name__ == "__main__":
+    main()
