@@ -370,6 +370,59 @@ def other_commands() -> list[click.Command]:
     ]
 
 
+def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max_trials: int | None,
+           as_json: bool) -> int:
+    from flows.sweep import load_sweep, sweep_flow
+    from tasks import tracking
+
+    sweep = load_sweep(config, {"ray_address": ray_address, "max_concurrent": max_concurrent,
+                                "max_trials": max_trials})  # every trial's config checked before Ray or Prefect
+    tracking.check_remote()
+    with expected_errors_without_traceback():
+        result = sweep_flow(sweep)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(sweep_text(result))
+    return 0
+
+
+def sweep_text(r: dict) -> str:
+    """The sweep's table and outcome, for the terminal."""
+    key = r["metric"]
+    names = [k for k in r["trials"][0] if k not in ("trial", "run_id", "status", "seconds", "error")
+             and not k.startswith(("eval_", "train_", "perplexity"))] if r["trials"] else []
+    lines = [f"== sweep finished: {len(r['trials'])} trials, {r['failed']} failed, {r['wall_seconds']:.0f} s ==",
+             "  " + "  ".join(f"{h:>14}" for h in ["trial", *names, key, "seconds", "status"])]
+    for t in r["trials"]:
+        score = t.get(key)
+        cells = [t["trial"], *(t.get(n) for n in names), f"{score:.4f}" if isinstance(score, float) else "-",
+                 f"{t['seconds']:.0f}", t["status"] + (" *" if t["trial"] == r["best_trial"] else "")]
+        lines.append("  " + "  ".join(f"{c:>14}" if not isinstance(c, float) else f"{c:>14.4g}" for c in cells))
+    lines.append(f"  MLflow parent run      {r['parent_run_id']}")
+    if r.get("version"):
+        lines.append(f"  best trial {r['best_trial']} registered as version {r['version']}: {r['decision']}")
+    return "\n".join(lines)
+
+
+def sweep_command() -> click.Command:
+    return _command(
+        "sweep", "Hyper-parameter sweep on Ray: trials as Prefect tasks, nested MLflow runs, the best one registered.",
+        "finetune sweep --config deployments/sweep.yaml",
+        [
+            click.Option(["--config"], required=True, metavar="SWEEP.yaml",
+                         help="The sweep: job, base config, method (grid/random), parameters, metric, max_trials "
+                              "(see flows/sweep.py and deployments/sweep.yaml)."),
+            click.Option(["--ray-address"], metavar="ADDRESS",
+                         help="A running Ray cluster (e.g. ray://head:10001); default: a local Ray for this sweep."),
+            click.Option(["--max-concurrent"], type=int, metavar="N", help="Trials at the same time (overrides the file)."),
+            click.Option(["--max-trials"], type=int, metavar="N", help="Trial budget (overrides the file)."),
+            click.Option(["--json", "as_json"], is_flag=True, default=False, help="Print the result as JSON."),
+        ],
+        _sweep,
+    )
+
+
 # --- finetune access: users and permissions on an authenticated MLflow server ------------------------------------
 
 
@@ -433,7 +486,8 @@ class _Group(click.Group):
 def build_cli() -> click.Group:
     from flows.config import job_configs
 
-    commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [access_group()]
+    commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [sweep_command(),
+                                                                                                   access_group()]
     return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
                   context_settings=CONTEXT)
 

@@ -17,5 +17,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || .venv/bin/pip install -q "torch==2.13.0"
   fi
 fi
-.venv/bin/pip install -q -e ".[dev,auth]"   # auth: MLflow's basic-auth server app (mlflow/server.sh)
+.venv/bin/pip install -q -e ".[dev,auth,ray]"   # auth: MLflow's basic-auth server app; ray: `finetune sweep`
 echo "installed: $(.venv/bin/python -c 'import torch, transformers, trl, mlflow, prefect; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, mlflow {mlflow.__version__}, prefect {prefect.__version__}")')"

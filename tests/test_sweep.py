@@ -1,0 +1,101 @@
+"""Sweeps: the trial plan (grid, random, validation up front) as plain functions, and a real sweep of 3 tiny trials
+on a local Ray through prefect-ray's RayTaskRunner, under the Prefect test server with MLflow on sqlite."""
+import json
+import os
+
+import pytest
+
+from flows.config import ConfigError
+from flows.sweep import SweepConfig, best_trial, load_sweep, trial_overrides
+
+
+def test_grid_is_every_combination_up_to_the_budget():
+    s = SweepConfig(parameters={"train.learning_rate": [1e-4, 2e-4], "train.warmup_ratio": [0.0, 0.1]}, max_trials=3)
+    assert trial_overrides(s) == [
+        {"train.learning_rate": 1e-4, "train.warmup_ratio": 0.0},
+        {"train.learning_rate": 1e-4, "train.warmup_ratio": 0.1},
+        {"train.learning_rate": 2e-4, "train.warmup_ratio": 0.0},
+    ]
+
+
+def test_random_search_is_seeded_and_stays_in_range():
+    s = SweepConfig(method="random", max_trials=5, seed=3,
+                    parameters={"train.learning_rate": {"min": 1e-5, "max": 1e-3, "log": True},
+                                "train.batch_size": [8, 16]})
+    a, b = trial_overrides(s), trial_overrides(s)
+    assert a == b and len(a) == 5
+    assert all(1e-5 <= t["train.learning_rate"] <= 1e-3 and t["train.batch_size"] in (8, 16) for t in a)
+
+
+def test_bad_sweeps_fail_before_anything_starts(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("parameters:\n  train.learning_rate: {min: 0.1, max: 0.2}\n")
+    with pytest.raises(ConfigError, match="grid search needs lists"):
+        load_sweep(str(f))
+    f.write_text("parameters:\n  train.learnin_rate: [0.1]\n  train.batch_size: [0]\n")
+    with pytest.raises(ConfigError) as e:
+        load_sweep(str(f))
+    assert any("learnin_rate" in p for p in e.value.problems) and any("batch_size" in p for p in e.value.problems)
+    f.write_text("parameters: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sweep(str(f))
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep(str(tmp_path / "missing.yaml"))
+
+
+def test_best_trial_respects_the_direction_and_skips_failures():
+    rows = [{"trial": 0, "status": "FINISHED", "eval_loss": 0.5}, {"trial": 1, "status": "FAILED"},
+            {"trial": 2, "status": "FINISHED", "eval_loss": 0.4}]
+    assert best_trial(rows, "eval_loss", higher=False)["trial"] == 2
+    assert best_trial(rows, "eval_loss", higher=True)["trial"] == 0
+    assert best_trial([rows[1]], "eval_loss", True) is None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.sweep import sweep_flow
+
+    sweep = SweepConfig.model_validate({
+        "job": "classify",
+        "base": {
+            "data": {"dataset": sentiment_csv, "text_column": "review", "label_column": "sentiment",
+                     "max_length": 16, "eval_fraction": 0.25},
+            "train": {"model": tiny_model_dir, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.0,
+                      "output_dir": str(tmp_path / "out")},
+            "tracking": {"registered_model": "tiny-sweep", "experiment": "test-sweep"},
+        },
+        # trial 2 fails inside training (an unknown scheduler): recorded, and the sweep goes on
+        "parameters": {"train.learning_rate": [1e-2, 3e-3], "train.lr_scheduler": ["linear", "no-such-schedule"]},
+        "max_trials": 3, "max_concurrent": 2, "resources": {"cpus": 1},
+    })
+    out = sweep_flow(sweep)
+
+    assert [t["status"] for t in out["trials"]] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "no-such-schedule" in out["trials"][1]["error"] and out["failed"] == 1
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = c.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["finetune.sweep"] == "true"
+    children = c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
+    for r in children:  # each trial is a full run: its params and, when it trained, its per-epoch metrics
+        assert r.data.params["train.learning_rate"] in ("0.01", "0.003")
+        if r.info.status == "FINISHED":
+            assert [m.step for m in c.get_metric_history(r.info.run_id, "eval_f1")] == [1, 2, 3]
+    table = json.loads(open(c.download_artifacts(parent.info.run_id, "sweep/sweep.json")).read())
+    assert [t["trial"] for t in table["trials"]] == [0, 1, 2] and table["metric"] == "eval_f1"
+    # only the best trial is registered, through the champion/challenger gate
+    best = out["trials"][out["best_trial"]]
+    assert best["eval_f1"] == max(t["eval_f1"] for t in out["trials"] if t["status"] == "FINISHED")
+    versions = c.search_model_versions("name='tiny-sweep'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == best["run_id"]
+    gate = c.get_model_version("tiny-sweep", "1").tags
+    assert gate["promotion.decision"] in ("promoted", "rejected") and out["decision"]
+    assert ("champion" in out["aliases"]) == (gate["promotion.decision"] == "promoted")
+    # the trials ran on Ray workers and reported to this Prefect server: three `trial-N` task runs
+    with get_client(sync_client=True) as pc:
+        names = {tr.name for tr in pc.read_task_runs() if tr.name.startswith("trial-")}
+    assert {"trial-0", "trial-1", "trial-2"} <= names
