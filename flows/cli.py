@@ -278,6 +278,11 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
+        from flows.ephemeral import own_temporary_server
+        from tasks.liveness import sweep_quietly
+
+        sweep_quietly([cfg.experiment])  # runs of this job whose process died: KILLED
+        own_temporary_server()  # Prefect's temporary server (no PREFECT_API_URL) dies with this command
         with expected_errors_without_traceback():
             result = train.run_job(cfg)
         if as_json:
@@ -370,6 +375,34 @@ def other_commands() -> list[click.Command]:
     ]
 
 
+def _gc(**kwargs: Any) -> int:
+    from flows.gc import gc_cli
+
+    return gc_cli(**kwargs)
+
+
+def gc_command() -> click.Command:
+    return _command(
+        "gc", "Free disk: what finished, failed and orphaned runs left, stale caches and runs, old model versions.",
+        "finetune gc --keep-versions 5 --yes",
+        [click.Option(["--output-dir", "output_dirs"], multiple=True, metavar="DIR",
+                      help="Training output dir to clean (repeatable; default: outputs/ of this checkout)."),
+         click.Option(["--cache-dir", "cache_dir"], metavar="DIR",
+                      help="Prepared-dataset cache (default: FINETUNE_CACHE_DIR or .cache/)."),
+         click.Option(["--cache-days", "cache_days"], type=float, default=30.0, show_default=True, metavar="DAYS",
+                      help="Remove cache entries unused for this long (they are rebuilt when needed)."),
+         click.Option(["--keep-versions", "keep_versions"], type=int, default=10, show_default=True, metavar="N",
+                      help="Per registered model, keep the newest N versions; older ones without an alias are "
+                           "deleted with their logged model. Versions with an alias are always kept."),
+         click.Option(["--registered-model", "registered_models"], multiple=True, metavar="NAME",
+                      help="Limit version retention to this model (repeatable; default: every model finetune "
+                           "registered)."),
+         click.Option(["--yes", "yes"], is_flag=True, default=False,
+                      help="Apply. Without it gc only prints what it would do (a dry run).")],
+        _gc,
+    )
+
+
 # --- finetune access: users and permissions on an authenticated MLflow server ------------------------------------
 
 
@@ -434,6 +467,7 @@ def build_cli() -> click.Group:
     from flows.config import job_configs
 
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [access_group()]
+    commands.append(gc_command())
     return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
                   context_settings=CONTEXT)
 
