@@ -170,7 +170,9 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
         for mv in versions[keep:]:
             if str(mv.version) in aliased:
                 continue
-            model_id = getattr(mv, "model_id", None)
+            # the version's logged model (MLflow 3: source `models:/m-<id>`; search results may not fill model_id)
+            m = re.fullmatch(r"models:/(m-[0-9a-f]+)", mv.source or "")
+            model_id = getattr(mv, "model_id", None) or (m.group(1) if m else None)
             where, size = None, 0
             if model_id:
                 try:
@@ -189,6 +191,8 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
                         log.warning("could not delete logged model %s: %s", model_id, e)
                 if where is not None:
                     shutil.rmtree(where, ignore_errors=True)
+                    if where.name == "artifacts" and where.parent.name == model_id:
+                        shutil.rmtree(where.parent, ignore_errors=True)
 
             note = "" if where is not None or not model_id else " (artifacts freed by the server's `mlflow gc`)"
             items.append(Item("version", f"{name} version {mv.version}",
