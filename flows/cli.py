@@ -278,11 +278,6 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
-        from flows.ephemeral import own_temporary_server
-        from tasks.liveness import sweep_quietly
-
-        sweep_quietly([cfg.experiment])  # runs of this job whose process died: KILLED
-        own_temporary_server()  # Prefect's temporary server (no PREFECT_API_URL) dies with this command
         with expected_errors_without_traceback():
             result = train.run_job(cfg)
         if as_json:

@@ -161,5 +161,12 @@ def __getattr__(name: str):
 
 
 def run_job(cfg: JobConfig) -> dict:
-    """Runs the training flow of `cfg`'s job and returns its result dict."""
+    """Runs the training flow of `cfg`'s job and returns its result dict (the CLI's entry). First the housekeeping a
+    crash of an earlier command needs: its MLflow runs of this experiment whose process died are marked KILLED, and
+    Prefect's temporary server (no PREFECT_API_URL) is started tied to this process, so a kill -9 leaves no orphan."""
+    from flows.ephemeral import own_temporary_server
+    from tasks.liveness import sweep_quietly
+
+    sweep_quietly([cfg.experiment])
+    own_temporary_server()
     return flow_for(cfg.job)(cfg)
