@@ -43,8 +43,9 @@ def sigterm_as_exception() -> Iterator[None]:
 
 
 def resume_key(cfg: JobConfig) -> str:
-    """Identifies "the same job": the resolved config without the resume and retention flags. `--resume` continues the newest
-    unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the run id)."""
+    """Identifies "the same job": the resolved config without the resume and retention flags. `--resume`
+    continues the newest unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the
+    run id)."""
     from tasks.common import stable_hash
 
     return stable_hash(cfg.model_dump(exclude={"train": {"resume", "keep_checkpoints"}}))
