@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import flow
+
 
 def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: float, keep_versions: int | None,
            registered_models: tuple[str, ...], yes: bool) -> int:
@@ -38,3 +40,14 @@ def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: floa
     else:
         print(f"gc (dry run): would free {disk.human_bytes(freed)}: {summary}. Run again with --yes to apply.")
     return 1 if any(e for _, e in results) else 0
+
+
+@flow(name="housekeeping", log_prints=True)
+def housekeeping_flow(keep_versions: int = 10, cache_days: float = 30.0, output_dirs: list[str] | None = None) -> int:
+    """`finetune gc --yes` on a schedule (deployments/prefect.yaml runs it nightly after the retraining): what the
+    retraining leaves behind never accumulates, and each model keeps its newest `keep_versions` versions plus every
+    aliased one. Its report is the flow run's log."""
+    rc = gc_cli(tuple(output_dirs or ()), None, cache_days, keep_versions, (), True)
+    if rc:
+        raise RuntimeError("some gc items failed: see the log above")
+    return rc

@@ -169,3 +169,16 @@ def test_gc_rejects_keep_versions_below_one(capsys):
 
     assert main(["gc", "--keep-versions", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --keep-versions 0")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_housekeeping_flow_is_gc_applied(tmp_path, isolated):
+    """The nightly deployment `housekeeping` (deployments/prefect.yaml) is `finetune gc --yes`."""
+    from flows.gc import housekeeping_flow
+    from tasks import tracking
+
+    rid = tracking.start_run("hk", "done", {})
+    tracking.end_run(rid)
+    d = _run_dir(tmp_path / "out", rid)
+    assert housekeeping_flow(keep_versions=3, output_dirs=[str(tmp_path / "out")]) == 0
+    assert not (d / "checkpoints").exists() and (d / "metrics.json").is_file()
