@@ -97,15 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: trainings take the CPU)")
     ap.add_argument("--replace", action="store_true",
                     help="delete same-named deployments that `prefect deploy` put on a work pool, then serve")
+    ap.add_argument("--crash-after", type=int, default=None, metavar="SECONDS",
+                    help="mark flow runs Crashed after this long without a heartbeat (default: 3 heartbeats; "
+                         "see deployments/automations.py)")
     args = ap.parse_args(argv)
 
     import os
 
     from prefect import serve
 
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from flows.ephemeral import own_temporary_server
+
+    own_temporary_server()  # without PREFECT_API_URL: the temporary server dies with this process
+
     os.chdir(ROOT)  # entrypoints are recorded relative to the repository root
     deployments = build_deployments(load_specs(args.prefect_file, args.only), paused=args.paused)
     check_collisions(deployments, args.replace)
+    from deployments.automations import NAME, ensure_zombie_automation
+
+    print(f"automation {NAME!r}: {ensure_zombie_automation(args.crash_after)[1]}")
     serve(*deployments, limit=args.limit)
     return 0
 

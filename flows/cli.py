@@ -378,6 +378,9 @@ def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max
     sweep = load_sweep(config, {"ray_address": ray_address, "max_concurrent": max_concurrent,
                                 "max_trials": max_trials})  # every trial's config checked before Ray or Prefect
     tracking.check_remote()
+    from flows.ephemeral import own_temporary_server
+
+    own_temporary_server()  # no PREFECT_API_URL: the temporary server dies with this command (kill -9 included)
     with expected_errors_without_traceback():
         result = sweep_flow(sweep)
     if as_json:
@@ -420,6 +423,34 @@ def sweep_command() -> click.Command:
             click.Option(["--json", "as_json"], is_flag=True, default=False, help="Print the result as JSON."),
         ],
         _sweep,
+    )
+
+
+def _gc(**kwargs: Any) -> int:
+    from flows.gc import gc_cli
+
+    return gc_cli(**kwargs)
+
+
+def gc_command() -> click.Command:
+    return _command(
+        "gc", "Free disk: what finished, failed and orphaned runs left, stale caches and runs, old model versions.",
+        "finetune gc --keep-versions 5 --yes",
+        [click.Option(["--output-dir", "output_dirs"], multiple=True, metavar="DIR",
+                      help="Training output dir to clean (repeatable; default: outputs/ of this checkout)."),
+         click.Option(["--cache-dir", "cache_dir"], metavar="DIR",
+                      help="Prepared-dataset cache (default: FINETUNE_CACHE_DIR or .cache/)."),
+         click.Option(["--cache-days", "cache_days"], type=float, default=30.0, show_default=True, metavar="DAYS",
+                      help="Remove cache entries unused for this long (they are rebuilt when needed)."),
+         click.Option(["--keep-versions", "keep_versions"], type=int, default=10, show_default=True, metavar="N",
+                      help="Per registered model, keep the newest N versions; older ones without an alias are "
+                           "deleted with their logged model. Versions with an alias are always kept."),
+         click.Option(["--registered-model", "registered_models"], multiple=True, metavar="NAME",
+                      help="Limit version retention to this model (repeatable; default: every model finetune "
+                           "registered)."),
+         click.Option(["--yes", "yes"], is_flag=True, default=False,
+                      help="Apply. Without it gc only prints what it would do (a dry run).")],
+        _gc,
     )
 
 
@@ -488,6 +519,7 @@ def build_cli() -> click.Group:
 
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [sweep_command(),
                                                                                                    access_group()]
+    commands.append(gc_command())
     return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
                   context_settings=CONTEXT)
 

@@ -43,11 +43,12 @@ def sigterm_as_exception() -> Iterator[None]:
 
 
 def resume_key(cfg: JobConfig) -> str:
-    """Identifies "the same job": the resolved config without the resume flag. `--resume` continues the newest
-    unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the run id)."""
+    """Identifies "the same job": the resolved config without the resume and retention flags. `--resume`
+    continues the newest unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the
+    run id)."""
     from tasks.common import stable_hash
 
-    return stable_hash(cfg.model_dump(exclude={"train": {"resume"}}))
+    return stable_hash(cfg.model_dump(exclude={"train": {"resume", "keep_checkpoints"}}))
 
 
 @contextlib.contextmanager
@@ -55,7 +56,7 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
     """One MLflow run per flow run, FINISHED only when the body succeeds: FAILED on an exception, KILLED on
     SIGTERM, Ctrl-C or a Prefect cancellation. With `train.resume` an unfinished earlier run of the same config
     is continued (same run id, so its metrics continue without duplicates)."""
-    from tasks import tracking
+    from tasks import liveness, tracking
     from tasks.common import run_logger
 
     name, fr_id = flow_run_info()
@@ -72,7 +73,9 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
     if run_id is None:
         run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
     try:
-        yield run_id
+        # liveness tags and a heartbeat: a sweep closes this run if its process dies without a word (kill -9)
+        with liveness.heartbeat(run_id, tracking.set_tags):
+            yield run_id
     except (KeyboardInterrupt, Terminated):
         tracking.end_run(run_id, "KILLED")
         raise

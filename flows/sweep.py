@@ -156,7 +156,8 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     """Trains one trial as a nested run of the sweep's run and logs its model; returns its row (and what the
     registration of the best trial needs). A failure is recorded (FAILED run, error tag) and returned, not raised:
     one bad trial must not stop the sweep."""
-    from tasks import tracking
+    from tasks import liveness, tracking
+    from tasks.disk import prune_run_dir
     from tasks.training import train
 
     t0 = time.perf_counter()
@@ -167,9 +168,11 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     try:
         spec = cfg.spec(label_names)
         run_dir = Path(cfg.train.output_dir) / cfg.job / run_id
-        result = train(spec, tokenized_path, str(run_dir), on_metrics=tracking.MetricsLogger(run_id))
-        model_uri = tracking.log_model(run_id, result.model_dir, cfg.recipe.hf_task,
-                                       [cfg.recipe.smoke_example])
+        with liveness.heartbeat(run_id, tracking.set_tags):  # a trial whose worker dies is closed by the next sweep
+            result = train(spec, tokenized_path, str(run_dir), on_metrics=tracking.MetricsLogger(run_id))
+            model_uri = tracking.log_model(run_id, result.model_dir, cfg.recipe.hf_task, [cfg.recipe.smoke_example])
+        if not cfg.train.keep_checkpoints:  # logged: its checkpoints and model copy can go, as for any finished run
+            prune_run_dir(run_dir)
         tracking.end_run(run_id, "FINISHED")
         return {**row, "status": "FINISHED", "seconds": round(time.perf_counter() - t0, 1),
                 **{k: v for k, v in result.final.items() if k != "epoch"},
@@ -239,7 +242,7 @@ def best_trial(rows: list[dict], key: str, higher: bool) -> dict | None:
 def run_sweep(sweep: SweepConfig) -> dict:
     """Prepare each trial's data once (content-addressed), start the parent MLflow run, fan the trials out on Ray,
     record the table, register the best trial and run its champion/challenger gate."""
-    from tasks import jobs, tracking
+    from tasks import jobs, liveness, tracking
     from tasks.common import run_logger
     from tasks.data import prepare_dataset
 
@@ -272,8 +275,9 @@ def run_sweep(sweep: SweepConfig) -> dict:
              sweep.method, sweep.max_concurrent, key, parent)
     t0 = time.perf_counter()
     try:
-        rows = trials_flow.with_options(task_runner=_ray_runner(sweep))(
-            trials, parent, sweep.max_concurrent, sweep.resources.cpus, sweep.resources.gpus)
+        with liveness.heartbeat(parent, tracking.set_tags):  # a killed sweep's parent run is closed by the next sweep
+            rows = trials_flow.with_options(task_runner=_ray_runner(sweep))(
+                trials, parent, sweep.max_concurrent, sweep.resources.cpus, sweep.resources.gpus)
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise

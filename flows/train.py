@@ -102,6 +102,15 @@ def run_training(cfg: JobConfig) -> dict:
         _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec)
         outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
                                 tokenized_path=tokenized, history=result.history, probe=result.probe)
+    model_dir: str | None = result.model_dir
+    if not cfg.train.keep_checkpoints:
+        # The run finished and its model is logged: nothing can resume it, so its checkpoints and model copy go
+        # (a failed or killed run never gets here and keeps them for --resume and the Prefect retry).
+        from tasks.disk import human_bytes, prune_run_dir
+
+        logger.info("removed the finished run's checkpoints and model copy from %s (%s; --keep-checkpoints keeps "
+                    "them)", run_dir, human_bytes(prune_run_dir(run_dir)))
+        model_dir = None
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
     if result.history and result.history[0].get("epoch") == 0:
         metrics.update({f"epoch0_{k}": v for k, v in result.history[0].items() if k != "epoch"})
@@ -112,7 +121,7 @@ def run_training(cfg: JobConfig) -> dict:
     if text:
         print(text)
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
-            "model_dir": result.model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
+            "model_dir": model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
             "stopped_early_at": result.stopped_early_at,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
             "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
@@ -153,5 +162,12 @@ def __getattr__(name: str):
 
 
 def run_job(cfg: JobConfig) -> dict:
-    """Runs the training flow of `cfg`'s job and returns its result dict."""
+    """Runs the training flow of `cfg`'s job and returns its result dict (the CLI's entry). First the housekeeping a
+    crash of an earlier command needs: its MLflow runs of this experiment whose process died are marked KILLED, and
+    Prefect's temporary server (no PREFECT_API_URL) is started tied to this process, so a kill -9 leaves no orphan."""
+    from flows.ephemeral import own_temporary_server
+    from tasks.liveness import sweep_quietly
+
+    sweep_quietly([cfg.experiment])
+    own_temporary_server()
     return flow_for(cfg.job)(cfg)

@@ -138,4 +138,6 @@ def cached_path_result(task_obj, *args, path_of=lambda r: r, **kwargs):
     result = task_obj(*args, **kwargs)
     if not Path(path_of(result)).exists():
         result = task_obj.with_options(refresh_cache=True)(*args, **kwargs)
+    with contextlib.suppress(OSError):
+        os.utime(path_of(result))  # used now: `finetune gc` removes cache entries unused for a while
     return result

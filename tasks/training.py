@@ -53,6 +53,10 @@ class TrainConfig(BaseModel):
         None, gt=0, description="Also checkpoint every N optimizer steps (always at each epoch end)."
     )
     resume: bool = Field(False, description="Resume from the last complete checkpoint in the run's output dir.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep the run's checkpoints and local model copy after it finished and its model was "
+                           "logged (default: removed then; a failed or killed run always keeps them for --resume).",
+    )
     select: Literal["best", "last"] = Field(
         "best", description="Which epoch's weights the run saves and registers: best by the promotion metric, or "
                             "the last one trained.",

@@ -219,3 +219,91 @@ def test_concurrent_retraining_of_one_model(big_csv, tiny_model_dir, tmp_path, p
     for v in (2, 3):
         tags = c.get_model_version("conc-model", str(v)).tags
         assert any(k.startswith("promotion") for k in tags), tags
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_sigkill_of_a_cli_run_leaves_no_process(big_csv, tiny_model_dir, tmp_path):
+    """No PREFECT_API_URL: the CLI starts Prefect's temporary server as its child; `kill -9` of the CLI must not
+    leave it (or anything else) running."""
+    import psutil
+
+    env = clean_env(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"),
+                    MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=60",
+                    FINETUNE_CACHE_DIR=str(tmp_path / "cache"), FINETUNE_LOCK_DIR=str(tmp_path / "locks"),
+                    FINETUNE_MLFLOW_STORE=str(tmp_path / "store"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(classify_cmd(big_csv, tiny_model_dir, out, "--experiment", "orphans", "--registered-model",
+                                         "orphans-model", "--checkpoint-every-steps", "10", "--epochs", "6"),
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(str(out / "classify" / "*" / "checkpoints" / "step-*"), proc)
+    children = _descendants(proc.pid)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "the temporary Prefect server is a child"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    _, alive = psutil.wait_procs(children, timeout=60)  # they go with their parent, not after some timeout
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+def test_dead_worker_run_becomes_crashed_and_killed(big_csv, tiny_model_dir, tmp_path, prefect_api):
+    """A deployment served by deployments/serve.py (which creates the zombie automation) is killed mid-run with
+    SIGKILL, serving process and flow-run subprocess alike (a lost machine). The automation marks the Prefect flow
+    run Crashed once its heartbeats stop; `finetune gc` then closes the MLflow run KILLED."""
+    import psutil
+    import yaml
+
+    env = env_for(tmp_path, prefect_api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+    out = tmp_path / "out"
+    config = {"data": {"dataset": big_csv, "text_column": "review", "label_column": "sentiment", "max_length": 16},
+              "train": {"model": tiny_model_dir, "batch_size": 4, "learning_rate": 5e-3, "epochs": 50,
+                        "checkpoint_every_steps": 10, "output_dir": str(out)},
+              "tracking": {"experiment": "zombie", "registered_model": "zombie-model"}}
+    spec = tmp_path / "prefect.yaml"
+    spec.write_text(yaml.safe_dump({"deployments": [{"name": "zombie-classify", "entrypoint":
+                                                     "flows/classify.py:classify_flow",
+                                                     "parameters": {"config": config}}]}))
+    from tests.integration._servers import Proc
+
+    served = Proc("serve", [sys.executable, "deployments/serve.py", "--prefect-file", str(spec), "--crash-after",
+                            "60"], env, tmp_path)
+    try:
+        t0 = time.monotonic()
+        while True:
+            r = requests.get(f"{prefect_api}/deployments/name/classify-finetune/zombie-classify", timeout=10)
+            if r.status_code == 200:
+                break
+            assert served.alive() and time.monotonic() - t0 < 300, served.tail()
+            time.sleep(1)
+        autos = requests.post(f"{prefect_api}/automations/filter", json={}, timeout=10).json()
+        assert [a["name"] for a in autos].count("finetune-flows: crash zombie flow runs") == 1
+        fr = requests.post(f"{prefect_api}/deployments/{r.json()['id']}/create_flow_run", json={}, timeout=10)
+        fr.raise_for_status()
+        flow_run_id = fr.json()["id"]
+        wait_for(str(out / "classify" / "*" / "checkpoints" / "step-*"), served.popen)
+        victims = [psutil.Process(served.popen.pid), *_descendants(served.popen.pid)]
+        for p in victims:
+            p.kill()
+        psutil.wait_procs(victims, timeout=30)
+
+        c = mlflow_client(env)
+        [run] = runs_of(c, "zombie")
+        assert run.info.status == "RUNNING"  # nothing could say otherwise
+        t0, state = time.monotonic(), None
+        while time.monotonic() - t0 < 400:  # 60 s without a heartbeat, plus the trigger's evaluation period
+            state = requests.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+            if state == "CRASHED":
+                break
+            time.sleep(3)
+        assert state == "CRASHED"
+
+        gc = run_cli([sys.executable, "-m", "flows.cli", "gc", "--output-dir", str(out), "--yes"], env)
+        assert gc.returncode == 0, gc.stdout[-3000:] + gc.stderr[-3000:]
+        run = c.get_run(run.info.run_id)
+        assert run.info.status == "KILLED" and "gone" in run.data.tags["finetune.killed_reason"]
+        assert not (out / "classify" / run.info.run_id).exists()  # and gc removed what it left behind
+    finally:
+        served.stop()

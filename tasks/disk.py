@@ -1,0 +1,243 @@
+"""Bounded disk. Checkpoints exist only while a run can still resume: once a run finished and its model is logged
+(and registered), `prune_run_dir` removes its checkpoints and local model copy, keeping the small files (metrics,
+config, evaluation extras). `collect` + `apply` are `finetune gc`: run dirs that finished, failed or orphaned runs
+left behind, dataset caches nobody used for a while, stale RUNNING runs, and registered model versions beyond a
+retention count that hold no alias. Everything is planned first (what, why, bytes), so a dry run shows exactly what
+applying would do."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
+
+# What a run dir holds that only a resume needs: plain-loop checkpoints, the HF Trainer's checkpoints, the model copy
+# (logged to MLflow), and leftovers of interrupted atomic writes (`.model.tmp-PID`, `.model.old-PID`).
+HEAVY = ("checkpoints", "trainer", "model")
+KEPT_FROM_MODEL = ("metrics.json", "config.yaml")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (symlinks count as links: a LoRA base links to weights it does not own)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def heavy_parts(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if p.name in HEAVY or (p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)))
+
+
+def prune_run_dir(run_dir: str | Path) -> int:
+    """Removes a finished run's checkpoints and model copy; `metrics.json` and `config.yaml` of the model dir move
+    up into the run dir. Returns the bytes freed."""
+    run = Path(run_dir)
+    model = run / "model"
+    for name in KEPT_FROM_MODEL:
+        if (model / name).is_file():
+            shutil.copy2(model / name, run / name)
+    freed = 0
+    for p in heavy_parts(run):
+        freed += tree_bytes(p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return freed
+
+
+# --- finetune gc ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    kind: str  # run-dir | run-files | cache | version | stale-run
+    what: str
+    reason: str
+    bytes: int = 0
+    apply: Callable[[], None] = field(default=lambda: None, repr=False)
+
+
+def _rm(path: Path) -> Callable[[], None]:
+    return lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def run_status(run_id: str) -> str:
+    """FINISHED, FAILED, KILLED, RUNNING, SCHEDULED, DELETED (in MLflow's trash) or UNKNOWN (no such run in this
+    tracking store)."""
+    from tasks import tracking
+
+    try:
+        run = tracking.client().get_run(run_id)
+    except Exception as e:
+        if tracking.auth_status(e):
+            raise
+        return "UNKNOWN"
+    return "DELETED" if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def plan_run_dirs(output_dir: str | Path, status_of: Callable[[str], str] = run_status) -> list[Item]:
+    """`<output_dir>/<job>/<mlflow run id>/`: a finished run keeps only its small files; a failed, killed, deleted or
+    unknown run's dir goes entirely (gc gives up resuming it); a running one is left alone."""
+    items: list[Item] = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return items
+    for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for run in sorted(p for p in job_dir.iterdir() if p.is_dir() and RUN_ID.fullmatch(p.name)):
+            status = status_of(run.name)
+            if status in ("RUNNING", "SCHEDULED"):
+                continue
+            if status == "FINISHED":
+                heavy = heavy_parts(run)
+                if heavy:
+                    items.append(Item("run-files", str(run), "run FINISHED: checkpoints and model copy",
+                                      sum(tree_bytes(p) for p in heavy), lambda r=run: prune_run_dir(r)))
+            else:
+                what = {"DELETED": "run deleted in MLflow", "UNKNOWN": "no such run in this tracking store"}.get(
+                    status, f"run {status}")
+                items.append(Item("run-dir", str(run), what, tree_bytes(run), _rm(run)))
+    return items
+
+
+def plan_caches(cache_dir: str | Path, max_age_days: float, now: float | None = None) -> list[Item]:
+    """Prepared dataset and tokenizer caches (`<cache>/<kind>/<key>`) unused for `max_age_days` (a cache hit
+    refreshes the entry's time), and leftovers of interrupted writes older than an hour. A removed entry is
+    rebuilt on its next use."""
+    now = time.time() if now is None else now
+    items: list[Item] = []
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return items
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()):
+        for entry in sorted(kind.iterdir()):
+            age = now - entry.lstat().st_mtime
+            if entry.name.startswith(".") and ".tmp-" in entry.name and age > 3600:
+                items.append(Item("cache", str(entry), "interrupted write", tree_bytes(entry), _rm(entry)))
+            elif not entry.name.startswith(".") and age > max_age_days * 86400:
+                items.append(Item("cache", str(entry), f"unused for {age / 86400:.0f} days", tree_bytes(entry),
+                                  _rm(entry)))
+    return items
+
+
+def _local_path(uri: str | None) -> Path | None:
+    if not uri:
+        return None
+    u = urlparse(uri)
+    if u.scheme == "file":
+        return Path(unquote(u.path))
+    if u.scheme == "" and uri.startswith("/"):
+        return Path(uri)
+    return None
+
+
+def finetune_models() -> list[str]:
+    """Registered models this project created (its description), the default scope of version retention."""
+    from tasks import tracking
+
+    return sorted(m.name for m in tracking.client().search_registered_models(max_results=1000)
+                  if (m.description or "").startswith("Registered by finetune-flows"))
+
+
+def plan_versions(models: list[str], keep: int) -> list[Item]:
+    """Versions beyond the newest `keep` of each model that hold no alias (champion, challenger,
+    previous-champion or any other alias is never touched). Deleting one also deletes its logged model; its
+    artifacts are removed here when they are local files (a tracking server frees them with `mlflow gc`)."""
+    from tasks import registry, tracking
+
+    c = tracking.client()
+    items: list[Item] = []
+    for name in models:
+        aliased = set(registry.aliases(name).values())
+        versions = registry.list_versions(name)  # newest first
+        for mv in versions[keep:]:
+            if str(mv.version) in aliased:
+                continue
+            # the version's logged model (MLflow 3: source `models:/m-<id>`; search results may not fill model_id)
+            m = re.fullmatch(r"models:/(m-[0-9a-f]+)", mv.source or "")
+            model_id = getattr(mv, "model_id", None) or (m.group(1) if m else None)
+            where, size = None, 0
+            if model_id:
+                try:
+                    where = _local_path(c.get_logged_model(model_id).artifact_location)
+                except Exception:
+                    where = None
+            if where is not None and where.exists():
+                size = tree_bytes(where)
+
+            def delete(name=name, version=str(mv.version), model_id=model_id, where=where) -> None:
+                c.delete_model_version(name, version)
+                if model_id:
+                    try:
+                        c.delete_logged_model(model_id)
+                    except Exception as e:
+                        log.warning("could not delete logged model %s: %s", model_id, e)
+                if where is not None:
+                    shutil.rmtree(where, ignore_errors=True)
+                    if where.name == "artifacts" and where.parent.name == model_id:
+                        shutil.rmtree(where.parent, ignore_errors=True)
+
+            note = "" if where is not None or not model_id else " (artifacts freed by the server's `mlflow gc`)"
+            items.append(Item("version", f"{name} version {mv.version}",
+                              f"beyond the newest {keep}, no alias{note}", size, delete))
+    return items
+
+
+def plan_stale_runs() -> list[Item]:
+    from tasks import liveness
+
+    return [Item("stale-run", f"MLflow run {v.run_id}", v.reason, 0,
+                 lambda v=v: liveness.sweep_one(v)) for v in liveness.sweep_stale_runs(None, apply=False)]
+
+
+def collect(output_dirs: list[str | Path], cache_dir: str | Path | None, cache_days: float,
+            models: list[str] | None, keep_versions: int | None) -> list[Item]:
+    """Everything `finetune gc` would do. Stale runs come first: once marked KILLED their dirs count as failed."""
+    items = plan_stale_runs()
+    stale = {i.what.split()[-1] for i in items}
+    for out in output_dirs:
+        status_of = (lambda rid: "KILLED" if rid in stale else run_status(rid))
+        items += plan_run_dirs(out, status_of)
+    if cache_dir is not None:
+        items += plan_caches(cache_dir, cache_days)
+    if keep_versions is not None:
+        items += plan_versions(finetune_models() if models is None else models, keep_versions)
+    return items
+
+
+def apply(items: list[Item]) -> list[tuple[Item, str | None]]:
+    """Applies each item in order; returns (item, error or None)."""
+    done = []
+    for it in items:
+        try:
+            it.apply()
+            done.append((it, None))
+        except Exception as e:
+            log.warning("gc: %s failed: %s", it.what, e)
+            done.append((it, f"{type(e).__name__}: {e}"))
+    return done
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
