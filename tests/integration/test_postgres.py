@@ -28,6 +28,21 @@ ADMIN_PW = "adm1n-" + secrets.token_hex(8)
 TEXTS = ["a great wonderful film", "an awful boring mess", "loved the excellent cast"]
 
 
+def test_server_sh_names_the_missing_driver_before_starting(tmp_path):
+    """A database URI whose SQLAlchemy driver is missing, or the `postgres://` scheme SQLAlchemy refuses: one
+    `error:` line (password redacted), exit 2, no server started."""
+    for var, uri, want in (
+        ("MLFLOW_BACKEND_STORE_URI", "postgres://u:pw-secret@db/mlflow", "write postgresql://u:***@db/mlflow"),
+        ("MLFLOW_BACKEND_STORE_URI", "mysql://u:pw-secret@db/mlflow", "needs the database driver MySQLdb"),
+    ):
+        env = clean_env(**{var: uri, "MLFLOW_SERVER_DIR": str(tmp_path), "MLFLOW_PORT": "1"})
+        p = subprocess.run(["bash", str(ROOT / "mlflow" / "server.sh")], env=env, capture_output=True, text=True,
+                           timeout=60)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+        assert want in lines[0] and "pw-secret" not in p.stderr and var in lines[0]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("postgres")
