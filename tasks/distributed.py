@@ -65,10 +65,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def backend() -> str:
+def backend(device_pref: str = "auto") -> str:
+    """The process group's backend; before one is up, the one for `device_pref`: nccl on CUDA GPUs, gloo on
+    the CPU."""
     import torch
+    import torch.distributed as dist
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    if active():
+        return dist.get_backend()
+    return "nccl" if device_pref in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
 
 
 # --- what the training loop needs ------------------------------------------------------------------------------
@@ -169,6 +174,14 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
     from tasks.training import TrainResult
 
     log = run_logger(__name__)
+    t = spec.train
+    import torch
+
+    if t.device in ("auto", "cuda") and torch.cuda.is_available() and t.nproc_per_node > torch.cuda.device_count():
+        from tasks.common import ConfigError
+
+        raise ConfigError(f"nproc_per_node={t.nproc_per_node} but this machine has {torch.cuda.device_count()} "
+                          f"GPU(s): use --nproc-per-node {torch.cuda.device_count()} (one process per GPU)")
     work = Path(run_dir) / "distributed"
     work.mkdir(parents=True, exist_ok=True)
     spec_file, result_file, metrics_file = work / "spec.json", work / "result.json", work / "metrics.jsonl"
@@ -178,10 +191,9 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
     run_id = run_id_of(on_metrics)
     args = ["--spec", str(spec_file), "--tokenized", str(tokenized_path), "--run-dir", str(run_dir),
             "--result", str(result_file), *(["--run-id", run_id] if run_id else [])]
-    cmd = torchrun_command(spec.train, args, rdzv_id=run_id or Path(run_dir).name)
+    cmd = torchrun_command(t, args, rdzv_id=run_id or Path(run_dir).name)
     # the command, for the record (and, multi-node, what every other node runs: same paths on shared storage)
     write_json_atomic(work / "command.json", {"command": cmd, "tokenized": str(tokenized_path)})
-    t = spec.train
     log.info("data-parallel training: %d process(es) per node x %d node(s), per-rank batch %d, global batch %d: %s",
              t.nproc_per_node, t.nnodes, t.batch_size, t.batch_size * t.nproc_per_node * t.nnodes,
              " ".join(cmd[1:]))
@@ -238,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.jobs import JobSpec
     from tasks.training import build_loaders, train
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend())
+    spec = JobSpec.model_validate_json(Path(a.spec).read_text())
+    if backend(spec.train.device) == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank: "cuda" means this one
+    dist.init_process_group(backend(spec.train.device))
     try:
-        spec = JobSpec.model_validate_json(Path(a.spec).read_text())
         if is_main() and a.run_id:
             from tasks import tracking
 

@@ -72,7 +72,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _multi_node_needs_endpoint(self) -> "TrainConfig":
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous, reachable by every node)")
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: --rdzv-endpoint HOST:PORT, the rendezvous every node "
+                             "reaches (node 0's address and a free port)")
         return self
 
 

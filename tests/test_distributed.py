@@ -91,3 +91,39 @@ def test_two_gloo_processes_one_run_and_the_same_metrics_as_one_process(
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-5), (got["epoch"], key, got, want)
     # and it learned something (the comparison is not between two untrained models)
     assert out["history"][-1]["train_loss"] < out["history"][0]["train_loss"]
+
+
+def test_torchrun_command_single_and_multi_node():
+    from tasks.distributed import torchrun_command
+    from tasks.training import TrainConfig
+
+    one = torchrun_command(TrainConfig(nproc_per_node=2), ["--spec", "s.json"])
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1", "--standalone",
+                       "-m", "tasks.distributed", "--spec", "s.json"]
+    multi = torchrun_command(TrainConfig(nproc_per_node=4, nnodes=2, rdzv_endpoint="node0:29400"), [], "run1")
+    assert " ".join(multi[3:]) == ("--nproc-per-node 4 --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node0:29400 "
+                                   "--rdzv-id run1 -m tasks.distributed")
+
+
+def test_multi_node_without_endpoint_is_a_config_error(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "classify", "--nnodes", "2"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--rdzv-endpoint HOST:PORT" in lines[0], p.stderr
+
+
+def test_a_failing_rank_fails_the_launch(tmp_path, tiny_model_no_dropout):
+    """torchrun's non-zero exit (here: every rank fails to read a tokenized dataset that is not there) is an
+    exception in the training task, naming the exit code."""
+    from tasks.distributed import launch
+    from tasks.jobs import JobSpec
+    from tasks.training import TrainConfig
+
+    spec = JobSpec(job="classify", train=TrainConfig(model=tiny_model_no_dropout, nproc_per_node=2),
+                   options={"engine": "manual"}, label_names=["negative", "positive"])
+    with pytest.raises(RuntimeError, match="torchrun exited with code 1"):
+        launch(spec, str(tmp_path / "missing-dataset"), str(tmp_path / "run"), None)
+    assert not (tmp_path / "run" / "distributed" / "result.json").exists()
