@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.jobs import JobSpec
     from tasks.training import build_loaders, train
 
+    import logging
+
+    # the training core's log lines (resumed from..., epoch rows) on the launcher's console: rank 0's, and every
+    # rank's warnings
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format=f"rank {os.environ.get('RANK', '0')}: %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     spec = JobSpec.model_validate_json(Path(a.spec).read_text())
     if backend(spec.train.device) == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank: "cuda" means this one

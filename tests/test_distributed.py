@@ -127,3 +127,72 @@ def test_a_failing_rank_fails_the_launch(tmp_path, tiny_model_no_dropout):
     with pytest.raises(RuntimeError, match="torchrun exited with code 1"):
         launch(spec, str(tmp_path / "missing-dataset"), str(tmp_path / "run"), None)
     assert not (tmp_path / "run" / "distributed" / "result.json").exists()
+
+
+def test_a_killed_rank_fails_the_task_and_the_retry_resumes_from_the_checkpoint(tiny_model_no_dropout, tmp_path):
+    """The CLI trains with 2 ranks; once rank 0 has written a mid-epoch checkpoint, rank 1 is killed (SIGKILL).
+    torchrun exits non-zero, the training task fails, Prefect's retry launches torchrun again with resume: the
+    same MLflow run ends FINISHED with one point per epoch, and the metrics equal one process's (batch 8)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from mlflow import MlflowClient
+
+    from conftest import write_sentiment_csv
+    from tasks import distributed
+    from tasks.jobs import JobSpec
+    from tasks.training import build_loaders, train
+    from tests.integration._servers import clean_env
+
+    csv = write_sentiment_csv(tmp_path, repeat=40)  # 480 train rows: 60 steps of 4 per rank and epoch
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", FINETUNE_CACHE_DIR=str(tmp_path / "c"),
+                    FINETUNE_MLFLOW_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv, "--text-column", "review",
+           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--max-length", "32", "--batch-size", "4",
+           "--learning-rate", "5e-3", "--warmup-ratio", "0", "--epochs", "3", "--output-dir", str(out),
+           "--eval-fraction", "0.25", "--experiment", "ddp-faults", "--registered-model", "ddp-faults",
+           "--nproc-per-node", "2", "--checkpoint-every-steps", "20", "--json"]
+    log = (tmp_path / "cli.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=log,
+                            stderr=subprocess.STDOUT)
+    rank1 = None
+    while rank1 is None or not list(out.glob("classify/*/checkpoints/step-*")):
+        assert proc.poll() is None, (tmp_path / "cli.log").read_text()[-5000:]
+        if rank1 is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "tasks.distributed" in child.cmdline() and child.environ().get("RANK") == "1":
+                        rank1 = child
+                except psutil.Error:
+                    pass
+        time.sleep(0.02)
+    rank1.send_signal(signal.SIGKILL)
+    assert proc.wait(600) == 0, (tmp_path / "cli.log").read_text()[-5000:]
+    text = (tmp_path / "cli.log").read_text()
+    lines = [ln[:300] for ln in text.splitlines() if "torchrun exited" in ln or "resumed from" in ln]
+    assert any("torchrun exited with code 1" in ln for ln in lines), text[-5000:]
+    assert any("rank 0:" in ln and "resumed from" in ln and "step-" in ln for ln in lines), lines
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = c.search_runs([c.get_experiment_by_name("ddp-faults").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_f1"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    assert c.get_model_version("ddp-faults", "1").run_id == run.info.run_id
+
+    run_dir = out / "classify" / run.info.run_id
+    launched = json.loads((run_dir / "distributed" / "command.json").read_text())
+    spec = JobSpec.model_validate_json((run_dir / "distributed" / "spec.json").read_text())
+    spec = spec.model_copy(update={"train": spec.train.model_copy(
+        update={"nproc_per_node": 1, "batch_size": 8, "resume": False})})
+    loaders = distributed.shard_train_loader(build_loaders(launched["tokenized"], spec), spec.train.seed,
+                                             num_replicas=1, rank=0)
+    ref = train(spec, launched["tokenized"], str(tmp_path / "reference"), loaders=loaders)
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_f1"):
+        got = [m.value for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        want = [row[key] for row in ref.history]
+        assert all(math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-5) for g, w in zip(got, want)), (key, got, want)
