@@ -196,3 +196,26 @@ def test_a_killed_rank_fails_the_task_and_the_retry_resumes_from_the_checkpoint(
         got = [m.value for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
         want = [row[key] for row in ref.history]
         assert all(math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-5) for g, w in zip(got, want)), (key, got, want)
+
+
+def test_hf_trainer_engine_shards_under_torchrun(sentiment_csv, tiny_model_no_dropout, tmp_path, isolated):
+    """`--engine trainer`: the HF Trainer does its own DDP inside the torchrun ranks (the ranks only set up the
+    process group): 36 training rows, 18 per rank in batches of 4, make 5 optimizer steps an epoch (one process
+    with batch 4 would take 9); one MLflow run, one point per epoch, the global batch logged."""
+    from mlflow import MlflowClient
+
+    from flows.classify import classify_flow
+
+    cfg = flow_cfg(sentiment_csv, tiny_model_no_dropout, tmp_path, nproc_per_node=2)
+    cfg = cfg.model_copy(update={"engine": "trainer"})
+    out = classify_flow(cfg)
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    [run] = c.search_runs([c.get_experiment_by_name("test-ddp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["engine"] == "trainer"
+    assert run.data.params["train.global_batch_size"] == "8"
+    for key in ("train_loss", "eval_loss", "eval_f1"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    run_dir = Path(out["model_dir"]).parent
+    states = [json.loads(p.read_text()) for p in run_dir.glob("trainer/checkpoint-*/trainer_state.json")]
+    assert max(s["global_step"] for s in states) == 10  # 2 epochs x ceil(18 / 4): each rank saw half the data
+    assert out["version"] == "1"
