@@ -197,7 +197,7 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
     log.info("data-parallel training: %d process(es) per node x %d node(s), per-rank batch %d, global batch %d: %s",
              t.nproc_per_node, t.nnodes, t.batch_size, t.batch_size * t.nproc_per_node * t.nnodes,
              " ".join(cmd[1:]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
@@ -213,6 +213,32 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
 
 
 # --- the rank's side -------------------------------------------------------------------------------------------
+
+LAUNCHER_PID = "FINETUNE_LAUNCHER_PID"
+
+
+def exit_when_launcher_dies(poll_seconds: float = 2.0) -> None:
+    """A rank whose launching flow process is gone (SIGKILL, a crash: it cannot stop torchrun then) exits too,
+    instead of training on, orphaned; torchrun then stops the other ranks. Only where the launcher's pid was
+    passed down (not on the other nodes of a multi-node run, which are started by hand)."""
+    import threading
+    import time
+
+    pid = int(os.environ.get(LAUNCHER_PID) or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, another user's
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 class _RankMetrics:
@@ -256,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     # rank's warnings
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format=f"rank {os.environ.get('RANK', '0')}: %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    exit_when_launcher_dies()
     spec = JobSpec.model_validate_json(Path(a.spec).read_text())
     if backend(spec.train.device) == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank: "cuda" means this one

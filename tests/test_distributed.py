@@ -219,3 +219,39 @@ def test_hf_trainer_engine_shards_under_torchrun(sentiment_csv, tiny_model_no_dr
     states = [json.loads(p.read_text()) for p in run_dir.glob("trainer/checkpoint-*/trainer_state.json")]
     assert max(s["global_step"] for s in states) == 10  # 2 epochs x ceil(18 / 4): each rank saw half the data
     assert out["version"] == "1"
+
+
+def test_ranks_stop_when_the_flow_process_is_killed(tiny_model_no_dropout, tmp_path):
+    """SIGKILL of the CLI (the launcher) mid-training: its torchrun ranks notice and exit instead of training on,
+    orphaned; the checkpoint they wrote stays for --resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import write_sentiment_csv
+    from tests.integration._servers import clean_env
+
+    csv = write_sentiment_csv(tmp_path, repeat=40)
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", FINETUNE_CACHE_DIR=str(tmp_path / "c"),
+                    FINETUNE_MLFLOW_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv, "--text-column", "review",
+           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--max-length", "32", "--batch-size", "4",
+           "--epochs", "20", "--output-dir", str(out), "--nproc-per-node", "2", "--checkpoint-every-steps", "20"]
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ranks: list = []
+    while len(ranks) < 2 or not list(out.glob("classify/*/checkpoints/step-*")):
+        assert proc.poll() is None
+        if len(ranks) < 2:
+            ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "tasks.distributed" in " ".join(c.cmdline()) and "torch.distributed.run" not in c.cmdline()]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    assert list(out.glob("classify/*/checkpoints/step-*"))
