@@ -9,7 +9,9 @@
 # Then, for training, predicting and the `finetune` commands:  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 #
 # Settings (environment variables, all optional):
-#   MLFLOW_BACKEND_STORE_URI      runs + registry database     (default sqlite:///mlflow/store/server/mlflow.db)
+#   MLFLOW_BACKEND_STORE_URI      runs + registry database     (default sqlite:///mlflow/store/server/mlflow.db);
+#                                 PostgreSQL: postgresql://user:pw@host:5432/db (the `postgres` extra: psycopg2);
+#                                 the database must exist, MLflow creates its tables on the first start
 #   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps artifacts; clients upload through the server
 #                                 (mlflow-artifacts:/), so they need no access to it (default mlflow/store/server/artifacts)
 #   MLFLOW_DEFAULT_ARTIFACT_ROOT  instead: an artifact root clients write to directly (shared disk, s3://...);
@@ -27,7 +29,8 @@
 #                                 there is no default password. Used once, when the admin user is created.
 #   MLFLOW_AUTH_DEFAULT_PERMISSION  what a user may do without an explicit grant: READ (default), NO_PERMISSIONS,
 #                                 EDIT, MANAGE (see `finetune access`)
-#   MLFLOW_AUTH_DATABASE_URI      users and permissions (default sqlite:///$MLFLOW_SERVER_DIR/basic_auth.db)
+#   MLFLOW_AUTH_DATABASE_URI      users and permissions (default sqlite:///$MLFLOW_SERVER_DIR/basic_auth.db;
+#                                 postgresql://... works too, best a database of its own)
 #   MLFLOW_AUTH_CONFIG_PATH       your own basic_auth.ini, used as it is; unset: one is generated (mode 600) in
 #                                 MLFLOW_SERVER_DIR from the settings above
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app (default: a random one per start)
@@ -60,9 +63,36 @@ else
   where="$dest (proxied by the server)"
 fi
 
-# --- authentication -------------------------------------------------------------------------------------------
 die() { echo "error: $*" >&2; exit 2; }
 redact() { sed -E 's#(://[^:/@]+):[^@/]*@#\1:***@#'; }   # user:password@ in a URI -> user:***@
+py="$(dirname "$mlflow_bin")/python"
+# A database URI needs its SQLAlchemy driver in the server's Python (SQLAlchemy 2.1 reads postgresql:// as
+# psycopg 3, 2.0 as psycopg2): SQLAlchemy itself says which, and it is checked before starting.
+need_driver() {  # $1: database URI, $2: the setting it came from
+  case "$1" in
+    sqlite:*) return 0 ;;
+    postgres://*) die "$2: SQLAlchemy does not know the scheme postgres://; write $(printf %s "postgresql://${1#postgres://}" | redact)" ;;
+  esac
+  [ -x "$py" ] || return 0
+  local missing
+  missing="$(DB_URI="$1" "$py" -c '
+import os
+from sqlalchemy.engine import make_url
+try:
+    make_url(os.environ["DB_URI"]).get_dialect().import_dbapi()
+except ImportError as e:
+    print(e.name or e)
+except Exception:
+    pass  # not a driver problem: mlflow server reports it
+' 2>/dev/null)" || true
+  [ -z "$missing" ] || case "$1" in
+    postgresql*) die "$2=$(printf %s "$1" | redact) needs the PostgreSQL driver $missing: .venv/bin/pip install -e '.[postgres]' (or bash scripts/setup.sh)" ;;
+    *) die "$2=$(printf %s "$1" | redact) needs the database driver $missing: pip install it into the server's environment" ;;
+  esac
+}
+need_driver "$backend" MLFLOW_BACKEND_STORE_URI
+
+# --- authentication -------------------------------------------------------------------------------------------
 auth_mode="${MLFLOW_AUTH:-}"
 case "$auth_mode" in
   ""|none|off|false|0) auth_mode=none ;;
@@ -72,7 +102,6 @@ esac
 for a in "$@"; do case "$a" in --app-name|--app-name=*) auth_mode=app ;; esac; done   # the caller chose an app
 app=()
 if [ "$auth_mode" = basic ]; then
-  py="$(dirname "$mlflow_bin")/python"
   [ ! -x "$py" ] || "$py" -c "import flask_wtf" 2>/dev/null \
     || die "MLFLOW_AUTH=basic needs MLflow's auth extra: .venv/bin/pip install -e '.[auth]' (or bash scripts/setup.sh)"
   admin_user="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
@@ -97,6 +126,7 @@ if [ "$auth_mode" = basic ]; then
     [ -n "$admin_password" ] || die "MLFLOW_AUTH=basic needs an admin password: set MLFLOW_AUTH_ADMIN_PASSWORD or MLFLOW_AUTH_ADMIN_PASSWORD_FILE (there is no default)"
     case "$admin_password$admin_user" in *$'\n'*) die "the admin user name and password may not contain a newline" ;; esac
     auth_db="${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$store/basic_auth.db}"
+    need_driver "$auth_db" MLFLOW_AUTH_DATABASE_URI
     case "$auth_db" in sqlite:///*) mkdir -p "$(dirname "${auth_db#sqlite:///}")" ;; esac
     ini="$store/basic_auth.ini"
     case "$ini" in "$root"/*) git -C "$root" check-ignore -q "$ini" 2>/dev/null \

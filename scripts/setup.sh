@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install finetune-flows with its test tools and the MLflow auth server extra.
+# Create .venv and install finetune-flows with its test tools, the MLflow auth server extra and the PostgreSQL
+# driver (the postgres extra: mlflow/server.sh on a postgresql:// store).
 # torch goes first, as a CPU build: a bare `torch` requirement on a CPU-only machine downloads a multi-GB CUDA
 # build. On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index) before running.
 set -euo pipefail
@@ -17,5 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || .venv/bin/pip install -q "torch==2.13.0"
   fi
 fi
-.venv/bin/pip install -q -e ".[dev,auth,ray]"   # auth: MLflow's basic-auth server app; ray: `finetune sweep`
+# auth: MLflow's basic-auth server app; postgres: the drivers for a PostgreSQL store (both for mlflow/server.sh);
+# ray: prefect-ray and Ray for `finetune sweep`
+.venv/bin/pip install -q -e ".[dev,auth,postgres,ray]"
 echo "installed: $(.venv/bin/python -c 'import torch, transformers, trl, mlflow, prefect; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, mlflow {mlflow.__version__}, prefect {prefect.__version__}")')"

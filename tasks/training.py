@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT, ConfigError
 
@@ -65,6 +65,21 @@ class TrainConfig(BaseModel):
         None, gt=0, description="Stop after N epochs in a row without improvement of the promotion metric "
                                 "(default: train every epoch).",
     )
+    nproc_per_node: int = Field(
+        1, ge=1, description="Data-parallel processes on this machine (one per GPU): the training step runs under "
+                             "torchrun with DDP; batch_size is per process (global batch = batch_size x processes).",
+    )
+    nnodes: int = Field(1, ge=1, description="Machines in a data-parallel run (torchrun --nnodes); see README.")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port where the nodes of a multi-node run meet (torchrun --rdzv-endpoint).",
+    )
+
+    @model_validator(mode="after")
+    def _multi_node_needs_endpoint(self) -> "TrainConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: --rdzv-endpoint HOST:PORT, the rendezvous every node "
+                             "reaches (node 0's address and a free port)")
+        return self
 
 
 class LoraConfig(BaseModel):
@@ -206,7 +221,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     import torch
     from tqdm.auto import tqdm
 
-    from tasks import adapters
+    from tasks import adapters, distributed
     from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from tasks.common import run_logger
     from tasks.device import autocast
@@ -214,7 +229,10 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     log = run_logger(__name__)
     t = spec.train
     train_loader = loaders["train"]
+    # Single process: the loader's seeded generator orders each epoch. Data-parallel: a DistributedSampler does
+    # (seed + epoch), each rank on its shard, and DDP all-reduces the gradients in backward().
     gen = train_loader.generator
+    ddp_model = distributed.wrap(model, device)
     steps_per_epoch = len(train_loader)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -237,9 +255,12 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"])
-            gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
+            if gen is not None and st["epoch_start_gen_state"] is not None:
+                gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
             start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
+            if not distributed.is_main():
+                resumed_loss = (0.0, 0)  # the checkpoint holds the sum over all ranks: counted once, on rank 0
             resumed_from = str(path)
             best_state = st.get("best_state")
             best = track_best(history, key, higher)
@@ -257,6 +278,9 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
         # The best epoch so far follows from the history; its weights travel with the checkpoint unless they are
         # the checkpoint's own model (the end of the best epoch), which resume copies aside again.
+        epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
+        if not distributed.is_main():
+            return  # rank 0 writes the checkpoint (every rank holds the same weights and optimizer state)
         at_best = batches_done == 0 and history and track_best(history, key, higher).best_epoch == history[-1]["epoch"]
         save_checkpoint(ckpt_root, step, {
             "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -266,23 +290,27 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
         })
 
-    log.info("training: %d examples, %d epochs, batch %d, %d optimizer steps, device %s",
-             len(train_loader.dataset), t.epochs, t.batch_size, total, device)
+    world = distributed.world_size()
+    log.info("training: %d examples, %d epochs, batch %d%s, %d optimizer steps, device %s",
+             len(train_loader.dataset), t.epochs, t.batch_size * world,
+             f" (global: {t.batch_size} per process x {world} processes)" if world > 1 else "", total, device)
     model.train()
     seen, t0 = 0, time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         if track_best(history, key, higher).should_stop(t.early_stopping_patience):
             break  # a resumed run that had already stopped early
-        epoch_start_gen = gen.get_state()
+        distributed.set_epoch(train_loader, epoch)
+        epoch_start_gen = gen.get_state() if gen is not None else None
         loss_sum, loss_n = resumed_loss
         resumed_loss = (0.0, 0)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch,
+                   disable=not distributed.is_main())
         for i, batch in enumerate(bar):
             if i < skip_batches:
                 continue  # same permutation as the interrupted run: skip what it already trained on
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
-                loss = model(**batch).loss
+                loss = ddp_model(**batch).loss
             if scaler:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -305,13 +333,14 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
                 checkpoint(epoch, i + 1, epoch_start_gen, (loss_sum, loss_n))
         skip_batches = 0
+        loss_sum, loss_n = distributed.sum_over_ranks(loss_sum, loss_n)  # the epoch's mean over every rank's shard
         row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
         history.append(row)
         progress = track_best(history, key, higher)
         if keep_best and progress.best_epoch == epoch:
             best_state = _cpu_copy(adapters.model_state(model))  # later epochs train on: keep these weights aside
         # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
-        checkpoint(epoch + 1, 0, gen.get_state(), (0.0, 0))
+        checkpoint(epoch + 1, 0, gen.get_state() if gen is not None else None, (0.0, 0))
         if on_metrics:
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
@@ -320,6 +349,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                      epoch, key, progress.epochs_without_improvement, progress.best_value, progress.best_epoch)
             break
     elapsed = time.perf_counter() - t0
+    (seen,) = distributed.sum_over_ranks(seen)  # samples/s of the whole run
     selected = history[-1]["epoch"] if history else None
     best = track_best(history, key, higher).best_epoch
     if keep_best and best is not None and best != selected and best_state is not None:
@@ -508,10 +538,14 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     from tasks.common import resolve_model, run_logger, seed_everything, write_json_atomic
     from tasks.device import amp_dtype, describe, select_device
 
+    from tasks import distributed
+
     log = run_logger(__name__)
     recipe = spec.recipe
     # --- setup: resume on a Prefect retry, run dir, device and precision, seed, model (+ adapters), loaders
     spec = resume_on_retry(spec)
+    if distributed.requested(spec.train) and not distributed.is_worker():
+        return distributed.launch(spec, tokenized_path, run_dir, on_metrics)  # the ranks run this function
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     device = select_device(spec.train.device)
@@ -534,6 +568,7 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
         loaders = build_loaders(tokenized_path, spec, tok)
     extras: dict = {}
 
+    @distributed.main_then_broadcast  # data-parallel: rank 0 evaluates, every rank gets the row
     def evaluate_fn(m, desc: str = "eval") -> dict[str, float]:
         r = recipe.evaluate(m, loaders["eval"], device, dtype, desc=desc)
         extras.update({k: v for k, v in r.items() if not isinstance(v, float)})
@@ -547,7 +582,8 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
             epoch0 = json.loads(epoch0_file.read_text())
         else:
             epoch0 = {"epoch": 0, **evaluate_fn(model, "eval epoch 0")}
-            write_json_atomic(epoch0_file, epoch0)
+            if distributed.is_main():
+                write_json_atomic(epoch0_file, epoch0)
         if on_metrics:
             on_metrics({k: v for k, v in epoch0.items() if k != "epoch"}, 0)
         history.append(epoch0)
@@ -593,13 +629,19 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
             tok.save_pretrained(d)
         write_run_files(d, spec, history, final, selected_epoch=selected, stopped_early_at=stopped_early_at)
 
-    model_dir = save_model_dir(run, write)
-    write_json_atomic(run / "eval_extras.json", extras)
+    model_dir = run / "model"
+    if distributed.is_main():  # data-parallel: rank 0 saves, the others hold the same weights
+        model_dir = save_model_dir(run, write)
+        write_json_atomic(run / "eval_extras.json", extras)
     from tasks.evaluate import probe_scores
 
-    probe = probe_scores(model, loaders["eval"], spec, device, dtype)  # lets promotion check the logged model cheaply
+    # the saved weights' scores on a few eval rows: promotion checks the logged model against them cheaply
+    probe = probe_scores(model, loaders["eval"], spec, device, dtype) if distributed.is_main() else {}
+    where = describe(device, dtype)
+    if distributed.active():
+        where += f" x {distributed.world_size()} processes ({distributed.backend()})"
     return TrainResult(
-        model_dir=str(model_dir), history=history, final=final, device=describe(device, dtype),
+        model_dir=str(model_dir), history=history, final=final, device=where,
         selected_epoch=selected, best_epoch=progress.best_epoch, selection_metric=key, stopped_early_at=stopped_early_at,
         train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
         trainable_parameters=trainable, total_parameters=total, probe=probe,

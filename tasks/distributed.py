@@ -1,0 +1,309 @@
+"""Data-parallel training under torchrun: the launcher the training task calls, and the per-rank entry point.
+
+The flow's process does not train itself when `train.nproc_per_node > 1` (or `train.nnodes > 1`): it runs
+
+    python -m torch.distributed.run --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] \
+        -m tasks.distributed --spec spec.json --tokenized DIR --run-dir DIR [--run-id ID] --result result.json
+
+as a subprocess, and the exit code decides the task's state (non-zero: the task fails, and its Prefect retry resumes
+from the last checkpoint). Ranks get paths and ids, never objects. Each rank reads its own shard of the training
+set (torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
+DistributedDataParallel (gradients all-reduced), the HF Trainer and TRL's SFTTrainer do the same themselves. Only
+rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's
+run, whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the
+per-rank `train.batch_size` times the number of processes. Backend: nccl when CUDA is available, gloo otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from tasks.jobs import JobSpec
+    from tasks.training import TrainResult
+
+
+# --- where a process stands ------------------------------------------------------------------------------------
+
+
+def requested(train_cfg) -> bool:
+    """The config asks for more than one process."""
+    return train_cfg.nproc_per_node > 1 or train_cfg.nnodes > 1
+
+
+def is_worker() -> bool:
+    """This process is one of torchrun's ranks (torchrun sets these for every rank it starts)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def active() -> bool:
+    """A process group is up (a rank of a data-parallel run)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a plain single process: the one that logs, checkpoints and saves."""
+    return rank() == 0
+
+
+def backend(device_pref: str = "auto") -> str:
+    """The process group's backend; before one is up, the one for `device_pref`: nccl on CUDA GPUs, gloo on
+    the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if active():
+        return dist.get_backend()
+    return "nccl" if device_pref in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+
+
+# --- what the training loop needs ------------------------------------------------------------------------------
+
+
+def wrap(model, device):
+    """DistributedDataParallel around the model in a data-parallel run (the model itself otherwise)."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each value summed over all ranks (e.g. a loss sum and a sample count: the epoch's global mean)."""
+    if not active():
+        return tuple(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                     device="cuda" if backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
+def main_then_broadcast(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """`fn` (an evaluation) runs on rank 0 only; every rank gets its result, so decisions taken from it (the
+    best epoch, early stopping) are the same everywhere."""
+    if not active():
+        return fn
+
+    def run(*args, **kwargs) -> dict:
+        import torch.distributed as dist
+
+        box = [fn(*args, **kwargs) if is_main() else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return run
+
+
+def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, num_replicas: int | None = None,
+                       rank: int | None = None) -> dict:
+    """The train loader again, over this rank's shard: a seeded DistributedSampler (same collator; batch size per
+    rank). The loop calls `sampler.set_epoch(epoch)`, so each epoch reshuffles the same way on every rank and a
+    resumed run replays the interrupted epoch's order. `num_replicas=1, rank=0` gives one process the same
+    order a data-parallel run's ranks share out (the reference of a DDP run)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    train = loaders["train"]
+    sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
+    return {**loaders, "train": DataLoader(train.dataset, batch_size=batch_size or train.batch_size,
+                                           sampler=sampler, collate_fn=train.collate_fn)}
+
+
+def set_epoch(loader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+# --- the launcher (the flow's side) ----------------------------------------------------------------------------
+
+
+def run_id_of(on_metrics: Any) -> str | None:
+    """The MLflow run id behind an `on_metrics` callback (tasks.tracking.MetricsLogger, possibly wrapped by a
+    callback that keeps it as `.inner`): rank 0 logs into that run."""
+    seen = 0
+    while on_metrics is not None and seen < 5:
+        if isinstance(getattr(on_metrics, "run_id", None), str):
+            return on_metrics.run_id
+        on_metrics, seen = getattr(on_metrics, "inner", None), seen + 1
+    return None
+
+
+def torchrun_command(train_cfg, entry_args: list[str], rdzv_id: str = "finetune") -> list[str]:
+    """`python -m torch.distributed.run ...` for this config: one node on a free local port (--standalone), or
+    several nodes meeting at `rdzv_endpoint` (c10d rendezvous, id `rdzv_id`; every node runs the same command)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(train_cfg.nproc_per_node),
+           "--nnodes", str(train_cfg.nnodes)]
+    if train_cfg.nnodes > 1:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", train_cfg.rdzv_endpoint,
+                "--rdzv-id", rdzv_id]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "-m", "tasks.distributed", *entry_args]
+
+
+def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Callable[[dict, int], None] | None
+           ) -> "TrainResult":
+    """Runs the training step under torchrun and returns rank 0's TrainResult. A non-zero exit raises (the task
+    fails; a retry resumes from the last checkpoint)."""
+    from tasks.common import run_logger, write_json_atomic
+    from tasks.training import TrainResult
+
+    log = run_logger(__name__)
+    t = spec.train
+    import torch
+
+    if t.device in ("auto", "cuda") and torch.cuda.is_available() and t.nproc_per_node > torch.cuda.device_count():
+        from tasks.common import ConfigError
+
+        raise ConfigError(f"nproc_per_node={t.nproc_per_node} but this machine has {torch.cuda.device_count()} "
+                          f"GPU(s): use --nproc-per-node {torch.cuda.device_count()} (one process per GPU)")
+    work = Path(run_dir) / "distributed"
+    work.mkdir(parents=True, exist_ok=True)
+    spec_file, result_file, metrics_file = work / "spec.json", work / "result.json", work / "metrics.jsonl"
+    write_json_atomic(spec_file, spec.model_dump(mode="json"))
+    for stale in (result_file, metrics_file):
+        stale.unlink(missing_ok=True)
+    run_id = run_id_of(on_metrics)
+    args = ["--spec", str(spec_file), "--tokenized", str(tokenized_path), "--run-dir", str(run_dir),
+            "--result", str(result_file), *(["--run-id", run_id] if run_id else [])]
+    cmd = torchrun_command(t, args, rdzv_id=run_id or Path(run_dir).name)
+    # the command, for the record (and, multi-node, what every other node runs: same paths on shared storage)
+    write_json_atomic(work / "command.json", {"command": cmd, "tokenized": str(tokenized_path)})
+    log.info("data-parallel training: %d process(es) per node x %d node(s), per-rank batch %d, global batch %d: %s",
+             t.nproc_per_node, t.nnodes, t.batch_size, t.batch_size * t.nproc_per_node * t.nnodes,
+             " ".join(cmd[1:]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"torchrun exited with code {rc} (see the ranks' output above); the last complete "
+                           f"checkpoint in {run_dir} is where a retry or --resume continues")
+    if not result_file.exists():
+        raise RuntimeError(f"torchrun exited 0 but rank 0 wrote no result to {result_file}")
+    if run_id is None and on_metrics is not None:  # nobody logged yet: hand rank 0's rows to the callback
+        for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
+            row = json.loads(line)
+            on_metrics(row["metrics"], row["step"])
+    return TrainResult.model_validate_json(result_file.read_text())
+
+
+# --- the rank's side -------------------------------------------------------------------------------------------
+
+LAUNCHER_PID = "FINETUNE_LAUNCHER_PID"
+
+
+def exit_when_launcher_dies(poll_seconds: float = 2.0) -> None:
+    """A rank whose launching flow process is gone (SIGKILL, a crash: it cannot stop torchrun then) exits too,
+    instead of training on, orphaned; torchrun then stops the other ranks. Only where the launcher's pid was
+    passed down (not on the other nodes of a multi-node run, which are started by hand)."""
+    import threading
+    import time
+
+    pid = int(os.environ.get(LAUNCHER_PID) or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, another user's
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+class _RankMetrics:
+    """Rank 0's `on_metrics`: into the flow's MLflow run (when its id was passed in), and one JSON line per call
+    (for a caller without an MLflow run, and a record of what rank 0 reported)."""
+
+    def __init__(self, run_id: str | None, path: Path):
+        from tasks import tracking
+
+        self.logger = tracking.MetricsLogger(run_id) if run_id else None
+        self.path = path
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        if self.logger:
+            self.logger(metrics, step)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank: joins the process group, trains on its shard through the one training core, and (rank 0)
+    writes the result for the launcher."""
+    p = argparse.ArgumentParser(prog="python -m tasks.distributed", description=main.__doc__)
+    p.add_argument("--spec", required=True, help="JSON of the JobSpec")
+    p.add_argument("--tokenized", required=True, help="the tokenized dataset dir")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--result", required=True, help="where rank 0 writes the TrainResult JSON")
+    p.add_argument("--run-id", default=None, help="MLflow run that rank 0 logs metrics into")
+    a = p.parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+
+    from tasks.common import write_json_atomic
+    from tasks.jobs import JobSpec
+    from tasks.training import build_loaders, train
+
+    import logging
+
+    # the training core's log lines (resumed from..., epoch rows) on the launcher's console: rank 0's, and every
+    # rank's warnings
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format=f"rank {os.environ.get('RANK', '0')}: %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    exit_when_launcher_dies()
+    spec = JobSpec.model_validate_json(Path(a.spec).read_text())
+    if backend(spec.train.device) == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank: "cuda" means this one
+    dist.init_process_group(backend(spec.train.device))
+    try:
+        if is_main() and a.run_id:
+            from tasks import tracking
+
+            tracking.log_params_once(a.run_id, {
+                "train.global_batch_size": spec.train.batch_size * world_size(),
+                "distributed.world_size": world_size(), "distributed.backend": backend()})
+        loaders = shard_train_loader(build_loaders(a.tokenized, spec), spec.train.seed)
+        on_metrics = _RankMetrics(a.run_id, Path(a.result).parent / "metrics.jsonl") if is_main() else None
+        result = train(spec, a.tokenized, a.run_dir, loaders=loaders, on_metrics=on_metrics)
+        if is_main():
+            write_json_atomic(a.result, result.model_dump(mode="json"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
