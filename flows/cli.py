@@ -278,6 +278,7 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
+        train.precheck(cfg)  # model, max_length, data file, columns, labels: found before Prefect starts
         with expected_errors_without_traceback():
             result = train.run_job(cfg)
         if as_json:
@@ -434,19 +435,34 @@ def build_cli() -> click.Group:
     from flows.config import job_configs
 
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [access_group()]
-    return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
-                  context_settings=CONTEXT)
+    verbose = click.Option(["--verbose", "-v"], is_flag=True, default=False,
+                           help="Show the libraries' own logs, and the traceback of an error on the terminal (else "
+                                "it goes to the debug log, .cache/logs/finetune-debug.log). Also FINETUNE_VERBOSE=1.")
+    return _Group("finetune", commands={c.name: c for c in commands}, help=HELP, params=[verbose],
+                  callback=_set_verbose, context_settings=CONTEXT)
+
+
+def _set_verbose(verbose: bool) -> None:
+    import os
+
+    from tasks import output
+
+    if verbose:
+        os.environ["FINETUNE_VERBOSE"] = "1"
+    output.configure()
 
 
 class _ExpectedErrorFilter(logging.Filter):
-    """Drops the traceback from Prefect's flow/task run log records of an expected error (ConfigError: bad input,
-    a permission the identity lacks): the record's one-line message stays, and `main` prints the `error:` line.
-    Bugs keep their tracebacks."""
+    """Moves the traceback of Prefect's flow/task run log records of an expected error (ConfigError: bad input,
+    a permission the identity lacks) into the debug log (on the terminal with --verbose): the record's one-line
+    message stays, and `main` prints the `error:` line. Bugs keep their tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from tasks import output
         from tasks.common import ConfigError
 
-        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError) and not output.verbose():
+            output.record_traceback(f"{record.name}: {record.getMessage()}\n{output.format_exception(record.exc_info[1])}")
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -464,9 +480,21 @@ def expected_errors_without_traceback():
             lg.removeFilter(f)
 
 
+def _expected(e: BaseException) -> None:
+    """An expected error's traceback: on the terminal with --verbose, else in the debug log."""
+    from tasks import output
+
+    if output.verbose():
+        print(output.format_exception(e), file=sys.stderr, end="")
+    else:
+        output.record_traceback(output.format_exception(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     from flows.config import ConfigError
+    from tasks import output
 
+    output.configure()
     cli = build_cli()
     try:
         rv = cli.main(args=argv, prog_name="finetune", standalone_mode=False)
@@ -484,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except ConfigError as e:
+        _expected(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -492,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tracking.auth_status(e):  # anything else is a bug: its traceback
             raise
         # a refusal by the tracking server that no command mapped to the permission it needs: still one line
+        _expected(e)
         print(f"error: {tracking.access_denied(e, 'the needed', 'this resource')}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0

@@ -142,7 +142,9 @@ def compare_cli(args: argparse.Namespace) -> int:
     try:
         tracking.check_remote()
         if os.environ.get("PREFECT_API_URL"):
-            registry.list_versions(name)  # a refusal (401/403) is one error line, found before Prefect starts
+            # a refusal (401/403) or an unknown model is one error line, found before Prefect starts
+            if not registry.list_versions(name):
+                compare_rows(name)  # raises the LookupError that names the model and the store
             rows = compare_flow(name)
         else:
             rows = compare_rows(name)

@@ -52,6 +52,33 @@ def selection_note(result, select: str) -> str:
     return note + ")"
 
 
+def precheck(cfg: JobConfig) -> None:
+    """The checks that need no Prefect, for the CLI (and deployments/trigger.py) to run before Prefect starts:
+    the promotion metric, the model (loadable, max_length within its limit, fit for the job) and the data (file,
+    columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs the same checks again, for
+    runs that come from a deployment."""
+    import logging
+
+    from tasks.common import is_hub_id, offline_unless_hub_reachable
+    from tasks.data import FILE_BUILDERS, check_data
+    from tasks.tokenize import check_model
+
+    from flows.promotion import resolve_metric
+
+    resolve_metric(cfg)
+    dataset = cfg.data.dataset
+    if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
+        offline_unless_hub_reachable()  # one connection attempt, not minutes of retries
+    quiet = logging.getLogger("tasks")  # the model check's warnings come again from the flow run: once is enough
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        (cfg.recipe.check_model or check_model)(cfg.train.model, cfg.data.max_length)
+    finally:
+        quiet.setLevel(level)
+    check_data(cfg.data, getattr(cfg, "num_labels", None))
+
+
 def run_training(cfg: JobConfig) -> dict:
     """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
     from tasks import tracking
@@ -64,6 +91,9 @@ def run_training(cfg: JobConfig) -> dict:
     from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
     from flows.promotion import resolve_metric
 
+    from tasks import output
+
+    output.configure()  # a worker's flow run starts here: no bars in its log, no unactionable notices
     recipe = cfg.recipe
     logger = run_logger(__name__)
     # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
