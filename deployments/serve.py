@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect import serve
 
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tasks import output
+
+    output.configure()  # flow runs (subprocesses) inherit it: no bars in their logs, no telemetry errors
     os.chdir(ROOT)  # entrypoints are recorded relative to the repository root
     deployments = build_deployments(load_specs(args.prefect_file, args.only), paused=args.paused)
     check_collisions(deployments, args.replace)

@@ -354,7 +354,13 @@ def other_commands() -> list[click.Command]:
         ),
         _command(
             "compare", "Table of a registered model's versions, metrics and aliases.",
-            "finetune compare --registered-model imdb-sentiment-classifier", [_registered_model()], _manage("compare"),
+            "finetune compare --registered-model imdb-sentiment-classifier",
+            [_registered_model(),
+             click.Option(["--wide"], is_flag=True, default=False,
+                          help="Every column and the full promotion notes (the default table fits 120 columns)."),
+             click.Option(["--json", "as_json"], is_flag=True, default=False,
+                          help="The rows as JSON (every column), for scripts.")],
+            _manage("compare"),
         ),
         _command(
             "promote", "Make a version the champion (a manual decision, no evaluation).",
