@@ -311,7 +311,10 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
         f = Path(file)
         if not f.is_file():
             raise ConfigError(f"--file {file!r} not found: pass a text file with one text per line")
-        texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--file {file!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     from tasks.tracking import check_remote
 
     check_remote()
@@ -449,13 +452,11 @@ def build_cli() -> click.Group:
 
 
 def _set_verbose(verbose: bool) -> None:
+    """`finetune --verbose`: `main` has read it already (output is configured before any command runs)."""
     import os
-
-    from tasks import output
 
     if verbose:
         os.environ["FINETUNE_VERBOSE"] = "1"
-    output.configure()
 
 
 class _ExpectedErrorFilter(logging.Filter):
@@ -497,9 +498,14 @@ def _expected(e: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     from flows.config import ConfigError
     from tasks import output
 
+    leading = list(sys.argv[1:] if argv is None else argv)[:1]
+    if leading and leading[0] in ("--verbose", "-v"):  # before anything is configured (the group option says so)
+        os.environ["FINETUNE_VERBOSE"] = "1"
     output.configure()
     cli = build_cli()
     try:

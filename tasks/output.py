@@ -62,13 +62,12 @@ def configure() -> None:
         for var, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                            ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("TQDM_DISABLE", "1")):
             os.environ.setdefault(var, value)
+        _switch_imported()
     if verbose():
         return
     # transformers' load report (a table with ANSI codes: a fresh classification head is "MISSING", an MLM head
     # the classifier drops is "UNEXPECTED": both expected when fine-tuning) and its other notices: errors only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not tty:
-        _switch_imported()
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

@@ -139,3 +139,21 @@ def test_trigger_bad_inputs_are_one_line(tmp_path, sentiment_csv):
     p = run([*trigger, "retrain-classify", "--config", str(cfg), "--no-check"], tmp_path,
             PREFECT_API_URL="http://127.0.0.1:9/api")
     assert "does not answer" in one_error_line(p)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["predict", "--registered-model", "nosuch", "hello"], "could not find models:/nosuch@champion"),
+    (["predict", "--registered-model", "m", "--file", "BINARY"], "not UTF-8"),
+    (["predict", "--registered-model", "m", "--file", "MISSING"], "not found"),
+    (["compare", "--registered-model", "nosuch"], "not found"),
+    (["promote", "--registered-model", "nosuch", "--version", "1"], "not found"),
+    (["rollback", "--registered-model", "nosuch"], "nosuch"),
+    (["access", "grant", "--user", "u", "--experiment", "e", "--permission", "READ"], "tracking server"),
+])
+def test_other_subcommands_bad_input_one_line(args, expect, tmp_path):
+    binary = tmp_path / "texts.bin"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    args = [str(binary) if a == "BINARY" else str(tmp_path / "missing.txt") if a == "MISSING" else a for a in args]
+    p = finetune(tmp_path, *args)
+    assert expect in one_error_line(p)
+    assert PREFECT_STARTED not in p.stdout + p.stderr
