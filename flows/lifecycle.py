@@ -19,10 +19,12 @@ def predict_command(name: str, alias: str | None = None, version: str | None = N
     return f"finetune predict --registered-model {name} {sel} {shlex.quote(example)}"
 
 
-def example_text(data_path: str | None, recipe, max_words: int = 12) -> str:
+def example_text(data_path: str | None, recipe, max_words: int = 16) -> str:
     """A text from the run's own eval split for the predict hint (the recipe's smoke example when there is none):
-    the first eval text of at least 3 words, cut to `max_words`, made into the job's input by its `example_from`
-    hook (MLM masks a word)."""
+    the first eval text of at least 3 words, its first sentence when that is short enough, else its first
+    `max_words` words, made into the job's input by its `example_from` hook (MLM masks a word)."""
+    import re
+
     try:
         from datasets import load_from_disk
 
@@ -33,7 +35,8 @@ def example_text(data_path: str | None, recipe, max_words: int = 12) -> str:
         words = str(text).split()
         if len(words) < 3:
             continue
-        short = " ".join(words[:max_words])
+        sentence = re.split(r"(?<=[.!?])\s", " ".join(words), maxsplit=1)[0].split()
+        short = " ".join(sentence if 3 <= len(sentence) <= max_words else words[:max_words])
         example = recipe.example_from(short) if recipe.example_from else short
         if example:
             return example
