@@ -124,10 +124,9 @@ def run_dir_for(cfg: JobConfig, key: str) -> Path:
 def summary_text(job: str, metrics: dict, run_id: str, registered: str, version: str | None, aliases: list[str],
                  predict_cmd: str, decision: str | None = None) -> str:
     lines = [f"== {job} finished =="]
-    width = max([22, *(len(k) for k in metrics)])
     for k, v in metrics.items():
         if isinstance(v, float):
-            lines.append(f"  {k:<{width}} {v:.4f}")
+            lines.append(f"  {k:<22} {v:.4f}")
     lines.append(f"  MLflow run id          {run_id}")
     if version:
         lines.append(f"  registered model       {registered} version {version}" + (f" (aliases: {', '.join(aliases)})" if aliases else ""))
