@@ -19,8 +19,8 @@ _NOISE = {
     "mlflow.transformers": ("The model card could not be retrieved", "Unable to find license information",
                             "'models:/"),
     "mlflow.transformers.signature": ("Running model prediction to infer the model output signature",),
+    # a new local store's first use
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
-    "mlflow.tracking.fluent": ("Experiment with name",),
 }
 
 
