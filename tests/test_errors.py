@@ -157,3 +157,19 @@ def test_other_subcommands_bad_input_one_line(args, expect, tmp_path):
     p = finetune(tmp_path, *args)
     assert expect in one_error_line(p)
     assert PREFECT_STARTED not in p.stdout + p.stderr
+
+
+def test_unreachable_hub_switches_to_offline_after_one_attempt(monkeypatch):
+    """One refused connection and the process works from the local cache (no retries with backoff); a proxy or
+    an explicit HF_HUB_OFFLINE is left alone."""
+    from tasks.common import is_hub_id, offline_unless_hub_reachable
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert offline_unless_hub_reachable(timeout=2) is True
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert offline_unless_hub_reachable(timeout=2) is False and "HF_HUB_OFFLINE" not in os.environ
+    assert is_hub_id("bert-base-uncased") and not is_hub_id("bundled-minilm") and not is_hub_id("./model")
