@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    from tasks import output
+
+    output.configure()  # flow runs (subprocesses) inherit it: no bars in their logs, no telemetry errors
+
     from flows.ephemeral import own_temporary_server
 
     own_temporary_server()  # without PREFECT_API_URL: the temporary server dies with this process

@@ -278,6 +278,7 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
+        train.precheck(cfg)  # model, max_length, data file, columns, labels: found before Prefect starts
         with expected_errors_without_traceback():
             result = train.run_job(cfg)
         if as_json:
@@ -310,7 +311,10 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
         f = Path(file)
         if not f.is_file():
             raise ConfigError(f"--file {file!r} not found: pass a text file with one text per line")
-        texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            texts_ += [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--file {file!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     from tasks.tracking import check_remote
 
     check_remote()
@@ -353,7 +357,13 @@ def other_commands() -> list[click.Command]:
         ),
         _command(
             "compare", "Table of a registered model's versions, metrics and aliases.",
-            "finetune compare --registered-model imdb-sentiment-classifier", [_registered_model()], _manage("compare"),
+            "finetune compare --registered-model imdb-sentiment-classifier",
+            [_registered_model(),
+             click.Option(["--wide"], is_flag=True, default=False,
+                          help="Every column and the full promotion notes (the default table fits 120 columns)."),
+             click.Option(["--json", "as_json"], is_flag=True, default=False,
+                          help="The rows as JSON (every column), for scripts.")],
+            _manage("compare"),
         ),
         _command(
             "promote", "Make a version the champion (a manual decision, no evaluation).",
@@ -520,19 +530,32 @@ def build_cli() -> click.Group:
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [sweep_command(),
                                                                                                    access_group()]
     commands.append(gc_command())
-    return _Group("finetune", commands={c.name: c for c in commands}, help=HELP,
-                  context_settings=CONTEXT)
+    verbose = click.Option(["--verbose", "-v"], is_flag=True, default=False,
+                           help="Show the libraries' own logs, and the traceback of an error on the terminal (else "
+                                "it goes to the debug log, .cache/logs/finetune-debug.log). Also FINETUNE_VERBOSE=1.")
+    return _Group("finetune", commands={c.name: c for c in commands}, help=HELP, params=[verbose],
+                  callback=_set_verbose, context_settings=CONTEXT)
+
+
+def _set_verbose(verbose: bool) -> None:
+    """`finetune --verbose`: `main` has read it already (output is configured before any command runs)."""
+    import os
+
+    if verbose:
+        os.environ["FINETUNE_VERBOSE"] = "1"
 
 
 class _ExpectedErrorFilter(logging.Filter):
-    """Drops the traceback from Prefect's flow/task run log records of an expected error (ConfigError: bad input,
-    a permission the identity lacks): the record's one-line message stays, and `main` prints the `error:` line.
-    Bugs keep their tracebacks."""
+    """Moves the traceback of Prefect's flow/task run log records of an expected error (ConfigError: bad input,
+    a permission the identity lacks) into the debug log (on the terminal with --verbose): the record's one-line
+    message stays, and `main` prints the `error:` line. Bugs keep their tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from tasks import output
         from tasks.common import ConfigError
 
-        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError) and not output.verbose():
+            output.record_traceback(f"{record.name}: {record.getMessage()}\n{output.format_exception(record.exc_info[1])}")
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -550,9 +573,26 @@ def expected_errors_without_traceback():
             lg.removeFilter(f)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from flows.config import ConfigError
+def _expected(e: BaseException) -> None:
+    """An expected error's traceback: on the terminal with --verbose, else in the debug log."""
+    from tasks import output
 
+    if output.verbose():
+        print(output.format_exception(e), file=sys.stderr, end="")
+    else:
+        output.record_traceback(output.format_exception(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from flows.config import ConfigError
+    from tasks import output
+
+    leading = list(sys.argv[1:] if argv is None else argv)[:1]
+    if leading and leading[0] in ("--verbose", "-v"):  # before anything is configured (the group option says so)
+        os.environ["FINETUNE_VERBOSE"] = "1"
+    output.configure()
     cli = build_cli()
     try:
         rv = cli.main(args=argv, prog_name="finetune", standalone_mode=False)
@@ -570,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except ConfigError as e:
+        _expected(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -578,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tracking.auth_status(e):  # anything else is a bug: its traceback
             raise
         # a refusal by the tracking server that no command mapped to the permission it needs: still one line
+        _expected(e)
         print(f"error: {tracking.access_denied(e, 'the needed', 'this resource')}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0

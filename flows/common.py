@@ -99,13 +99,23 @@ def job_label(cfg: JobConfig) -> str:
     return f"{cfg.job}-{short(cfg.train.model)}-{short(cfg.data.dataset)}-{getattr(cfg, 'engine', '')}-e{cfg.train.epochs}"
 
 
+def unique_run_name(label: str) -> str:
+    """`<label>-<YYYYmmdd-HHMMSS>-<4 hex>`: readable, sorted by start time, and never shared by two runs of the same
+    config (which `--resume` tells apart by the `finetune.resume_key` tag, not by name)."""
+    import datetime
+    import secrets
+
+    return f"{label}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def flow_run_name_for(config_cls: type[JobConfig]):
-    """A `flow_run_name` callable for a flow whose parameter `config` is a `config_cls` (or its dict form)."""
+    """A `flow_run_name` callable for a flow whose parameter `config` is a `config_cls` (or its dict form): the
+    job label and a timestamp; the MLflow run takes the same name."""
     def name() -> str:
         from prefect.runtime import flow_run
 
         cfg = flow_run.parameters.get("config")
-        return job_label(cfg if isinstance(cfg, config_cls) else config_cls.model_validate(cfg or {}))
+        return unique_run_name(job_label(cfg if isinstance(cfg, config_cls) else config_cls.model_validate(cfg or {})))
 
     return name
 

@@ -161,6 +161,25 @@ def _deep_update(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """A YAML file's content; unreadable or invalid YAML is one ConfigError naming the file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read ({e.strerror}): check the path and its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}; fix the YAML syntax "
+                          "(e.g. a missing closing bracket or quote, tabs used for indentation)") from None
+
+
 def build_config(cls: type[JobConfig], yaml_path: str | None = None, overrides: dict | None = None) -> JobConfig:
     """defaults < YAML < overrides (nested dicts). Unknown keys and bad values are reported together."""
     raw: dict = {}
@@ -168,7 +187,7 @@ def build_config(cls: type[JobConfig], yaml_path: str | None = None, overrides: 
         p = Path(yaml_path)
         if not p.is_file():
             raise ConfigError(f"config file {yaml_path!r} not found: pass an existing YAML file to --config")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p, "config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path!r} must hold a mapping (sections data/train/tracking)")
         raw = loaded

@@ -12,9 +12,35 @@ from flows.monitoring import register_task_run_name
 
 
 def predict_command(name: str, alias: str | None = None, version: str | None = None, example: str = "This movie was great!") -> str:
-    """The `finetune predict` line for a version, with the job's example text."""
+    """The `finetune predict` line for a version, with an example text (quoted for the shell)."""
+    import shlex
+
     sel = f"--version {version}" if version else f"--alias {alias or 'champion'}"
-    return f'finetune predict --registered-model {name} {sel} "{example}"'
+    return f"finetune predict --registered-model {name} {sel} {shlex.quote(example)}"
+
+
+def example_text(data_path: str | None, recipe, max_words: int = 16) -> str:
+    """A text from the run's own eval split for the predict hint (the recipe's smoke example when there is none):
+    the first eval text of at least 3 words, its first sentence when that is short enough, else its first
+    `max_words` words, made into the job's input by its `example_from` hook (MLM masks a word)."""
+    import re
+
+    try:
+        from datasets import load_from_disk
+
+        texts = load_from_disk(data_path)["eval"]["text"][:50] if data_path else []
+    except Exception:
+        texts = []
+    for text in texts:
+        words = str(text).split()
+        if len(words) < 3:
+            continue
+        sentence = re.split(r"(?<=[.!?])\s", " ".join(words), maxsplit=1)[0].split()
+        short = " ".join(sentence if 3 <= len(sentence) <= max_words else words[:max_words])
+        example = recipe.example_from(short) if recipe.example_from else short
+        if example:
+            return example
+    return recipe.smoke_example
 
 
 @task(name="register-and-promote", cache_policy=NO_CACHE, task_run_name=register_task_run_name)
@@ -68,7 +94,8 @@ def publish_model(cfg: JobConfig, run_id: str, model_dir: str, final: dict, data
     out.update(
         logged_model_uri=model_uri,
         model_uri=f"models:/{cfg.registered_model}/{out['version']}",
-        predict_cmd=predict_command(cfg.registered_model, alias, None if alias else out["version"], example),
+        predict_cmd=predict_command(cfg.registered_model, alias, None if alias else out["version"],
+                                    example_text(data_path, recipe)),
     )
     return out
 

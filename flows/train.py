@@ -14,19 +14,23 @@ from flows.config import JobConfig, config_class
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE)
-def log_evaluation(run_id: str, run_dir: str, model_dir: str, history: list[dict], spec) -> tuple[list[str], str]:
-    """The job's own artifacts (confusion matrix, fill-mask examples...), the loss curve, metrics.json and the
+def log_evaluation(run_id: str, run_dir: str, model_dir: str, history: list[dict], spec,
+                   steps_per_epoch: int | None = None) -> tuple[list[str], str]:
+    """The job's own artifacts (confusion matrix, fill-mask examples...), the loss curve (per-epoch losses and the
+    run's train_loss_step series, read back from MLflow so a resumed run's curve is whole), metrics.json and the
     resolved config, under `eval/` in the run. Returns the paths and a text for the summary."""
     import json
 
     from tasks import tracking
     from tasks.evaluate import loss_curve_artifact
+    from tasks.training import STEP_LOSS
 
     recipe = spec.recipe
     extras_file = Path(run_dir) / "eval_extras.json"
     extras = json.loads(extras_file.read_text()) if extras_file.exists() else {}
     paths, text = recipe.artifacts(run_dir, model_dir, extras, spec) if recipe.artifacts else ([], "")
-    paths = [*paths, loss_curve_artifact(history, Path(run_dir) / "eval"),
+    steps = sorted((m.step, m.value) for m in tracking.client().get_metric_history(run_id, STEP_LOSS))
+    paths = [*paths, loss_curve_artifact(history, Path(run_dir) / "eval", steps, steps_per_epoch),
              str(Path(model_dir) / "metrics.json"), str(Path(model_dir) / "config.yaml")]
     tracking.log_artifacts(run_id, paths, "eval")
     return paths, text
@@ -52,6 +56,33 @@ def selection_note(result, select: str) -> str:
     return note + ")"
 
 
+def precheck(cfg: JobConfig) -> None:
+    """The checks that need no Prefect, for the CLI (and deployments/trigger.py) to run before Prefect starts:
+    the promotion metric, the model (loadable, max_length within its limit, fit for the job) and the data (file,
+    columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs the same checks again, for
+    runs that come from a deployment."""
+    import logging
+
+    from tasks.common import is_hub_id, offline_unless_hub_reachable
+    from tasks.data import FILE_BUILDERS, check_data
+    from tasks.tokenize import check_model
+
+    from flows.promotion import resolve_metric
+
+    resolve_metric(cfg)
+    dataset = cfg.data.dataset
+    if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
+        offline_unless_hub_reachable()  # one connection attempt, not minutes of retries
+    quiet = logging.getLogger("tasks")  # the model check's warnings come again from the flow run: once is enough
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        (cfg.recipe.check_model or check_model)(cfg.train.model, cfg.data.max_length)
+    finally:
+        quiet.setLevel(level)
+    check_data(cfg.data, getattr(cfg, "num_labels", None))
+
+
 def run_training(cfg: JobConfig) -> dict:
     """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
     from tasks import tracking
@@ -64,6 +95,9 @@ def run_training(cfg: JobConfig) -> dict:
     from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
     from flows.promotion import resolve_metric
 
+    from tasks import output
+
+    output.configure()  # a worker's flow run starts here: no bars in its log, no unactionable notices
     recipe = cfg.recipe
     logger = run_logger(__name__)
     # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
@@ -92,14 +126,14 @@ def run_training(cfg: JobConfig) -> dict:
         on_metrics = MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
                                       label=f"{cfg.registered_model} ({cfg.engine})")
         result = train_task.with_options(task_run_name=train_task_run_name)(
-            spec, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics
+            spec, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics, on_step=mlflow_metrics
         )
         tracking.log_device(run_id, result.device)
         tracking.set_tags(run_id, selection_tags(result))
         tracking.log_params_once(run_id, {"trainable_parameters": result.trainable_parameters})
         if result.train_samples_per_second:
             mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
-        _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec)
+        _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec, result.steps_per_epoch)
         outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
                                 tokenized_path=tokenized, history=result.history, probe=result.probe)
     model_dir: str | None = result.model_dir

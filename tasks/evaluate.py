@@ -46,11 +46,12 @@ def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -
     from tqdm.auto import tqdm
 
     from tasks.device import autocast
+    from tasks.output import progress_bars
 
     model.eval()
     total, n, preds, labels = 0.0, 0, [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 out = model(**batch)
@@ -94,7 +95,10 @@ def confusion_matrix_artifacts(preds, labels, label_names: list[str], out_dir: s
     return [str(out / "confusion_matrix.json"), str(out / "confusion_matrix.png")]
 
 
-def loss_curve_artifact(history: list[dict], out_dir: str | Path) -> str:
+def loss_curve_artifact(history: list[dict], out_dir: str | Path, step_losses: list[tuple[int, float]] | None = None,
+                        steps_per_epoch: int | None = None) -> str:
+    """loss_curve.png: the training loss every few steps (a curve even with one epoch) and the per-epoch train and
+    eval losses, on one epoch axis (a step s is at s / steps_per_epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +106,10 @@ def loss_curve_artifact(history: list[dict], out_dir: str | Path) -> str:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if step_losses and steps_per_epoch:
+        xs, ys = zip(*[(s / steps_per_epoch, v) for s, v in step_losses])
+        ax.plot(xs, ys, lw=1, alpha=0.7, label="train_loss_step")
     for key in ("train_loss", "eval_loss"):
         pts = [(h["epoch"], h[key]) for h in history if key in h]
         if pts:

@@ -49,6 +49,10 @@ class TrainConfig(BaseModel):
     output_dir: str = Field(
         str(PROJECT_ROOT / "outputs"), description="Where checkpoints, resolved config and metrics are written."
     )
+    logging_steps: int | None = Field(
+        None, gt=0, description="Log the training loss every N optimizer steps, as the MLflow metric train_loss_step "
+                                "(x axis: the step), beside the per-epoch train_loss (default: about 20 points per run).",
+    )
     checkpoint_every_steps: int | None = Field(
         None, gt=0, description="Also checkpoint every N optimizer steps (always at each epoch end)."
     )
@@ -114,6 +118,7 @@ class TrainResult(BaseModel):
     trainable_parameters: int | None = None
     probe: dict[str, float] = {}  # the saved weights' scores on the first eval batch (see tasks.evaluate.probe_scores)
     total_parameters: int | None = None
+    steps_per_epoch: int | None = None  # optimizer steps: places the train_loss_step points on the epoch axis
 
 
 class FitOutput(BaseModel):
@@ -121,6 +126,7 @@ class FitOutput(BaseModel):
     samples_per_second: float = 0.0
     resumed_from: str | None = None
     selected_epoch: int | None = None  # the epoch whose weights the model holds after fit (None: the last row)
+    steps_per_epoch: int | None = None
 
 
 # --- epoch selection and early stopping: one rule for both engines ----------------------------------------------
@@ -153,6 +159,15 @@ def track_best(history: list[dict], key: str, higher_is_better: bool) -> Progres
         else:
             p.epochs_without_improvement += 1
     return p
+
+
+def loss_log_every(t: TrainConfig, total_steps: int) -> int:
+    """Steps between two `train_loss_step` points: `logging_steps`, else 20 to 40 points per run (every step of a
+    run shorter than 20 steps)."""
+    return t.logging_steps or max(1, total_steps // 20)
+
+
+STEP_LOSS = "train_loss_step"  # the step-level series; `train_loss` stays the per-epoch mean (step = epoch)
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -213,9 +228,10 @@ def _optimizer_and_scheduler(model, t: TrainConfig, steps_per_epoch: int):
 
 
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
-               device, dtype) -> FitOutput:
-    """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch, the job's evaluation each epoch, and
-    an atomic checkpoint each epoch (and every N steps) that a later run resumes from."""
+               device, dtype, on_step: MetricsFn | None = None) -> FitOutput:
+    """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch (and every `logging_steps` to
+    `on_step`), the job's evaluation each epoch, and an atomic checkpoint each epoch (and every N steps) that a later
+    run resumes from."""
     import time
 
     import torch
@@ -225,6 +241,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from tasks.common import run_logger
     from tasks.device import autocast
+    from tasks.output import progress_bars
 
     log = run_logger(__name__)
     t = spec.train
@@ -235,6 +252,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     ddp_model = distributed.wrap(model, device)
     steps_per_epoch = len(train_loader)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch)
+    every = loss_log_every(t, total)
+    window = [0.0, 0]  # batch losses since the last train_loss_step point
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history: list[dict] = []
     # Position in training: the epoch under way, batches of it already done, and its running loss.
@@ -304,7 +323,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         loss_sum, loss_n = resumed_loss
         resumed_loss = (0.0, 0)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch,
-                   disable=not distributed.is_main())
+                   disable=not progress_bars() or not distributed.is_main())
         for i, batch in enumerate(bar):
             if i < skip_batches:
                 continue  # same permutation as the interrupted run: skip what it already trained on
@@ -329,6 +348,10 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             seen += bs
             loss_sum += loss.item() * bs
             loss_n += bs
+            window[0], window[1] = window[0] + loss.item(), window[1] + 1
+            if on_step and step % every == 0:
+                on_step({STEP_LOSS: window[0] / window[1]}, step)
+                window[0], window[1] = 0.0, 0
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
                 checkpoint(epoch, i + 1, epoch_start_gen, (loss_sum, loss_n))
@@ -341,9 +364,10 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             best_state = _cpu_copy(adapters.model_state(model))  # later epochs train on: keep these weights aside
         # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
         checkpoint(epoch + 1, 0, gen.get_state() if gen is not None else None, (0.0, 0))
-        if on_metrics:
+        if on_metrics:  # the callback shows the epoch (one line per epoch)
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        else:
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
         if progress.should_stop(t.early_stopping_patience):
             log.info("early stopping after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)",
                      epoch, key, progress.epochs_without_improvement, progress.best_value, progress.best_epoch)
@@ -357,23 +381,27 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         selected = best
         log.info("restored the weights of epoch %d, the best by %s", best, key)
     return FitOutput(history=history, samples_per_second=seen / elapsed if elapsed and seen else 0.0,
-                     resumed_from=resumed_from, selected_epoch=selected)
+                     resumed_from=resumed_from, selected_epoch=selected, steps_per_epoch=steps_per_epoch)
 
 
 # --- fit: the job's HF Trainer class -------------------------------------------------------------------------
 
 
 def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> dict:
-    """The TrainingArguments fields TrainConfig maps onto, for every job's Trainer class: evaluate, log and
-    checkpoint once per epoch (checkpoints are what --resume continues from)."""
+    """The TrainingArguments fields TrainConfig maps onto, for every job's Trainer class: evaluate and checkpoint
+    once per epoch (checkpoints are what --resume continues from), log the loss every `loss_log_every` steps (and at
+    each epoch end, see `fit_hf`); Trainer's bars only on a terminal."""
     import torch
+
+    from tasks.output import progress_bars
 
     return dict(
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs), lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
-        logging_strategy="epoch", save_strategy="epoch", save_total_limit=2, report_to="none",
+        logging_strategy="steps", logging_steps=loss_log_every(t, steps_per_epoch * t.epochs),
+        save_strategy="epoch", save_total_limit=2, report_to="none", disable_tqdm=not progress_bars(),
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         dataloader_num_workers=0,
     )
@@ -404,14 +432,26 @@ def with_job_evaluation(trainer_cls: type, evaluate_fn) -> type:
 
 
 def history_from_trainer(log_history: list[dict], metric_names: tuple[str, ...]) -> list[dict]:
-    """Per-epoch rows from Trainer's log history (which survives resume inside trainer_state.json)."""
+    """Per-epoch rows from Trainer's log history (which survives resume inside trainer_state.json). Trainer logs
+    the mean loss of the steps since its previous loss log, every `logging_steps` and at each epoch end (`fit_hf`
+    forces that one), so no window spans two epochs: an epoch's `train_loss` is the step-weighted mean of its
+    windows, the mean over its steps, as a once-per-epoch log would give."""
     rows: dict[int, dict] = {}
+    loss: dict[int, list[float]] = {}  # epoch -> [sum of loss x steps, steps]
+    last_step = 0
     for e in log_history:
         if "epoch" not in e:
             continue
-        ep = int(round(e["epoch"]))
         if "loss" in e and not any(k in e for k in metric_names):
-            rows.setdefault(ep, {"epoch": ep})["train_loss"] = float(e["loss"])
+            ep = max(1, math.ceil(float(e["epoch"]) - 1e-6))  # a window ends inside (or at the end of) its epoch
+            step = int(e.get("step", last_step + 1))
+            n = max(step - last_step, 1)
+            acc = loss.setdefault(ep, [0.0, 0])
+            acc[0], acc[1] = acc[0] + float(e["loss"]) * n, acc[1] + n
+            last_step = step
+            rows.setdefault(ep, {"epoch": ep})["train_loss"] = acc[0] / acc[1]
+            continue
+        ep = int(round(e["epoch"]))
         for k in metric_names:
             if k in e:
                 rows.setdefault(ep, {"epoch": ep})[k] = float(e[k])
@@ -445,7 +485,24 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate_fn, on_metrics, device, dtype) -> FitOutput:
+def quiet_trainer_output(trainer) -> None:
+    """Trainer prints each log dict (PrinterCallback without bars, ProgressCallback's `write` with them): the
+    epoch's line comes from `on_metrics` instead, and the training summary dict is not printed at all. Bars stay
+    on a terminal."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarsOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    if any(type(c) is ProgressCallback for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarsOnly())
+
+
+def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate_fn, on_metrics, device, dtype,
+           on_step: MetricsFn | None = None) -> FitOutput:
     """The job's Trainer class (transformers.Trainer, TRL's SFTTrainer subclass, ...) on the same data, collator
     and evaluation as the plain loop; its per-epoch logs map onto the same metric names."""
     from datasets import load_from_disk
@@ -467,8 +524,22 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
 
         def on_evaluate(self, args, state, control, **kw):
             rows = history_from_trainer(state.log_history, recipe.metrics)
-            if on_metrics and rows:
+            if on_metrics and rows:  # the callback shows the epoch (one line per epoch)
                 on_metrics({k: v for k, v in rows[-1].items() if k != "epoch"}, rows[-1]["epoch"])
+            elif rows:
+                log.info("epoch %d: %s", rows[-1]["epoch"],
+                         {k: round(v, 4) for k, v in rows[-1].items() if isinstance(v, float)})
+
+    class StepLoss(TrainerCallback):
+        """Trainer's loss logs (every `logging_steps`) become `train_loss_step` points at their global step; and a
+        loss log at each epoch end, so that the per-epoch train_loss is exact (see history_from_trainer)."""
+
+        def on_epoch_end(self, args, state, control, **kw):
+            control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if on_step and logs and "loss" in logs and state.is_world_process_zero:
+                on_step({STEP_LOSS: float(logs["loss"])}, state.global_step)
 
     class StopEarly(TrainerCallback):
         """Early stopping by the rule the plain loop uses (`track_best`), computed from Trainer's log history: no
@@ -489,8 +560,9 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=recipe.collator(tok, spec), processing_class=tok,
-        callbacks=[ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
+        callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
     )
+    quiet_trainer_output(trainer)
     out = trainer.train(resume_from_checkpoint=resume)
     history = history_from_trainer(trainer.state.log_history, recipe.metrics)
     if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
@@ -501,7 +573,7 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     if t.select == "best" and best_ckpt:  # the weights Trainer loaded at the end: that checkpoint's epoch
         selected = int(round(json.loads((Path(best_ckpt) / "trainer_state.json").read_text())["epoch"]))
     return FitOutput(history=history, samples_per_second=float(out.metrics.get("train_samples_per_second", 0.0)),
-                     resumed_from=resume, selected_epoch=selected)
+                     resumed_from=resume, selected_epoch=selected, steps_per_epoch=steps_per_epoch)
 
 
 # --- save ----------------------------------------------------------------------------------------------------
@@ -529,10 +601,11 @@ def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final
 
 
 def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | None = None,
-          on_metrics: MetricsFn | None = None) -> TrainResult:
+          on_metrics: MetricsFn | None = None, on_step: MetricsFn | None = None) -> TrainResult:
     """setup -> fit (the plain loop for engine `manual`, else the job's Trainer class) -> atomic save, for any job.
     Writes `run_dir/model` (weights or adapter, tokenizer, config.yaml, metrics.json) and `run_dir/eval_extras.json`
-    (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix)."""
+    (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix). `on_metrics` gets
+    each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step)."""
     from transformers import AutoTokenizer
 
     from tasks.common import resolve_model, run_logger, seed_everything, write_json_atomic
@@ -590,9 +663,9 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
 
     # --- fit
     if spec.engine == "manual":
-        out = fit_manual(spec, model, loaders, run, evaluate_fn, on_metrics, device, dtype)
+        out = fit_manual(spec, model, loaders, run, evaluate_fn, on_metrics, device, dtype, on_step)
     else:
-        out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype)
+        out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype, on_step)
     history += out.history
     key, higher = spec.selection_metric
     progress = track_best(out.history, key, higher)
@@ -645,6 +718,7 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
         selected_epoch=selected, best_epoch=progress.best_epoch, selection_metric=key, stopped_early_at=stopped_early_at,
         train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
         trainable_parameters=trainable, total_parameters=total, probe=probe,
+        steps_per_epoch=out.steps_per_epoch,
     )
 
 

@@ -108,6 +108,8 @@ def test_sigkill_mid_training_then_resume(engine, big_csv, tiny_model_dir, tmp_p
     assert run.data.tags.get("finetune.resumed") == "true"
     for k in METRICS:
         assert [m.step for m in c.get_metric_history(run.info.run_id, k)] == [1, 2, 3], k
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss_step")]
+    assert len(steps) == len(set(steps)) >= 20  # the step-level series: no duplicate point after the resume
 
     # an uninterrupted run with the same seed ends with the same metrics
     ref = run_cli(classify_cmd(big_csv, tiny_model_dir, tmp_path / "ref", "--engine", engine, "--experiment",

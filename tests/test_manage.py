@@ -2,7 +2,9 @@
 artifact; the monitoring callback outside and inside a Prefect run."""
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import pytest
 
@@ -34,7 +36,7 @@ def model(store):
     registry.set_alias(name, registry.CHAMPION, "1")
     registry.set_alias(name, registry.CHALLENGER, "3")
     registry.set_version_tags(name, "3", {"promotion.decision": "rejected", "promotion.metric": "f1",
-                                          "promotion.challenger_score": "0.8", "promotion.champion_score": "0.6"})
+                                          "promotion.challenger_score": "0.8", "promotion.champion_score": "0.503998"})
     return name
 
 
@@ -45,11 +47,24 @@ def test_compare_table(model, capsys):
     assert [r["version"] for r in rows] == [3, 2, 1]
     assert rows[0]["aliases"] == "challenger" and rows[2]["aliases"] == "champion" and rows[1]["aliases"] == ""
     assert rows[0]["eval_f1"] == pytest.approx(0.8) and rows[0]["train.learning_rate"] == "5e-05"
-    assert rows[0]["promotion"].startswith("rejected (f1 0.8 vs 0.6")
+    assert rows[0]["promotion"] == "rejected (f1 0.8000 vs 0.5040)"  # one precision: no 0.503998 beside 0.5040
     assert main(["compare", "--registered-model", model]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["version", "aliases", "run"] and "eval_f1" in out[0]
+    assert out[0].split()[:3] == ["version", "aliases", "created"] and "eval_f1" in out[0]
     assert out[2].split()[:2] == ["3", "challenger"] and out[4].split()[:2] == ["1", "champion"]
+    assert max(len(ln) for ln in out) <= 120  # fits a 120-column terminal
+    assert out[2].split()[-1] == "rejected" and "data.dataset" not in out[0]
+    decimals = {len(tok.split(".")[1]) for ln in out[2:] for tok in ln.split() if re.fullmatch(r"\d+\.\d+", tok)}
+    assert decimals == {4}, out  # every metric cell at four decimals
+
+    assert main(["compare", "--registered-model", model, "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert "data.dataset" in wide[0] and "run" in wide[0].split() and "rejected (f1 0.8000 vs 0.5040)" in wide[2]
+
+    assert main(["compare", "--registered-model", model, "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in as_json] == [3, 2, 1] and as_json[0]["run"] == "run-3"
+    assert as_json[0]["eval_f1"] == pytest.approx(0.8) and as_json[0]["promotion"].startswith("rejected")
 
 
 def test_compare_unknown_model(store, capsys):

@@ -101,6 +101,8 @@ class Recipe:
     artifacts: Callable[..., tuple[list[str], str]] | None = None  # (run_dir, model_dir, extras, spec) -> paths, text
     align_eval: Callable[[Any, JobSpec], Callable | None] | None = None  # registry model -> batch label remap
     eval_before_training: bool = False                              # log an epoch-0 evaluation
+    # an eval text -> the job's input for the summary's `finetune predict` hint (MLM masks a word); None: as is
+    example_from: Callable[[str], str | None] | None = None
     # The quality floor: (prepared data path, the run's history, spec) -> the trivial baseline's scores on the same
     # eval data, by canonical promotion metric name. No version becomes champion, not even the first, unless it
     # beats it (flows/promotion.py). None, or a metric the hook does not score: no floor for that metric.

@@ -85,12 +85,13 @@ def evaluate_mlm(model, loader, device, dtype=None, desc: str = "eval") -> dict[
     from tqdm.auto import tqdm
 
     from tasks.device import autocast
+    from tasks.output import progress_bars
 
     was_training = model.training
     model.eval()
     nll, hits, n = 0.0, 0, 0
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 logits, targets = masked_lm_logits(model, batch)
@@ -205,6 +206,17 @@ def run_tags(info: dict, data) -> dict:
             "mask_token": info.get("mask_token")}
 
 
+def example_from(text: str) -> str | None:
+    """A fill-mask input made from an eval text: one word near the middle (letters only, 4 or more) becomes
+    [MASK]; None when there is no such word."""
+    words = text.split()
+    candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) >= 4]
+    if not candidates:
+        return None
+    i = min(candidates, key=lambda j: abs(j - len(words) // 2))
+    return " ".join([*words[:i], "[MASK]", *words[i + 1:]])
+
+
 def check_prediction(out: list) -> str | None:
     cands = out[0]["masks"][0] if out and out[0].get("masks") else []
     if not cands or not all(math.isfinite(c["score"]) for c in cands):
@@ -258,6 +270,7 @@ RECIPE = register(Recipe(
     run_tags=run_tags,
     artifacts=artifacts,
     eval_before_training=True,
+    example_from=example_from,
     baseline=baseline,
     baseline_name="untrained-model (epoch 0)",
     needs_labels=False,

@@ -12,6 +12,7 @@ and a fill-mask model.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -236,7 +237,8 @@ def test_flow_runs_show_progress_tables_and_summary(lifecycle, prefect_server, t
     fr = lifecycle[key]
     epochs = 2 if key == "A" else 6
     model = Path(tiny_model_dir).name
-    assert fr["name"] == f"classify-{model}-reviews.csv-manual-e{epochs}"
+    # readable and unique: the job label, then a timestamp and a short id
+    assert re.fullmatch(rf"classify-{re.escape(model)}-reviews\.csv-manual-e{epochs}-\d{{8}}-\d{{6}}-[0-9a-f]{{4}}", fr["name"])
     tasks = api("POST", f"{prefect_server}/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [fr["id"]]}}})
     names = {t["name"] for t in tasks}
     assert f"train-classify-{model}-reviews.csv-manual-e{epochs}" in names and f"register-{MODEL}" in names
