@@ -385,9 +385,19 @@ def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max
     from flows.sweep import load_sweep, sweep_flow
     from tasks import tracking
 
+    from flows.train import precheck
+
     sweep = load_sweep(config, {"ray_address": ray_address, "max_concurrent": max_concurrent,
                                 "max_trials": max_trials})  # every trial's config checked before Ray or Prefect
     tracking.check_remote()
+    from flows.sweep import trial_configs
+
+    checked: set[str] = set()
+    for _, cfg in trial_configs(sweep):  # model, data, labels: found before Prefect and Ray start
+        key = cfg.model_dump_json(include={"data": True, "train": {"model"}})
+        if key not in checked:
+            checked.add(key)
+            precheck(cfg)
     from flows.ephemeral import own_temporary_server
 
     own_temporary_server()  # no PREFECT_API_URL: the temporary server dies with this command (kill -9 included)

@@ -70,17 +70,11 @@ class SweepConfig(BaseModel):
 
 def load_sweep(path: str, overrides: dict | None = None) -> SweepConfig:
     """The sweep file, validated, with its trials' configs checked before anything starts."""
-    import yaml
+    from flows.config import read_yaml
 
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"sweep file {path!r} not found: pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"sweep file {path!r} is not valid YAML{where}: fix the file") from None
+    raw = read_yaml(path, "sweep file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path!r} must hold a mapping (job, base, method, parameters, ...)")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})

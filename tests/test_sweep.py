@@ -37,7 +37,7 @@ def test_bad_sweeps_fail_before_anything_starts(tmp_path):
         load_sweep(str(f))
     assert any("learnin_rate" in p for p in e.value.problems) and any("batch_size" in p for p in e.value.problems)
     f.write_text("parameters: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="YAML"):
         load_sweep(str(f))
     with pytest.raises(ConfigError, match="not found"):
         load_sweep(str(tmp_path / "missing.yaml"))
@@ -99,3 +99,22 @@ def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_
     with get_client(sync_client=True) as pc:
         names = {tr.name for tr in pc.read_task_runs() if tr.name.startswith("trial-")}
     assert {"trial-0", "trial-1", "trial-2"} <= names
+
+
+def test_sweep_cli_bad_input_is_one_line_before_prefect(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    f = tmp_path / "s.yaml"
+    f.write_text("base: {data: {dataset: /no/such/file.csv}}\nparameters: {train.learning_rate: [0.1]}\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--config", str(f)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "Traceback" not in out
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        "error: dataset file '/no/such/file.csv' not found: pass an existing CSV/JSON/JSONL/Parquet/TXT file, or a Hub "
+        "dataset id"]
+    assert "temporary server" not in out  # found before Prefect (or Ray) started
