@@ -45,7 +45,7 @@ def flow_cfg(csv: str, model: str, tmp_path: Path, **train):
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
                  "eval_fraction": 0.25},  # 36 train rows: 18 per rank, batches of 4 (global 8) and a last of 2+2
         "train": {"model": model, "epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
-                  "output_dir": str(tmp_path / "out"), **train},
+                  "output_dir": str(tmp_path / "out"), "keep_checkpoints": True, **train},  # inspected below
         "tracking": {"registered_model": "ddp-sentiment", "experiment": "test-ddp"},
     })
 

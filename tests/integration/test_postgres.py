@@ -101,7 +101,7 @@ def trained(mlflow_pg, prefect_pg, workdir, tiny_model_dir, tmp_path_factory):
          "--text-column", "review", "--label-column", "sentiment", "--max-length", "32", "--epochs", "2",
          "--batch-size", "8", "--learning-rate", "5e-3", "--warmup-ratio", "0",
          "--output-dir", str(workdir / "outputs"), "--experiment", EXPERIMENT, "--registered-model", MODEL,
-         "--promotion-metric", "loss", "--json"],
+         "--promotion-metric", "loss", "--keep-checkpoints", "--json"],  # keep: compared below,
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return {"result": json.loads(p.stdout[p.stdout.index("{"):]), "env": env}
