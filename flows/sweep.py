@@ -205,6 +205,12 @@ def trials_flow(trials: list[dict], parent_run_id: str, max_concurrent: int, cpu
 # --- the sweep ------------------------------------------------------------------------------------------------
 
 
+# what tasks.output.configure sets for this process: the workers are as quiet (no bars, no load reports)
+QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "TQDM_DISABLE", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
+             "FINETUNE_VERBOSE")
+
+
 def _ray_runner(sweep: SweepConfig):
     """prefect-ray's task runner; Ray workers get this process's Prefect API and MLflow store, so their task runs
     show in the same flow run and their MLflow runs land in the same store."""
@@ -219,7 +225,7 @@ def _ray_runner(sweep: SweepConfig):
         api = str(c.api_url)
     env = {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
            **{k: os.environ[k] for k in ("FINETUNE_CACHE_DIR", "HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_USERNAME",
-                                         "MLFLOW_TRACKING_PASSWORD", "PYTHONPATH") if k in os.environ}}
+                                         "MLFLOW_TRACKING_PASSWORD", "PYTHONPATH", *QUIET_ENV) if k in os.environ}}
     init = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True}
     if sweep.ray_address is None:
         init["num_cpus"] = max(os.cpu_count() or 1, int(math.ceil(sweep.resources.cpus)))
