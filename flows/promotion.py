@@ -36,6 +36,11 @@ def higher_is_better(job: str, metric: str) -> bool:
     return jobs.get(job).promotion.metrics[metric][1]
 
 
+def error_line(e: BaseException) -> str:
+    """`Type: first line of the message`: how a failed evaluation, smoke test or trial is recorded."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 @dataclass
 class Decision:
     promoted: bool
@@ -140,7 +145,7 @@ def smoke_test(model_uri: str, job: str) -> str | None:
     try:
         return recipe.check_prediction(predict(model_uri, [recipe.smoke_example], top_k=3))
     except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error_line(e)
 
 
 def eval_data_for_version(name: str, version: str) -> tuple[JobConfig, str, str]:
@@ -163,7 +168,7 @@ def _evaluate(uri: str, cfg: JobConfig, data_path: str, tokenized_path: str | No
     try:
         return evaluate_registered(uri, cfg, data_path, tokenized_path), None
     except Exception as e:
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, error_line(e)
 
 
 def version_history(name: str, version: str, keys: tuple[str, ...]) -> list[dict]:
@@ -193,7 +198,7 @@ def baseline_scores(cfg: JobConfig, name: str, version: str, data_path: str,
             history = version_history(name, version, ("train_loss", *recipe.metrics))
         return recipe.baseline(data_path, list(history), cfg.spec(_label_names(data_path))), None
     except Exception as e:
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, error_line(e)
 
 
 def eval_fingerprint(cfg: JobConfig, tokenized_path: str) -> str:
@@ -240,7 +245,7 @@ def _check_logged(uri: str, cfg: JobConfig, data_path: str, tokenized_path: str,
     try:
         return check_registered(uri, cfg.spec(_label_names(data_path)), data_path, tokenized_path, probe)
     except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error_line(e)
 
 
 def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str | None = None,

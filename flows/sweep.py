@@ -152,6 +152,8 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     one bad trial must not stop the sweep."""
     from tasks import liveness, tracking
     from tasks.disk import prune_run_dir
+
+    from flows.promotion import error_line
     from tasks.training import train
 
     t0 = time.perf_counter()
@@ -172,7 +174,7 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
                 **{k: v for k, v in result.final.items() if k != "epoch"},
                 "_model_uri": model_uri, "_final": result.final, "_history": result.history, "_probe": result.probe}
     except Exception as e:
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        msg = error_line(e)
         tracking.set_tags(run_id, {"finetune.error": tracking.redact_uri(msg)[:5000]})
         tracking.end_run(run_id, "FAILED")
         return {**row, "status": "FAILED", "seconds": round(time.perf_counter() - t0, 1), "error": msg}
