@@ -46,7 +46,7 @@ def run_job(flags: list[str], tmp: Path) -> dict:
             "precision": run.data.params.get("device", "?")}
 
 
-def run_trainer(cfg, tmp: Path) -> dict:
+def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
     from tasks.common import resolve_model
     from tasks.data import prepare_dataset
 
@@ -58,6 +58,14 @@ def run_trainer(cfg, tmp: Path) -> dict:
            "--max-length", str(cfg.data.max_length), "--learning-rate", str(t.learning_rate),
            "--warmup-ratio", str(t.warmup_ratio), "--weight-decay", str(t.weight_decay), "--seed", str(t.seed),
            "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
+    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention kernels while training)
+        from tasks.device import amp_dtype, select_device
+        from tasks.training import training_attention
+
+        attention = training_attention(t, select_device(t.device), amp_dtype(select_device(t.device), t.precision))
+        cmd += [*(["--dropout", str(t.dropout)] if t.dropout is not None else []),
+                *(["--freeze-embeddings"] if t.freeze_embeddings else []),
+                *(["--attention", attention] if attention else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - t0
@@ -79,15 +87,23 @@ def config_from_flags(flags: list[str]):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--peers", default="stock", help="comma-separated Trainer scripts to run: stock (the checkpoint's "
+                    "dropout, embeddings trained, default attention: what a user writes) and/or same (the job's "
+                    "dropout, frozen embeddings and training attention: separates the recipe from the engineering)")
     ap.add_argument("flags", nargs="*", help="finetune classify flags (after --), applied to both sides")
     a = ap.parse_args()
 
     cfg = config_from_flags(a.flags)
-    rows: dict[str, list[dict]] = {"finetune classify (whole job)": [], "HF Trainer script": []}
+    peers = {"stock": "HF Trainer script", "same": "HF Trainer, job's recipe"}
+    chosen = [p.strip() for p in a.peers.split(",") if p.strip()]
+    if not chosen or any(p not in peers for p in chosen):
+        ap.error(f"--peers takes stock and/or same, got {a.peers!r}")
+    rows: dict[str, list[dict]] = {"finetune classify (whole job)": [], **{peers[p]: [] for p in chosen}}
     for i in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-job-") as d:
             rows["finetune classify (whole job)"].append(run_job(a.flags, Path(d)))
-            rows["HF Trainer script"].append(run_trainer(cfg, Path(d)))
+            for p in chosen:
+                rows[peers[p]].append(run_trainer(cfg, Path(d) / p, same_recipe=p == "same"))
     print(f"\nclassification, whole job, {cfg.data.train_samples} train / {cfg.data.eval_samples} eval, "
           f"batch {cfg.train.batch_size}, length {cfg.data.max_length}, {cfg.train.epochs} epoch(s), "
           f"{os.cpu_count()} CPUs, {a.repeats} repeat(s)")
@@ -97,8 +113,10 @@ def main() -> None:
         med[side] = statistics.median(r["seconds"] for r in rs)
         print(f"{side:<32}{med[side]:>16.1f}{rs[-1]['accuracy']:>10.4f}{rs[-1]['f1']:>8.4f}  {rs[-1]['precision']:<11} "
               + ", ".join(f"{r['seconds']:.1f}" for r in rs))
-    job, peer = med["finetune classify (whole job)"], med["HF Trainer script"]
-    print(f"job time / Trainer time: {job / peer:.2f}  (the job is {peer / job:.2f}x as fast)")
+    job = med["finetune classify (whole job)"]
+    for p in chosen:
+        peer = med[peers[p]]
+        print(f"job time / {peers[p]} time: {job / peer:.2f}  (the job is {peer / job:.2f}x as fast)")
 
 
 if __name__ == "__main__":

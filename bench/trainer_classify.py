@@ -1,5 +1,6 @@
 """The peer of `bench/bench_job.py`: the plain HF Trainer script a user would write for the same job, as strong as
-the transformers CPU docs make it (bf16 where the CPU has it natively, dynamic padding, a larger eval batch).
+the transformers CPU docs make it (bf16 where the CPU has it natively, dynamic padding, a larger eval batch, fused
+AdamW).
 Same model, examples, length, batch, learning rate, schedule and epochs as `finetune classify`; no tracking.
 
     .venv/bin/python bench/trainer_classify.py PREPARED_DATASET_DIR MODEL_DIR OUT_DIR [--epochs 1] ...
@@ -30,13 +31,19 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    # The job's step-cost recipe, for a peer that trains the same way (bench_job.py --peers same); a stock script
+    # keeps the checkpoint's dropout, trains the embeddings and uses the default attention.
+    ap.add_argument("--dropout", type=float, default=None)
+    ap.add_argument("--freeze-embeddings", action="store_true")
+    ap.add_argument("--attention", choices=["sdpa", "eager"], default=None)
     a = ap.parse_args()
 
     import numpy as np
+    import torch
     from datasets import load_from_disk
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+                              TrainingArguments, set_seed)
 
     bf16 = a.precision == "bf16" or (a.precision == "auto" and _native_bf16())
     ds = load_from_disk(a.data)
@@ -45,13 +52,23 @@ def main() -> None:
     ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=a.max_length), batched=True,
                 remove_columns=[c for c in ds["train"].column_names if c != "label"])
     n = len(names) if names else len(set(ds["train"]["label"]))
+    set_seed(a.seed)  # the new head's initial weights: seeded as in the job (Trainer seeds only after this)
     model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=n)
+    if a.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = a.dropout
+    if a.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if a.attention:
+        model.set_attn_implementation(a.attention)
     args = TrainingArguments(
         output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size,
         per_device_eval_batch_size=a.eval_batch_size, learning_rate=a.learning_rate,
         warmup_steps=math.ceil(a.warmup_ratio * math.ceil(len(ds["train"]) / a.batch_size) * a.epochs),
         weight_decay=a.weight_decay, lr_scheduler_type="linear", seed=a.seed, bf16=bf16, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True,
+        optim="adamw_torch_fused",  # as strong as TrainingArguments makes it: one fused optimizer kernel
     )
 
     def metrics(p):

@@ -277,6 +277,9 @@ def job_command(job: str, cls: type[BaseModel]) -> click.Command:
 
         ctx = click.get_current_context()
         cfg = build_config(cls, config, overrides_from(ctx, fields))
+        from flows.ephemeral import begin_temporary_server
+
+        begin_temporary_server()  # no PREFECT_API_URL: Prefect's temporary server boots while the checks run
         tracking.check_remote()  # server down or credentials refused: one error line, before Prefect starts
         train.precheck(cfg)  # model, max_length, data file, columns, labels: found before Prefect starts
         with expected_errors_without_traceback():
@@ -389,6 +392,9 @@ def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max
 
     sweep = load_sweep(config, {"ray_address": ray_address, "max_concurrent": max_concurrent,
                                 "max_trials": max_trials})  # every trial's config checked before Ray or Prefect
+    from flows.ephemeral import begin_temporary_server
+
+    begin_temporary_server()  # boots while the trials' models and data are checked
     tracking.check_remote()
     from flows.sweep import trial_configs
 

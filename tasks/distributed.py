@@ -125,10 +125,15 @@ def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, 
     order a data-parallel run's ranks share out (the reference of a DDP run)."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
+    from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
     train = loaders["train"]
-    sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=False)
+    if isinstance(train.sampler, LengthGroupedSampler):  # length grouping kept: each rank's share of a group
+        sampler = DistributedLengthGroupedSampler(batch_size or train.batch_size, num_replicas=num_replicas, rank=rank,
+                                                  seed=seed, drop_last=False, lengths=train.sampler.lengths)
+    else:
+        sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=False)
     return {**loaders, "train": DataLoader(train.dataset, batch_size=batch_size or train.batch_size,
                                            sampler=sampler, collate_fn=train.collate_fn)}
 

@@ -14,9 +14,13 @@ def build_dataloaders(
     seed: int,
     pad_to_max_length: bool = False,
     collator=None,
+    group_by_length: bool = False,
 ) -> dict:
     """Seeded shuffle for train; dynamic padding per batch unless everything was padded to max_length.
-    `collator` (e.g. the MLM masking collator) replaces the padding collator."""
+    `collator` (e.g. the MLM masking collator) replaces the padding collator. `group_by_length`: transformers'
+    LengthGroupedSampler (shuffled, then sorted by length within mega-batches of 50 batches) drawing from the same
+    seeded generator, so a resumed epoch replays the same batches; with dynamic padding, batches of similar lengths
+    pad little."""
     import torch
     from datasets import load_from_disk
     from torch.utils.data import DataLoader
@@ -31,8 +35,22 @@ def build_dataloaders(
             else DataCollatorWithPadding(AutoTokenizer.from_pretrained(resolve_model(model)))
         )
     gen = torch.Generator().manual_seed(seed)
+    if group_by_length and not pad_to_max_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(batch_size, lengths=example_lengths(dd["train"]), generator=gen)
+        train = DataLoader(dd["train"], batch_size=batch_size, sampler=sampler, generator=gen, collate_fn=collator)
+    else:
+        train = DataLoader(dd["train"], batch_size=batch_size, shuffle=True, generator=gen, collate_fn=collator)
     return {
-        "train": DataLoader(dd["train"], batch_size=batch_size, shuffle=True, generator=gen, collate_fn=collator),
+        "train": train,
         "eval": DataLoader(dd["eval"], batch_size=eval_batch_size, shuffle=False, collate_fn=collator),
     }
 
+
+
+def example_lengths(dataset) -> list[int]:
+    """Tokens per example, read from the Arrow column (no row decoding: fast on large datasets)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
