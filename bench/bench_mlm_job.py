@@ -1,0 +1,170 @@
+"""Benchmark: the whole `finetune mlm` job (CLI start, Prefect, data, tokenize, train, evaluate, MLflow logging,
+registration, promotion) against the plain HF Trainer masked-LM script a user would write instead
+(bench/trainer_mlm.py: stock head over every position, transformers' masking collator, same texts truncated to
+max_length, model, batch, schedule and epochs, bf16 where the CPU has it natively), one after the other in one run.
+Prints both wall times, both perplexities on the same masks, the precision each used and the ratio.
+
+    .venv/bin/python bench/bench_mlm_job.py                       # the default job
+    .venv/bin/python bench/bench_mlm_job.py -- --train-samples 2000 --eval-samples 500   # flags go to both sides
+    .venv/bin/python bench/bench_mlm_job.py --peers stock,same    # also a Trainer with the job's recipe
+
+The job always runs with --no-group-texts: both sides see each text truncated, not packed into blocks.
+Perplexity is compared on the same masks: the job scores its model on its fixed-mask eval split; the Trainer's
+saved model is scored here by the job's own evaluation on that same split (its own trainer.evaluate() draws masks
+at random: shown apart, for reference). Each side starts cold: a fresh cache dir and MLflow store for the job (its
+Prefect temporary server starts as it does for a user), a fresh process for the Trainer script. Wall times on a
+shared machine are noisy: compare the ratio, and rerun with --repeats 2 for medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+JOB = "finetune mlm (whole job)"
+TRUNCATE = ["--no-group-texts"]  # last, so it wins over a --group-texts given after --
+
+
+def run_job(flags: list[str], tmp: Path) -> dict:
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    t0 = time.perf_counter()
+    # `-m flows.cli` from ROOT: the code of this checkout, whichever checkout the venv's `finetune` points at
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "mlm", "--output-dir", str(tmp / "out"),
+                           "--registered-model", "bench-fill-mask", *flags, *TRUNCATE],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"finetune mlm failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    from mlflow import MlflowClient
+
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()],
+        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    m = run.data.metrics
+    return {"seconds": seconds, "perplexity": m["perplexity"], "eval_loss": m["eval_loss"],
+            "accuracy": m["eval_masked_accuracy"], "precision": run.data.params.get("device", "?"),
+            "masked_tokens": run.data.params.get("data.eval_masked_tokens")}
+
+
+def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
+    import datasets
+
+    from tasks.common import resolve_model
+    from tasks.data import prepare_dataset
+
+    datasets.disable_progress_bars()  # this process's data steps only: the table stays readable
+    os.environ["FINETUNE_CACHE_DIR"] = str(tmp / "peer-cache")
+    data = prepare_dataset(cfg.data, cfg.train.seed)  # the same texts, given to the script ready to load
+    t = cfg.train
+    cmd = [sys.executable, str(ROOT / "bench/trainer_mlm.py"), data.path, resolve_model(t.model), str(tmp / "peer"),
+           "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
+           "--max-length", str(cfg.data.max_length), "--mlm-probability", str(cfg.mlm_probability),
+           "--learning-rate", str(t.learning_rate), "--warmup-ratio", str(t.warmup_ratio),
+           "--weight-decay", str(t.weight_decay), "--lr-scheduler", t.lr_scheduler,
+           "--max-grad-norm", str(t.max_grad_norm), "--seed", str(t.seed),
+           "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
+    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention kernels while training)
+        from tasks.device import amp_dtype, select_device
+        from tasks.training import training_attention
+
+        attention = training_attention(t, select_device(t.device), amp_dtype(select_device(t.device), t.precision))
+        cmd += [*(["--dropout", str(t.dropout)] if t.dropout is not None else []),
+                *(["--freeze-embeddings"] if t.freeze_embeddings else []),
+                *(["--attention", attention] if attention else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"Trainer script failed:\n{proc.stderr[-3000:]}")
+    own = json.loads(proc.stdout.strip().splitlines()[-1])
+    fixed = score_on_fixed_masks(cfg, data.path, str(tmp / "peer" / "model"))  # after the clock: not its work
+    return {"seconds": seconds, "perplexity": fixed["perplexity"], "eval_loss": fixed["eval_loss"],
+            "accuracy": fixed["eval_masked_accuracy"], "precision": own["precision"],
+            "own_perplexity": own["perplexity"], "masked_tokens": fixed["masked_tokens"]}
+
+
+def score_on_fixed_masks(cfg, data_path: str, model_dir: str) -> dict:
+    """The Trainer's model scored as the job scores its own: the same texts tokenized and truncated by the job's
+    tokenize_for_mlm (same arguments, so the same seeded eval masks), the job's eval loader and collator, the
+    recipe's evaluation (masked positions only, token-weighted) under the job's precision. Random masks would move
+    the peer's perplexity with the dice; these make the two numbers comparable."""
+    from tasks.device import amp_dtype, select_device
+    from tasks.mlm_data import mlm_stats, tokenize_for_mlm
+    from tasks.training import build_loaders
+
+    spec, t = cfg.spec(), cfg.train
+    tokenized = tokenize_for_mlm(data_path, t.model, cfg.data.max_length, False, cfg.mlm_probability, t.seed)
+    device = select_device(t.device)
+    model = spec.recipe.load_model(model_dir, spec).to(device)
+    r = spec.recipe.evaluate(model, build_loaders(tokenized, spec)["eval"], device, amp_dtype(device, t.precision),
+                             desc="peer on fixed masks")
+    return {**r, "masked_tokens": mlm_stats(tokenized)["eval_masked_tokens"]}
+
+
+def config_from_flags(flags: list[str]):
+    """The job's resolved config for these flags, parsed by the CLI's own generated command."""
+    from flows.cli import job_command, overrides_from
+    from flows.config import MLMConfig, build_config
+
+    cmd = job_command("mlm", MLMConfig)
+    ctx = cmd.make_context("mlm", [*flags, *TRUNCATE])
+    return build_config(MLMConfig, ctx.params.get("config"), overrides_from(ctx, cmd.params))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--peers", default="stock", help="comma-separated Trainer scripts to run: stock (the checkpoint's "
+                    "dropout, embeddings trained, default attention: what a user writes) and/or same (the job's "
+                    "dropout, frozen embeddings and training attention: separates the recipe from the engineering)")
+    ap.add_argument("flags", nargs="*", help="finetune mlm flags (after --), applied to both sides")
+    a = ap.parse_args()
+
+    cfg = config_from_flags(a.flags)
+    peers = {"stock": "HF Trainer script", "same": "HF Trainer, job's recipe"}
+    chosen = [p.strip() for p in a.peers.split(",") if p.strip()]
+    if not chosen or any(p not in peers for p in chosen):
+        ap.error(f"--peers takes stock and/or same, got {a.peers!r}")
+    rows: dict[str, list[dict]] = {JOB: [], **{peers[p]: [] for p in chosen}}
+    for i in range(a.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-mlm-job-") as d:
+            rows[JOB].append(run_job(a.flags, Path(d)))
+            for p in chosen:
+                rows[peers[p]].append(run_trainer(cfg, Path(d) / p, same_recipe=p == "same"))
+    print(f"\nmasked LM, whole job, {cfg.data.train_samples} train / {cfg.data.eval_samples} eval texts truncated to "
+          f"{cfg.data.max_length} tokens (not packed), batch {cfg.train.batch_size}, {cfg.train.epochs} epoch(s), "
+          f"masking {cfg.mlm_probability}, {os.cpu_count()} CPUs, {a.repeats} repeat(s)")
+    print(f"{'side':<28}{'wall s (median)':>16}{'perplexity':>12}{'masked acc':>12}{'own ppl':>10}  precision      "
+          "runs (s)")
+    med = {}
+    for side, rs in rows.items():
+        med[side] = statistics.median(r["seconds"] for r in rs)
+        own = f"{rs[-1]['own_perplexity']:.2f}" if "own_perplexity" in rs[-1] else "-"
+        print(f"{side:<28}{med[side]:>16.1f}{rs[-1]['perplexity']:>12.2f}{rs[-1]['accuracy']:>12.4f}{own:>10}  "
+              f"{rs[-1]['precision']:<14} " + ", ".join(f"{r['seconds']:.1f}" for r in rs))
+    print("perplexity and masked acc: every side on the job's fixed-mask eval split; own ppl: the Trainer's own "
+          "evaluate() (random masks)")
+    counts = {str(r.get("masked_tokens")) for rs in rows.values() for r in rs}
+    if len(counts) != 1:  # the same split masked the same way has the same count: anything else is not comparable
+        print(f"WARNING: the sides' eval splits differ in masked tokens ({', '.join(sorted(counts))}): the "
+              "perplexities are not on the same masks")
+    job = med[JOB]
+    for p in chosen:
+        peer = med[peers[p]]
+        print(f"job time / {peers[p]} time: {job / peer:.2f}  (the job is {peer / job:.2f}x as fast); perplexity "
+              f"{rows[JOB][-1]['perplexity']:.2f} vs {rows[peers[p]][-1]['perplexity']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
