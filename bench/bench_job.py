@@ -65,7 +65,8 @@ def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
         attention = training_attention(t, select_device(t.device), amp_dtype(select_device(t.device), t.precision))
         cmd += [*(["--dropout", str(t.dropout)] if t.dropout is not None else []),
                 *(["--freeze-embeddings"] if t.freeze_embeddings else []),
-                *(["--attention", attention] if attention else [])]
+                *(["--attention", attention] if attention else []),
+                *(["--group-by-length"] if t.group_by_length else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - t0

@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=None)
     ap.add_argument("--freeze-embeddings", action="store_true")
     ap.add_argument("--attention", choices=["sdpa", "eager"], default=None)
+    ap.add_argument("--group-by-length", action="store_true")
     a = ap.parse_args()
 
     import numpy as np
@@ -68,6 +69,7 @@ def main() -> None:
         warmup_steps=math.ceil(a.warmup_ratio * math.ceil(len(ds["train"]) / a.batch_size) * a.epochs),
         weight_decay=a.weight_decay, lr_scheduler_type="linear", seed=a.seed, bf16=bf16, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if a.group_by_length else "random",
         optim="adamw_torch_fused",  # as strong as TrainingArguments makes it: one fused optimizer kernel
     )
 

@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
                           "optimizer state for it. With a tied MLM head its output weights stay fixed too.",
     )
     group_by_length: bool = Field(
-        False, description="Batch training examples of similar length (seeded, resumable; transformers' "
+        True, description="Batch training examples of similar length (seeded, resumable; transformers' "
                           "LengthGroupedSampler) so dynamic padding pads little: most on short or varied texts.",
     )
     attention: Literal["auto", "sdpa", "eager"] = Field(
