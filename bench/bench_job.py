@@ -25,23 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
+
 
 def run_job(flags: list[str], tmp: Path) -> dict:
-    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(ROOT / ".venv/bin/finetune"), "classify", "--output-dir", str(tmp / "out"),
-                           "--registered-model", "bench-classifier", *flags],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"finetune classify failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from mlflow import MlflowClient
-
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()],
-        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    seconds, run = common.run_job("classify", flags, tmp, "bench-classifier")
     return {"seconds": seconds, "accuracy": run.data.metrics["eval_accuracy"], "f1": run.data.metrics["eval_f1"],
             "precision": run.data.params.get("device", "?")}
 
@@ -58,31 +46,14 @@ def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
            "--max-length", str(cfg.data.max_length), "--learning-rate", str(t.learning_rate),
            "--warmup-ratio", str(t.warmup_ratio), "--weight-decay", str(t.weight_decay), "--seed", str(t.seed),
            "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
-    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention kernels while training)
-        from tasks.device import amp_dtype, select_device
-        from tasks.training import training_attention
-
-        attention = training_attention(t, select_device(t.device), amp_dtype(select_device(t.device), t.precision))
-        cmd += [*(["--dropout", str(t.dropout)] if t.dropout is not None else []),
-                *(["--freeze-embeddings"] if t.freeze_embeddings else []),
-                *(["--attention", attention] if attention else []),
-                *(["--group-by-length"] if t.group_by_length else [])]
+    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention, length grouping)
+        cmd += common.recipe_flags(t)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"Trainer script failed:\n{proc.stderr[-3000:]}")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": seconds}
-
-
-def config_from_flags(flags: list[str]):
-    """The job's resolved config for these flags, parsed by the CLI's own generated command."""
-    from flows.cli import job_command, overrides_from
-    from flows.config import ClassifyConfig, build_config
-
-    cmd = job_command("classify", ClassifyConfig)
-    ctx = cmd.make_context("classify", list(flags))
-    return build_config(ClassifyConfig, ctx.params.get("config"), overrides_from(ctx, cmd.params))
 
 
 def main() -> None:
@@ -94,11 +65,8 @@ def main() -> None:
     ap.add_argument("flags", nargs="*", help="finetune classify flags (after --), applied to both sides")
     a = ap.parse_args()
 
-    cfg = config_from_flags(a.flags)
-    peers = {"stock": "HF Trainer script", "same": "HF Trainer, job's recipe"}
-    chosen = [p.strip() for p in a.peers.split(",") if p.strip()]
-    if not chosen or any(p not in peers for p in chosen):
-        ap.error(f"--peers takes stock and/or same, got {a.peers!r}")
+    cfg = common.job_config("classify", a.flags)
+    peers, chosen = common.PEERS, common.chosen_peers(ap, a.peers)
     rows: dict[str, list[dict]] = {"finetune classify (whole job)": [], **{peers[p]: [] for p in chosen}}
     for i in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-job-") as d:

@@ -30,27 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
+
 JOB = "finetune mlm (whole job)"
 TRUNCATE = ["--no-group-texts"]  # last, so it wins over a --group-texts given after --
 
 
 def run_job(flags: list[str], tmp: Path) -> dict:
-    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
-    t0 = time.perf_counter()
-    # `-m flows.cli` from ROOT: the code of this checkout, whichever checkout the venv's `finetune` points at
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "mlm", "--output-dir", str(tmp / "out"),
-                           "--registered-model", "bench-fill-mask", *flags, *TRUNCATE],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"finetune mlm failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from mlflow import MlflowClient
-
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()],
-        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    seconds, run = common.run_job("mlm", [*flags, *TRUNCATE], tmp, "bench-fill-mask")
     m = run.data.metrics
     return {"seconds": seconds, "perplexity": m["perplexity"], "eval_loss": m["eval_loss"],
             "accuracy": m["eval_masked_accuracy"], "precision": run.data.params.get("device", "?"),
@@ -74,14 +61,8 @@ def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
            "--weight-decay", str(t.weight_decay), "--lr-scheduler", t.lr_scheduler,
            "--max-grad-norm", str(t.max_grad_norm), "--seed", str(t.seed),
            "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
-    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention kernels while training)
-        from tasks.device import amp_dtype, select_device
-        from tasks.training import training_attention
-
-        attention = training_attention(t, select_device(t.device), amp_dtype(select_device(t.device), t.precision))
-        cmd += [*(["--dropout", str(t.dropout)] if t.dropout is not None else []),
-                *(["--freeze-embeddings"] if t.freeze_embeddings else []),
-                *(["--attention", attention] if attention else [])]
+    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention, length grouping)
+        cmd += common.recipe_flags(t)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - t0
@@ -112,30 +93,15 @@ def score_on_fixed_masks(cfg, data_path: str, model_dir: str) -> dict:
     return {**r, "masked_tokens": mlm_stats(tokenized)["eval_masked_tokens"]}
 
 
-def config_from_flags(flags: list[str]):
-    """The job's resolved config for these flags, parsed by the CLI's own generated command."""
-    from flows.cli import job_command, overrides_from
-    from flows.config import MLMConfig, build_config
-
-    cmd = job_command("mlm", MLMConfig)
-    ctx = cmd.make_context("mlm", [*flags, *TRUNCATE])
-    return build_config(MLMConfig, ctx.params.get("config"), overrides_from(ctx, cmd.params))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--peers", default="stock", help="comma-separated Trainer scripts to run: stock (the checkpoint's "
-                    "dropout, embeddings trained, default attention: what a user writes) and/or same (the job's "
-                    "dropout, frozen embeddings and training attention: separates the recipe from the engineering)")
+    ap.add_argument("--peers", default="stock", help=common.PEERS_HELP)
     ap.add_argument("flags", nargs="*", help="finetune mlm flags (after --), applied to both sides")
     a = ap.parse_args()
 
-    cfg = config_from_flags(a.flags)
-    peers = {"stock": "HF Trainer script", "same": "HF Trainer, job's recipe"}
-    chosen = [p.strip() for p in a.peers.split(",") if p.strip()]
-    if not chosen or any(p not in peers for p in chosen):
-        ap.error(f"--peers takes stock and/or same, got {a.peers!r}")
+    cfg = common.job_config("mlm", [*a.flags, *TRUNCATE])
+    peers, chosen = common.PEERS, common.chosen_peers(ap, a.peers)
     rows: dict[str, list[dict]] = {JOB: [], **{peers[p]: [] for p in chosen}}
     for i in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-mlm-job-") as d:

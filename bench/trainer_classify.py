@@ -16,6 +16,8 @@ import time
 
 t0 = time.perf_counter()  # imports count: a user's script pays them too
 
+import common  # noqa: E402  (bench/common.py: the recipe flags of --peers same; this script's folder is on sys.path)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -31,22 +33,16 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    # The job's step-cost recipe, for a peer that trains the same way (bench_job.py --peers same); a stock script
-    # keeps the checkpoint's dropout, trains the embeddings and uses the default attention.
-    ap.add_argument("--dropout", type=float, default=None)
-    ap.add_argument("--freeze-embeddings", action="store_true")
-    ap.add_argument("--attention", choices=["sdpa", "eager"], default=None)
-    ap.add_argument("--group-by-length", action="store_true")
+    common.add_recipe_args(ap)  # --peers same: the job's dropout, frozen embeddings, attention, grouping
     a = ap.parse_args()
 
     import numpy as np
-    import torch
     from datasets import load_from_disk
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, set_seed)
 
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and _native_bf16())
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and common.native_bf16())
     ds = load_from_disk(a.data)
     names = ds["train"].features["label"].names if hasattr(ds["train"].features["label"], "names") else None
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -55,14 +51,7 @@ def main() -> None:
     n = len(names) if names else len(set(ds["train"]["label"]))
     set_seed(a.seed)  # the new head's initial weights: seeded as in the job (Trainer seeds only after this)
     model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=n)
-    if a.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = a.dropout
-    if a.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    if a.attention:
-        model.set_attn_implementation(a.attention)
+    common.apply_recipe(model, a)
     args = TrainingArguments(
         output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size,
         per_device_eval_batch_size=a.eval_batch_size, learning_rate=a.learning_rate,
@@ -85,12 +74,6 @@ def main() -> None:
     print(json.dumps({"accuracy": r["eval_accuracy"], "f1": r["eval_f1"], "precision": "bf16" if bf16 else "fp32",
                       "seconds": time.perf_counter() - t0}))
 
-
-def _native_bf16() -> bool:
-    try:
-        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 
 t0 = time.perf_counter()  # imports count: a user's script pays them too
 
+import common  # noqa: E402  (bench/common.py: the recipe flags of --peers same; this script's folder is on sys.path)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -36,19 +38,14 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    # The job's step-cost recipe, for a peer that trains the same way (bench_mlm_job.py --peers same); a stock
-    # script keeps the checkpoint's dropout, trains the embeddings and uses the default attention.
-    ap.add_argument("--dropout", type=float, default=None)
-    ap.add_argument("--freeze-embeddings", action="store_true")
-    ap.add_argument("--attention", choices=["sdpa", "eager"], default=None)
+    common.add_recipe_args(ap)  # --peers same: the job's dropout, frozen embeddings, attention, grouping
     a = ap.parse_args()
 
-    import torch
     from datasets import load_from_disk
     from transformers import (AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments, set_seed)
 
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and _native_bf16())
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and common.native_bf16())
     ds = load_from_disk(a.data)
     tok = AutoTokenizer.from_pretrained(a.model)
     # special_tokens_mask travels to the collator (remove_unused_columns=False below), which pops it: no per-row
@@ -57,14 +54,7 @@ def main() -> None:
                 batched=True, remove_columns=ds["train"].column_names)
     set_seed(a.seed)  # before loading, as run_mlm.py does: a head the checkpoint lacks starts the same every run
     model = AutoModelForMaskedLM.from_pretrained(a.model)
-    if a.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = a.dropout
-    if a.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    if a.attention:
-        model.set_attn_implementation(a.attention)
+    common.apply_recipe(model, a)
     args = TrainingArguments(
         output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size,
         per_device_eval_batch_size=a.eval_batch_size, learning_rate=a.learning_rate,
@@ -72,6 +62,7 @@ def main() -> None:
         weight_decay=a.weight_decay, lr_scheduler_type=a.lr_scheduler, max_grad_norm=a.max_grad_norm, seed=a.seed,
         bf16=bf16, use_cpu=True, eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[],
         disable_tqdm=True, remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if a.group_by_length else "random",
         optim="adamw_torch_fused",  # as strong as TrainingArguments makes it: one fused optimizer kernel
     )
     collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=a.mlm_probability)
@@ -83,12 +74,6 @@ def main() -> None:
     print(json.dumps({"eval_loss": r["eval_loss"], "perplexity": math.exp(r["eval_loss"]),
                       "precision": "bf16" if bf16 else "fp32", "seconds": time.perf_counter() - t0}))
 
-
-def _native_bf16() -> bool:
-    try:
-        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
