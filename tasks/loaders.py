@@ -48,7 +48,6 @@ def build_dataloaders(
     }
 
 
-
 def example_lengths(dataset) -> list[int]:
     """Tokens per example, read from the Arrow column (no row decoding: fast on large datasets)."""
     import pyarrow.compute as pc
