@@ -127,10 +127,15 @@ def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, 
     from torch.utils.data.distributed import DistributedSampler
     from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
+    import torch.distributed as dist
+
     train = loaders["train"]
-    if isinstance(train.sampler, LengthGroupedSampler):  # length grouping kept: each rank's share of a group
-        sampler = DistributedLengthGroupedSampler(batch_size or train.batch_size, num_replicas=num_replicas, rank=rank,
-                                                  seed=seed, drop_last=False, lengths=train.sampler.lengths)
+    if isinstance(train.sampler, LengthGroupedSampler):
+        # Length grouping kept: groups are cut for the global batch, and rank r takes every world-th index, so a
+        # global batch holds the same examples whatever the number of processes (the DDP-vs-one-process reference).
+        world = num_replicas if num_replicas is not None else dist.get_world_size()
+        sampler = DistributedLengthGroupedSampler((batch_size or train.batch_size) * world, num_replicas=num_replicas,
+                                                  rank=rank, seed=seed, drop_last=False, lengths=train.sampler.lengths)
     else:
         sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                      drop_last=False)

@@ -48,7 +48,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: a GPU when present.")
     dropout: float | None = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout of the model while fine-tuning (every dropout layer of the "
-        "checkpoint; LoRA's own is `lora.dropout`); none keeps the checkpoint's (0.1 for BERT). 0 skips drawing the "
+        "checkpoint; LoRA's own is `lora.dropout`); null keeps the checkpoint's (0.1 for BERT). 0 skips drawing the "
         "random masks, a fifth of a CPU step (see README: Speed).",
     )
     freeze_embeddings: bool = Field(

@@ -44,7 +44,7 @@ def flow_cfg(csv: str, model: str, tmp_path: Path, **train):
     return ClassifyConfig.model_validate({
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
                  "eval_fraction": 0.25},  # 36 train rows: 18 per rank, batches of 4 (global 8) and a last of 2+2
-        "train": {"model": model, "epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
                   "output_dir": str(tmp_path / "out"), "keep_checkpoints": True,
                   "precision": "fp32", **train},  # checkpoints inspected below; fp32: compared number for number
         "tracking": {"registered_model": "ddp-sentiment", "experiment": "test-ddp"},
@@ -153,7 +153,8 @@ def test_a_killed_rank_fails_the_task_and_the_retry_resumes_from_the_checkpoint(
                     FINETUNE_MLFLOW_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv, "--text-column", "review",
-           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--max-length", "32", "--batch-size", "4",
+           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--no-freeze-embeddings", "--max-length", "32",
+           "--batch-size", "4",
            "--learning-rate", "5e-3", "--warmup-ratio", "0", "--epochs", "3", "--output-dir", str(out),
            "--eval-fraction", "0.25", "--experiment", "ddp-faults", "--registered-model", "ddp-faults",
            "--nproc-per-node", "2", "--checkpoint-every-steps", "20", "--precision", "fp32", "--keep-checkpoints",
@@ -241,7 +242,8 @@ def test_ranks_stop_when_the_flow_process_is_killed(tiny_model_no_dropout, tmp_p
                     FINETUNE_MLFLOW_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv, "--text-column", "review",
-           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--max-length", "32", "--batch-size", "4",
+           "--label-column", "sentiment", "--model", tiny_model_no_dropout, "--no-freeze-embeddings", "--max-length", "32",
+           "--batch-size", "4",
            "--epochs", "20", "--output-dir", str(out), "--nproc-per-node", "2", "--checkpoint-every-steps", "20"]
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

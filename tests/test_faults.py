@@ -49,7 +49,8 @@ def env_for(tmp: Path, prefect_api: str, tracking_uri: str | None = None, **extr
 def classify_cmd(csv_path, model, out, *extra) -> list[str]:
     return [sys.executable, "-m", "flows.cli", "classify", "--dataset", csv_path, "--text-column", "review",
             "--label-column", "sentiment", "--model", model, "--max-length", "16", "--batch-size", "4",
-            "--learning-rate", "5e-3", "--epochs", "3", "--output-dir", str(out), *extra]
+            "--learning-rate", "5e-3", "--epochs", "3", "--output-dir", str(out),
+            "--no-freeze-embeddings", "--dropout", "null", *extra]  # a model built from a config: its random embeddings must train, and it needs its dropout (README: Speed)
 
 
 def run_cli(cmd, env, timeout=600) -> subprocess.CompletedProcess:
@@ -261,7 +262,7 @@ def test_dead_worker_run_becomes_crashed_and_killed(big_csv, tiny_model_dir, tmp
     env = env_for(tmp_path, prefect_api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
     out = tmp_path / "out"
     config = {"data": {"dataset": big_csv, "text_column": "review", "label_column": "sentiment", "max_length": 16},
-              "train": {"model": tiny_model_dir, "batch_size": 4, "learning_rate": 5e-3, "epochs": 50,
+              "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "batch_size": 4, "learning_rate": 5e-3, "epochs": 50,
                         "checkpoint_every_steps": 10, "output_dir": str(out)},
               "tracking": {"experiment": "zombie", "registered_model": "zombie-model"}}
     spec = tmp_path / "prefect.yaml"

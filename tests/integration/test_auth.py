@@ -195,6 +195,7 @@ def trained(identities, mlflow_auth, prefect_auth, workdir, tiny_model_dir, tmp_
     env = env_as(workdir, mlflow_auth.url, "trainer", TRAINER_PW, prefect_auth, PREFECT_AUTH)
     p = cli(["classify", "--model", tiny_model_dir, "--dataset", csv, "--text-column", "review",
              "--label-column", "sentiment", "--max-length", "32", "--epochs", "1", "--batch-size", "8",
+             "--no-freeze-embeddings", "--dropout", "null",
              "--learning-rate", "5e-3", "--warmup-ratio", "0", "--output-dir", str(workdir / "outputs"),
              "--experiment", EXPERIMENT, "--registered-model", MODEL, "--promotion-metric", "loss", "--json"],
             env, timeout=600)
