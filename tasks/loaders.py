@@ -53,3 +53,24 @@ def example_lengths(dataset) -> list[int]:
     import pyarrow.compute as pc
 
     return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
+def epoch_seeded_length_sampler(batch_size: int, lengths: list[int], seed: int, epoch_of=None):
+    """transformers' LengthGroupedSampler whose order is a function of (seed, epoch), so a resumed run replays the
+    interrupted epoch's batches (Trainer's own length sampler draws from the global RNG, whose state at a mid-epoch
+    checkpoint is not the epoch's start). `epoch_of()` gives the epoch under way when iteration starts (the
+    Trainer's `set_epoch` does not reach a sampler behind accelerate's batch skipping on resume)."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeeded(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator.manual_seed(seed + (epoch_of() if epoch_of else self.epoch))
+            return super().__iter__()
+
+    return EpochSeeded(batch_size, lengths=lengths, generator=torch.Generator())

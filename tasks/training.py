@@ -475,6 +475,22 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> d
     )
 
 
+def with_seeded_length_groups(trainer_cls: type, seed: int) -> type:
+    """The Trainer class with length-grouped batches in an order fixed by (seed, epoch): resumable (see
+    `tasks.loaders.epoch_seeded_length_sampler`)."""
+    from tasks.loaders import epoch_seeded_length_sampler, example_lengths
+
+    class SeededLengthGroups(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return epoch_seeded_length_sampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                               example_lengths(ds), seed,
+                                               epoch_of=lambda: int((self.state.epoch or 0) + 1e-6))
+
+    SeededLengthGroups.__name__ = SeededLengthGroups.__qualname__ = trainer_cls.__name__
+    return SeededLengthGroups
+
+
 def trainer_metric_name(key: str) -> str:
     """The name Trainer reads a metric under (it prefixes `eval_` to metric_for_best_model when missing)."""
     return key if key.startswith("eval_") else f"eval_{key}"
@@ -625,6 +641,8 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         if track_best(done, key, higher).should_stop(t.early_stopping_patience):
             args.num_train_epochs = done[-1]["epoch"]  # it had stopped early: train no further, only finish
     trainer_cls = with_job_evaluation(recipe.trainer_class(spec), evaluate_fn)
+    if t.group_by_length:
+        trainer_cls = with_seeded_length_groups(trainer_cls, t.seed)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=recipe.collator(tok, spec), processing_class=tok,

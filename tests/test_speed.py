@@ -196,3 +196,21 @@ def test_server_launched_ahead_ends_when_unused(tmp_path):
     pid = int(p.stdout.split("early ")[1].split()[0])
     assert not pid_alive(pid)
     assert "temporary server" not in p.stdout + p.stderr
+
+
+def test_trainer_length_sampler_order_is_a_function_of_seed_and_epoch():
+    """The Trainer engine's length-grouped order: the same for the same (seed, epoch), however often it is drawn
+    and whatever the global RNG did in between (a resumed run draws it again mid-epoch)."""
+    from tasks.loaders import epoch_seeded_length_sampler
+
+    lengths = [5, 9, 3, 12, 7, 7, 2, 11] * 8
+    epoch = [0]
+    s = epoch_seeded_length_sampler(4, lengths, seed=1, epoch_of=lambda: epoch[0])
+    first = list(s)
+    torch.rand(100)  # the global RNG moves: no effect
+    assert list(s) == first and sorted(first) == list(range(len(lengths)))
+    epoch[0] = 1
+    second = list(s)
+    assert second != first
+    assert list(epoch_seeded_length_sampler(4, lengths, seed=1, epoch_of=lambda: 1)) == second
+    assert list(epoch_seeded_length_sampler(4, lengths, seed=2, epoch_of=lambda: 1)) != second
