@@ -17,7 +17,7 @@ def flow_cfg(csv, model, tmp_path, **over):
     raw = {
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
                  "eval_fraction": 0.25},
-        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                   "output_dir": str(tmp_path / "out")},
         "tracking": {"registered_model": "tiny-sentiment", "experiment": "test-classify"},
     }

@@ -44,7 +44,7 @@ def flow_cfg(csv: str, model: str, tmp_path: Path, **train):
     return ClassifyConfig.model_validate({
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
                  "eval_fraction": 0.25},  # 36 train rows: 18 per rank, batches of 4 (global 8) and a last of 2+2
-        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "warmup_ratio": 0.0,
                   "output_dir": str(tmp_path / "out"), "keep_checkpoints": True,
                   "precision": "fp32", **train},  # checkpoints inspected below; fp32: compared number for number
         "tracking": {"registered_model": "ddp-sentiment", "experiment": "test-ddp"},

@@ -262,7 +262,7 @@ def test_dead_worker_run_becomes_crashed_and_killed(big_csv, tiny_model_dir, tmp
     env = env_for(tmp_path, prefect_api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
     out = tmp_path / "out"
     config = {"data": {"dataset": big_csv, "text_column": "review", "label_column": "sentiment", "max_length": 16},
-              "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "batch_size": 4, "learning_rate": 5e-3, "epochs": 50,
+              "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "batch_size": 4, "learning_rate": 5e-3, "epochs": 50,
                         "checkpoint_every_steps": 10, "output_dir": str(out)},
               "tracking": {"experiment": "zombie", "registered_model": "zombie-model"}}
     spec = tmp_path / "prefect.yaml"

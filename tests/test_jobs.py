@@ -38,7 +38,7 @@ def test_a_third_job_runs_through_flow_registry_and_predict(topics_csv, tiny_mod
 
     cfg = build_config(config_class("topics"), None, {
         "data": {"dataset": topics_csv, "max_length": 16, "eval_fraction": 0.25},
-        "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "epochs": 4, "batch_size": 8, "warmup_ratio": 0.0,
+        "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 4, "batch_size": 8, "warmup_ratio": 0.0,
                   "output_dir": str(tmp_path / "out")},
         "tracking": {"experiment": "toy-topics"},
     })

@@ -46,7 +46,7 @@ def _corpus_cfg(model: str, corpus: str, out: Path, engine: str = "sft", epochs:
         engine=engine,
         group_texts=False,
         data={"dataset": corpus, "max_length": 16, "eval_fraction": 0.2, "eval_samples": 40},
-        train={"model": model, "freeze_embeddings": False, "dropout": None, "epochs": epochs, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-2,
+        train={"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": epochs, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-2,
                "output_dir": str(out), "seed": 0},
     )
 

@@ -25,7 +25,7 @@ def cfg_for(csv, model, out, engine="manual", **train):
         "engine": engine,
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
                  "eval_fraction": 0.25},
-        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                   "output_dir": str(out), **train},
     })
 

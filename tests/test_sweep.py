@@ -64,7 +64,7 @@ def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_
         "base": {
             "data": {"dataset": sentiment_csv, "text_column": "review", "label_column": "sentiment",
                      "max_length": 16, "eval_fraction": 0.25},
-            "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.0,
+            "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.0,
                       "output_dir": str(tmp_path / "out")},
             "tracking": {"registered_model": "tiny-sweep", "experiment": "test-sweep"},
         },

@@ -16,7 +16,7 @@ def train_classifier(cfg, data, tokenized, run_dir, **kw):
 
 
 def make_cfg(csv, model, tmp_path, engine="manual", **train):
-    t = {"model": model, "freeze_embeddings": False, "dropout": None, "epochs": 8, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+    t = {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 8, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
          "output_dir": str(tmp_path / "out"), **train}
     return ClassifyConfig.model_validate({
         "engine": engine,

@@ -77,7 +77,7 @@ def client_env(workdir, prefect_server, mlflow_server):
 def run_config(workdir: Path, csv: str, model_dir: str, *, lr: float, epochs: int, margin: float) -> dict:
     return {
         "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 32},
-        "train": {"model": model_dir, "freeze_embeddings": False, "dropout": None, "epochs": epochs, "learning_rate": lr, "batch_size": 4, "warmup_ratio": 0.0,
+        "train": {"model": model_dir, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": epochs, "learning_rate": lr, "batch_size": 4, "warmup_ratio": 0.0,
                   "output_dir": str(workdir / "outputs")},
         "tracking": {"registered_model": MODEL, "experiment": EXPERIMENT, "promotion_metric": "loss",
                      "promotion_margin": margin},
