@@ -13,13 +13,10 @@ ratio, and rerun with --repeats 2 for medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +32,12 @@ def run_job(flags: list[str], tmp: Path) -> dict:
 
 
 def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
-    from tasks.common import resolve_model
     from tasks.data import prepare_dataset
 
     os.environ["FINETUNE_CACHE_DIR"] = str(tmp / "peer-cache")
     data = prepare_dataset(cfg.data, cfg.train.seed)  # the same examples, given to the script ready to load
-    t = cfg.train
-    cmd = [sys.executable, str(ROOT / "bench/trainer_classify.py"), data.path, resolve_model(t.model), str(tmp / "peer"),
-           "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
-           "--max-length", str(cfg.data.max_length), "--learning-rate", str(t.learning_rate),
-           "--warmup-ratio", str(t.warmup_ratio), "--weight-decay", str(t.weight_decay), "--seed", str(t.seed),
-           "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
-    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention, length grouping)
-        cmd += common.recipe_flags(t)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"Trainer script failed:\n{proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": seconds}
+    seconds, result = common.run_peer("trainer_classify.py", data.path, cfg, tmp / "peer", same_recipe)
+    return {**result, "seconds": seconds}
 
 
 def main() -> None:

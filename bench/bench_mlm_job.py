@@ -18,13 +18,10 @@ shared machine are noisy: compare the ratio, and rerun with --repeats 2 for medi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,28 +44,13 @@ def run_job(flags: list[str], tmp: Path) -> dict:
 def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
     import datasets
 
-    from tasks.common import resolve_model
     from tasks.data import prepare_dataset
 
     datasets.disable_progress_bars()  # this process's data steps only: the table stays readable
     os.environ["FINETUNE_CACHE_DIR"] = str(tmp / "peer-cache")
     data = prepare_dataset(cfg.data, cfg.train.seed)  # the same texts, given to the script ready to load
-    t = cfg.train
-    cmd = [sys.executable, str(ROOT / "bench/trainer_mlm.py"), data.path, resolve_model(t.model), str(tmp / "peer"),
-           "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
-           "--max-length", str(cfg.data.max_length), "--mlm-probability", str(cfg.mlm_probability),
-           "--learning-rate", str(t.learning_rate), "--warmup-ratio", str(t.warmup_ratio),
-           "--weight-decay", str(t.weight_decay), "--lr-scheduler", t.lr_scheduler,
-           "--max-grad-norm", str(t.max_grad_norm), "--seed", str(t.seed),
-           "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32")]
-    if same_recipe:  # the job's step-cost choices (dropout, frozen embeddings, attention, length grouping)
-        cmd += common.recipe_flags(t)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"Trainer script failed:\n{proc.stderr[-3000:]}")
-    own = json.loads(proc.stdout.strip().splitlines()[-1])
+    seconds, own = common.run_peer("trainer_mlm.py", data.path, cfg, tmp / "peer", same_recipe,
+                                   ["--mlm-probability", str(cfg.mlm_probability)])
     fixed = score_on_fixed_masks(cfg, data.path, str(tmp / "peer" / "model"))  # after the clock: not its work
     return {"seconds": seconds, "perplexity": fixed["perplexity"], "eval_loss": fixed["eval_loss"],
             "accuracy": fixed["eval_masked_accuracy"], "precision": own["precision"],

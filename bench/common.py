@@ -69,7 +69,49 @@ def recipe_flags(t) -> list[str]:
             *(["--group-by-length"] if t.group_by_length else [])]
 
 
+def run_peer(script: str, data_path: str, cfg, out: Path, same_recipe: bool, extra: list[str] = ()) -> tuple[float, dict]:
+    """Runs a peer Trainer script (bench/<script>) on the prepared data with the job's training settings (and its
+    step-cost recipe with `same_recipe`); returns (wall seconds, the JSON line it printed)."""
+    import json
+
+    from tasks.common import resolve_model
+
+    t = cfg.train
+    cmd = [sys.executable, str(ROOT / "bench" / script), data_path, resolve_model(t.model), str(out),
+           "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--eval-batch-size", str(t.eval_batch_size),
+           "--max-length", str(cfg.data.max_length), "--learning-rate", str(t.learning_rate),
+           "--warmup-ratio", str(t.warmup_ratio), "--weight-decay", str(t.weight_decay), "--lr-scheduler",
+           t.lr_scheduler, "--max-grad-norm", str(t.max_grad_norm), "--seed", str(t.seed),
+           "--precision", {"auto": "auto", "bf16": "bf16"}.get(t.precision, "fp32"), *extra,
+           *(recipe_flags(t) if same_recipe else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{script} failed:\n{proc.stderr[-3000:]}")
+    return seconds, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # --- for the peer scripts (plain Trainer scripts: they import nothing else from this project) -------------------
+
+
+def add_train_args(ap, learning_rate: float) -> None:
+    """The peer scripts' shared arguments: the prepared data, the model, the output dir and the job's settings."""
+    ap.add_argument("data")
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eval-batch-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--learning-rate", type=float, default=learning_rate)
+    ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--lr-scheduler", default="linear")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    add_recipe_args(ap)  # --peers same: the job's dropout, frozen embeddings, attention, grouping
 
 
 def add_recipe_args(ap) -> None:

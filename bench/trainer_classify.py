@@ -21,19 +21,7 @@ import common  # noqa: E402  (bench/common.py: the recipe flags of --peers same;
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("data")
-    ap.add_argument("model")
-    ap.add_argument("out")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--eval-batch-size", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--learning-rate", type=float, default=1e-4)
-    ap.add_argument("--warmup-ratio", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    common.add_recipe_args(ap)  # --peers same: the job's dropout, frozen embeddings, attention, grouping
+    common.add_train_args(ap, learning_rate=1e-4)
     a = ap.parse_args()
 
     import numpy as np
@@ -56,7 +44,7 @@ def main() -> None:
         output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=a.batch_size,
         per_device_eval_batch_size=a.eval_batch_size, learning_rate=a.learning_rate,
         warmup_steps=math.ceil(a.warmup_ratio * math.ceil(len(ds["train"]) / a.batch_size) * a.epochs),
-        weight_decay=a.weight_decay, lr_scheduler_type="linear", seed=a.seed, bf16=bf16, use_cpu=True,
+        weight_decay=a.weight_decay, lr_scheduler_type=a.lr_scheduler, max_grad_norm=a.max_grad_norm, seed=a.seed, bf16=bf16, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True,
         train_sampling_strategy="group_by_length" if a.group_by_length else "random",
         optim="adamw_torch_fused",  # as strong as TrainingArguments makes it: one fused optimizer kernel

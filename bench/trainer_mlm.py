@@ -23,22 +23,8 @@ import common  # noqa: E402  (bench/common.py: the recipe flags of --peers same;
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("data")
-    ap.add_argument("model")
-    ap.add_argument("out")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--eval-batch-size", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=128)
+    common.add_train_args(ap, learning_rate=3e-4)
     ap.add_argument("--mlm-probability", type=float, default=0.15)
-    ap.add_argument("--learning-rate", type=float, default=3e-4)
-    ap.add_argument("--warmup-ratio", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--lr-scheduler", default="linear")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    common.add_recipe_args(ap)  # --peers same: the job's dropout, frozen embeddings, attention, grouping
     a = ap.parse_args()
 
     from datasets import load_from_disk
