@@ -317,6 +317,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     # (seed + epoch), each rank on its shard, and DDP all-reduces the gradients in backward().
     gen = train_loader.generator
     ddp_model = distributed.wrap(model, device)
+    recipe_loss = spec.recipe.loss
     steps_per_epoch = len(train_loader)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
     every = loss_log_every(t, total)
@@ -396,7 +397,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                 continue  # same permutation as the interrupted run: skip what it already trained on
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
-                loss = ddp_model(**batch).loss
+                loss = recipe_loss(ddp_model, batch) if recipe_loss else ddp_model(**batch).loss
             if scaler:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)

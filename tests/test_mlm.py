@@ -268,6 +268,37 @@ def test_manual_engine_same_job_same_eval(sft_fit, mlm_env, tiny_model_dir, corp
     assert (Path(result.model_dir) / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("engine", ["sft", "manual"])
+def test_training_steps_use_the_sparse_head_under_the_runs_autocast(engine, mlm_env, tiny_model_dir, corpus_file,
+                                                                    monkeypatch):
+    """Both engines train through `masked_lm_logits` (the head on masked positions only) and under the run's mixed
+    precision. The SFT engine once bypassed accelerate's autocast (it wraps `model.forward`, which the sparse head
+    does not call), so its steps ran in fp32 at half the speed; the plain loop ran the full head."""
+    import torch
+
+    from tasks.data import prepare_dataset
+    from tasks.jobs import mlm as tm
+    from tasks.mlm_data import tokenize_for_mlm
+    from tasks.training import train
+
+    calls: list[tuple[bool, bool]] = []
+    original = tm.masked_lm_logits
+
+    def spy(model, inputs):
+        calls.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return original(model, inputs)
+
+    monkeypatch.setattr(tm, "masked_lm_logits", spy)
+    cfg = _corpus_cfg(tiny_model_dir, corpus_file, mlm_env / "out", engine=engine, epochs=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16", "device": "cpu"})})
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
+    train(cfg.spec(), tokenized, str(mlm_env / "out" / f"autocast-{engine}"))
+    steps = [autocast for grad, autocast in calls if grad]
+    assert len(steps) == 20  # 320 training rows in batches of 16: every step went through the sparse head
+    assert all(steps), f"{steps.count(False)} of {len(steps)} training steps ran without autocast"
+
+
 def test_fill_mask_from_the_registry(sft_fit):
     """The fitted model, logged (transformers flavor, fill-mask) and registered, then loaded back by URI."""
     from tasks import registry, tracking

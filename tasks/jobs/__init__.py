@@ -96,6 +96,9 @@ class Recipe:
     check_prediction: Callable[[list], str | None]
     # optional hooks
     check_model: Callable[[str, int], dict] | None = None          # cheap checks before any data work
+    # (model, batch on the device) -> the training loss of the plain loop, under its autocast; None: the model's
+    # own `model(**batch).loss`. For a cheaper exact loss (MLM: the head on the masked positions only).
+    loss: Callable[[Any, dict], Any] | None = None
     data_stats: Callable[[str], dict] | None = None                # tokenized path -> counts to log as data.* params
     run_tags: Callable[[dict, Any], dict] | None = None            # (model info, prepared data) -> MLflow tags
     artifacts: Callable[..., tuple[list[str], str]] | None = None  # (run_dir, model_dir, extras, spec) -> paths, text

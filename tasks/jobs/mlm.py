@@ -62,6 +62,15 @@ def masked_lm_logits(model, inputs: dict):
     return logits, labels[mask]
 
 
+def masked_lm_loss(model, batch: dict):
+    """The plain loop's training loss: mean cross-entropy over the batch's masked tokens, the model's own
+    `outputs.loss`, with the head run on the masked positions only (see `masked_lm_logits`)."""
+    import torch.nn.functional as F
+
+    logits, targets = masked_lm_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
+
+
 def _masked_counts(logits, targets) -> tuple[float, int, int]:
     """(sum of cross-entropy, top-1 hits, tokens) over masked positions."""
     import torch.nn.functional as F
@@ -119,7 +128,11 @@ def sft_trainer_class():
         Evaluation is the job's own `evaluate` (the core replaces Trainer.evaluate with it)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logits, targets = masked_lm_logits(model, inputs)
+            # Mixed precision: accelerate applies autocast by wrapping `model.forward`, which masked_lm_logits
+            # does not call (it runs the encoder and the head itself), so it is entered here. Without it the step
+            # ran in fp32: 1.0 s a step against 0.55 s in bf16 (MiniLM, batch 16 x 128, AVX512-BF16 CPU).
+            with self.accelerator.autocast():
+                logits, targets = masked_lm_logits(model, inputs)
             nll = F.cross_entropy(logits.float(), targets, reduction="sum")
             # Trainer passes the masked-token count of the whole accumulated batch when it can; else a batch mean.
             denom = num_items_in_batch if num_items_in_batch is not None else targets.numel()
@@ -266,6 +279,7 @@ RECIPE = register(Recipe(
     predict=predict_fill_mask,
     check_prediction=check_prediction,
     check_model=check_model,
+    loss=masked_lm_loss,
     data_stats=data_stats,
     run_tags=run_tags,
     artifacts=artifacts,
