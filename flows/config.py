@@ -80,7 +80,7 @@ class JobConfig(BaseModel):
 
 def _job_defaults(recipe: Recipe):
     """Per-job defaults filled in before validation (explicit values, from YAML or flags, win): sample counts for
-    the embedded data, the learning rate, and the job's data defaults."""
+    the embedded data, the learning rate, and the job's data and train defaults."""
 
     def fill(cls, v: Any) -> Any:
         if not isinstance(v, dict):
@@ -92,6 +92,8 @@ def _job_defaults(recipe: Recipe):
                 data.setdefault(k, val)
         for k, val in recipe.data_defaults.items():
             data.setdefault(k, val)
+        for k, val in recipe.train_defaults.items():
+            train.setdefault(k, val)
         lora = v.get("peft") == "lora"
         train.setdefault("learning_rate", recipe.lora_learning_rate if lora else recipe.learning_rate)
         v["data"], v["train"] = data, train

@@ -10,6 +10,10 @@ def test_defaults_are_the_offline_job():
     assert cfg.data.train_samples == 3500 and cfg.data.max_length == 256 and cfg.engine == "manual"
     assert cfg.train.group_by_length and cfg.train.dropout == 0.0 and cfg.train.freeze_embeddings
     assert MLMConfig().data.label_column is None and MLMConfig().data.max_length == 128
+    mlm = MLMConfig()
+    assert mlm.data.train_samples == 2000 and mlm.train.batch_size == 8 and mlm.train_mlm_probability == 0.3
+    assert ClassifyConfig().train.batch_size == 16  # a job's train defaults are its own
+    assert MLMConfig(train={"batch_size": 32}).train.batch_size == 32
     # an explicit value wins over the embedded data's default (YAML or flag)
     assert ClassifyConfig(data={"max_length": 128}).data.max_length == 128
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, MLMConfig
+from flows.config import ConfigError, MLMConfig, build_config
 
 # Two sentences, repeated: after a short fit "this is a [MASK] movie !" must give "great" first. A model trained
 # on a shifted (next-token) objective answers with the word after the mask instead: this catches it.
@@ -135,6 +135,30 @@ def test_eval_split_is_masked_once(imdb_blocks, tiny_model_dir):
     sel = a["labels"] != -100
     assert 0.10 < sel.sum() / (a["attention_mask"].sum() - 2 * len(rows)) < 0.20
     assert (a["labels"][a["attention_mask"] == 0] == -100).all()
+
+
+def test_training_mask_rate_apart_from_the_eval_masks(imdb_blocks, tiny_model_dir):
+    """`train_mlm_probability` masks training batches at its own rate; the held-out rows keep the masks they were
+    given at `mlm_probability`, so perplexity stays comparable with runs that train at another rate."""
+    from datasets import load_from_disk
+
+    from tasks.jobs import mlm as tm
+
+    tok = _tokenizer(tiny_model_dir)
+    dd = load_from_disk(imdb_blocks["grouped"])
+    train_rows, eval_rows = list(dd["train"]), list(dd["eval"])
+    shares, evals = {}, []
+    for p in (None, 0.4):
+        spec = MLMConfig(train_mlm_probability=p).spec()
+        collate = tm.collator(tok, spec)
+        batch = collate(train_rows)
+        maskable = (batch["attention_mask"].sum() - 2 * len(train_rows)).item()
+        shares[p] = (batch["labels"] != -100).sum().item() / maskable
+        evals.append(collate(eval_rows)["labels"])
+    assert shares[None] == pytest.approx(0.15, abs=0.02) and shares[0.4] == pytest.approx(0.4, abs=0.03)
+    assert (evals[0] == evals[1]).all()  # the eval masks do not move with the training rate
+    with pytest.raises(ConfigError, match="train_mlm_probability"):
+        build_config(MLMConfig, None, {"train_mlm_probability": 1.0})
 
 
 def test_bundled_minilm_has_no_mlm_head():

@@ -113,6 +113,7 @@ class Recipe:
     baseline_name: str = "trivial"                                  # named in the decision: "the <name> baseline"
     needs_labels: bool = True                                       # labelled data (label names, num_labels)
     data_defaults: dict = field(default_factory=dict)               # DataConfig defaults for this job
+    train_defaults: dict = field(default_factory=dict)              # TrainConfig defaults for this job
     embedded_defaults: dict = field(default_factory=dict)           # sample counts on the embedded data
     learning_rate: float = 5e-5                                     # default peak learning rate
     lora_learning_rate: float = 5e-4                                # ... with `peft: lora` (adapters like more)
