@@ -295,11 +295,11 @@ RECIPE = register(Recipe(
     baseline_name="untrained-model (epoch 0)",
     needs_labels=False,
     data_defaults={"label_column": None},
-    # The bundled MiniLM's MLM head starts untrained, so updates are what it lacks most. One epoch over 2,000
-    # reviews in grouped 128-token blocks (measured here, 2 cores, fixed eval masks): perplexity 195 with 1,000
+    # The bundled MiniLM's MLM head starts untrained, so updates are what it lacks most. One epoch of
+    # grouped 128-token blocks (measured here, 2 cores, fixed eval masks): perplexity 195 with 1,000
     # reviews at batch 16; 157.6 at batch 8 (same time); 107.0 with 2,000 at batch 8 (196 s of training); 94.4 with
     # training masks at 30% (236 s). A learning rate of 1e-3 (207.6) or 2e-3 (diverged) did worse than 3e-4, and
-    # 5e-5 reached 619. Batch 8 is also what HF's run_mlm uses by default.
+    # 5e-5 reached 619 (an earlier run at batch 16). Batch 8 is also what HF's run_mlm uses by default.
     embedded_defaults={"train_samples": 2000, "eval_samples": 200},
     train_defaults={"batch_size": 8},
     learning_rate=3e-4,
