@@ -45,12 +45,13 @@ def run_trainer(cfg, tmp: Path, same_recipe: bool = False) -> dict:
     import datasets
 
     from tasks.data import prepare_dataset
+    from tasks.jobs.mlm import training_mask_probability
 
     datasets.disable_progress_bars()  # this process's data steps only: the table stays readable
     os.environ["FINETUNE_CACHE_DIR"] = str(tmp / "peer-cache")
     data = prepare_dataset(cfg.data, cfg.train.seed)  # the same texts, given to the script ready to load
     # A stock script masks its training batches at the usual rate; the same-recipe peer at the job's training rate.
-    train_p = (cfg.train_mlm_probability or cfg.mlm_probability) if same_recipe else cfg.mlm_probability
+    train_p = training_mask_probability(cfg) if same_recipe else cfg.mlm_probability
     seconds, own = common.run_peer("trainer_mlm.py", data.path, cfg, tmp / "peer", same_recipe,
                                    ["--mlm-probability", str(train_p)])
     fixed = score_on_fixed_masks(cfg, data.path, str(tmp / "peer" / "model"))  # after the clock: not its work

@@ -190,12 +190,16 @@ def tokenize(data_path: str, model: str, spec: JobSpec) -> str:
     return tokenize_for_mlm(data_path, model, spec.data.max_length, o.group_texts, o.mlm_probability, spec.train.seed)
 
 
+def training_mask_probability(opts) -> float:
+    """The share masked in training batches: train_mlm_probability, else mlm_probability (the eval masks' rate)."""
+    return opts.train_mlm_probability or opts.mlm_probability
+
+
 def collator(tok, spec: JobSpec):
-    """Training batches masked at train_mlm_probability (else mlm_probability); eval rows come pre-masked."""
+    """Training batches masked at `training_mask_probability`; eval rows come pre-masked."""
     from tasks.mlm_data import MLMBatchCollator
 
-    o = spec.opts
-    return MLMBatchCollator(tok, o.train_mlm_probability or o.mlm_probability, spec.train.seed)
+    return MLMBatchCollator(tok, training_mask_probability(spec.opts), spec.train.seed)
 
 
 def check_model(model: str, max_length: int) -> dict:
