@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import write_sentiment_csv
-from tests.integration._servers import clean_env
+from tests.integration._servers import api, clean_env
 from tests.servers import MlflowServer, prefect_server
 
 pytestmark = pytest.mark.slow
@@ -79,9 +79,7 @@ def runs_of(c, experiment):
 
 
 def flow_run_states(prefect_api: str) -> list[str]:
-    r = requests.post(f"{prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=10)
-    r.raise_for_status()
-    return [fr["state"]["type"] for fr in r.json()]
+    return [fr["state"]["type"] for fr in api("POST", f"{prefect_api}/flow_runs/filter", json={"limit": 200})]
 
 
 @pytest.mark.parametrize("engine", ["manual", "trainer"])
@@ -278,14 +276,13 @@ def test_dead_worker_run_becomes_crashed_and_killed(big_csv, tiny_model_dir, tmp
         while True:
             r = requests.get(f"{prefect_api}/deployments/name/classify-finetune/zombie-classify", timeout=10)
             if r.status_code == 200:
-                break
+                break  # else 404 (not yet served) or 503 (busy database): poll again
             assert served.alive() and time.monotonic() - t0 < 300, served.tail()
             time.sleep(1)
-        autos = requests.post(f"{prefect_api}/automations/filter", json={}, timeout=10).json()
+        autos = api("POST", f"{prefect_api}/automations/filter", json={})
         assert [a["name"] for a in autos].count("finetune-flows: crash zombie flow runs") == 1
-        fr = requests.post(f"{prefect_api}/deployments/{r.json()['id']}/create_flow_run", json={}, timeout=10)
-        fr.raise_for_status()
-        flow_run_id = fr.json()["id"]
+        # api() retries a 503: Prefect's answer when its sqlite database is busy (seen in CI on this very call)
+        flow_run_id = api("POST", f"{prefect_api}/deployments/{r.json()['id']}/create_flow_run", json={})["id"]
         wait_for(str(out / "classify" / "*" / "checkpoints" / "step-*"), served.popen)
         victims = [psutil.Process(served.popen.pid), *_descendants(served.popen.pid)]
         for p in victims:
@@ -297,7 +294,7 @@ def test_dead_worker_run_becomes_crashed_and_killed(big_csv, tiny_model_dir, tmp
         assert run.info.status == "RUNNING"  # nothing could say otherwise
         t0, state = time.monotonic(), None
         while time.monotonic() - t0 < 400:  # 60 s without a heartbeat, plus the trigger's evaluation period
-            state = requests.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+            state = api("GET", f"{prefect_api}/flow_runs/{flow_run_id}")["state"]["type"]
             if state == "CRASHED":
                 break
             time.sleep(3)

@@ -84,9 +84,7 @@ def test_real_prefect_server_takes_the_pool_and_a_gpu_deployment(tmp_path):
     deployment moved onto `*k8s_gpu_pool`: the server keeps its job_variables. (No cluster runs it.)"""
     import subprocess
 
-    import requests
-
-    from tests.integration._servers import VENV_BIN, clean_env
+    from tests.integration._servers import VENV_BIN, api, clean_env
     from tests.servers import prefect_server
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
@@ -103,7 +101,7 @@ def test_real_prefect_server_takes_the_pool_and_a_gpu_deployment(tmp_path):
                     [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]):
             p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        pool = requests.get(f"{url}/work_pools/finetune-gpu", timeout=30).json()
+        pool = api("GET", f"{url}/work_pools/finetune-gpu")
         assert pool["type"] == "kubernetes" and pool["base_job_template"] == template()
-        d = requests.get(f"{url}/deployments/name/classify-finetune/retrain-classify", timeout=30).json()
+        d = api("GET", f"{url}/deployments/name/classify-finetune/retrain-classify")
         assert d["work_pool_name"] == "finetune-gpu" and d["job_variables"] == gpu_job_variables()
