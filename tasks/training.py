@@ -714,6 +714,8 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     path = resolve_model(spec.train.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = recipe.load_model(path, spec)
+    if recipe.init_model:
+        recipe.init_model(model, tokenized_path, spec)
     prepare_for_training(model, spec.train)
     if spec.peft == "lora":
         from tasks import adapters

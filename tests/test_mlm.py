@@ -161,6 +161,44 @@ def test_training_mask_rate_apart_from_the_eval_masks(imdb_blocks, tiny_model_di
         build_config(MLMConfig, None, {"train_mlm_probability": 1.0})
 
 
+def test_a_new_heads_output_bias_starts_at_the_training_tokens_log_frequencies(imdb_blocks, tiny_model_dir):
+    """A newly initialised head (zero output bias) starts from the training split's unigram prior: its epoch-0 loss
+    on the held-out masks drops below the zero-bias head's and the uniform guess's log(vocab). A head that already has a bias, or
+    `unigram_head_bias: false`, is left as it is."""
+    import math
+
+    import torch
+    from datasets import load_from_disk
+
+    from tasks.jobs import mlm as tm
+
+    spec = MLMConfig(train={"model": tiny_model_dir}).spec()
+    fresh = tm.load_model(tiny_model_dir, spec)
+    bias = fresh.get_output_embeddings().bias
+    assert not torch.count_nonzero(bias)  # what HF gives a head the checkpoint lacks
+    tm.init_head_bias(fresh, imdb_blocks["grouped"], spec)
+    train = load_from_disk(imdb_blocks["grouped"])["train"]
+    ids = torch.tensor([i for r in train for i, s in zip(r["input_ids"], r["special_tokens_mask"]) if not s])
+    counts = torch.bincount(ids, minlength=bias.numel()).double() + 0.1
+    expected = counts.log() - counts.log().mean()
+    assert torch.allclose(bias.double(), expected, atol=1e-4)
+    common, special = int(ids.bincount().argmax()), _tokenizer(tiny_model_dir).cls_token_id
+    assert bias[common] > bias[special] and bias[special] == bias.min()  # never a target, never counted
+
+    tok = _tokenizer(tiny_model_dir)
+    loader = torch.utils.data.DataLoader(list(load_from_disk(imdb_blocks["grouped"])["eval"]), batch_size=8,
+                                         collate_fn=tm.collator(tok, spec))
+    untouched = tm.load_model(tiny_model_dir, spec)
+    before = tm.evaluate_mlm(untouched, loader, torch.device("cpu"))["eval_loss"]
+    after = tm.evaluate_mlm(fresh, loader, torch.device("cpu"))["eval_loss"]
+    assert after < min(before, math.log(bias.numel()))  # the prior beats the zero-bias head and a uniform guess
+
+    for model, s in ((fresh, spec), (untouched, MLMConfig(unigram_head_bias=False).spec())):
+        kept = model.get_output_embeddings().bias.detach().clone()
+        tm.init_head_bias(model, imdb_blocks["grouped"], s)
+        assert torch.equal(model.get_output_embeddings().bias, kept)
+
+
 def test_bundled_minilm_has_no_mlm_head():
     from tasks.tokenize import check_model
 

@@ -31,6 +31,10 @@ class MLMOptions(BaseModel):
         "masks always use mlm_probability, so perplexity stays comparable between runs. More targets a step train "
         "the prediction head faster: perplexity 94 against 107 at 15% (see README: Speed).")
     group_texts: bool = Field(True, description="Concatenate texts into max_length blocks (else truncate each).")
+    unigram_head_bias: bool = Field(
+        True, description="A newly initialised prediction head starts with its output bias at the log-frequencies "
+        "of the training tokens (a pretrained head is left as it is). Perplexity 85 against 94 at the defaults (see "
+        "README: Speed).")
     top_k: int = Field(5, gt=0, description="Candidates returned by fill-mask prediction.")
 
 
@@ -183,6 +187,33 @@ def load_model(path: str, spec: JobSpec):
         hf_logging.set_verbosity(verbosity)
 
 
+def init_head_bias(model, tokenized_path: str, spec: JobSpec) -> None:
+    """A newly initialised MLM head (HF zeros its output bias) gives every word the same prior: its epoch-0
+    perplexity was 47,909 on the embedded data, worse than uniform over the 30,522-token vocabulary. Its output
+    bias is set to the log-frequencies of the training split's non-special tokens (add-0.1 smoothing, centred), the
+    prior a trained head learns first (1,416 at epoch 0). The optimizer cannot move it there itself: at a learning
+    rate of 3e-4 AdamW shifts a bias by at most about 3e-4 a step, and log-frequencies span over 10 nats. Measured:
+    perplexity 85.1 against 94.4 after the default run, in the same time. A pretrained head (any non-zero bias) is
+    left alone."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+    from datasets import load_from_disk
+
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    if not spec.opts.unigram_head_bias or bias is None or bool(torch.count_nonzero(bias)):
+        return
+    table = load_from_disk(tokenized_path)["train"].data
+    ids = pc.list_flatten(table.column("input_ids")).to_numpy()
+    if "special_tokens_mask" in table.column_names:
+        ids = ids[pc.list_flatten(table.column("special_tokens_mask")).to_numpy() == 0]
+    counts = np.bincount(ids, minlength=bias.numel())[: bias.numel()].astype(np.float64) + 0.1
+    logp = np.log(counts / counts.sum())
+    with torch.no_grad():
+        bias.copy_(torch.from_numpy(logp - logp.mean()).to(bias.dtype))
+
+
 def tokenize(data_path: str, model: str, spec: JobSpec) -> str:
     from tasks.mlm_data import tokenize_for_mlm
 
@@ -289,6 +320,7 @@ RECIPE = register(Recipe(
     predict=predict_fill_mask,
     check_prediction=check_prediction,
     check_model=check_model,
+    init_model=init_head_bias,
     loss=masked_lm_loss,
     data_stats=data_stats,
     run_tags=run_tags,
