@@ -199,6 +199,49 @@ def test_a_new_heads_output_bias_starts_at_the_training_tokens_log_frequencies(i
         assert torch.equal(model.get_output_embeddings().bias, kept)
 
 
+@pytest.mark.parametrize("engine", ["sft", "manual"])
+def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_model_dir, corpus_file, monkeypatch):
+    """`head_learning_rate_scale`: the weights the checkpoint did not ship (an encoder-only checkpoint, like the
+    bundled MiniLM, has no MLM head: `cls.predictions.*`) take scale x learning_rate in both engines' optimizers,
+    every pretrained weight keeps learning_rate. At the default scale 1 the optimizer has the two usual groups."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from tasks.data import prepare_dataset
+    from tasks.jobs import mlm as tm
+    from tasks.mlm_data import tokenize_for_mlm
+    from tasks.training import param_groups, train
+
+    seen: list[list[tuple[float, int]]] = []
+    original = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **kw):
+        original(self, params, *a, **kw)
+        seen.append([(g["lr"], len(g["params"])) for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    encoder = mlm_env / "tiny-encoder"
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
+    cfg = _corpus_cfg(str(encoder), corpus_file, mlm_env / "out", engine=engine, epochs=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 10.0})})
+    spec = cfg.spec()
+    model = tm.load_model(str(encoder), spec)
+    new = {n for n, p in model.named_parameters() if p.requires_grad and any(p is q for g in param_groups(
+        model, spec.train)[2:] for q in g["params"])}
+    assert new and all(n.startswith("cls.predictions.") for n in new)
+    assert [g["lr"] for g in param_groups(model, spec.train)] == pytest.approx([1e-2, 1e-2, 1e-1, 1e-1])
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 1.0})}).spec()
+    assert len(param_groups(model, one.train)) == 2
+
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
+    train(spec, tokenized, str(mlm_env / "out" / f"head-lr-{engine}"))
+    [groups] = [g for g in seen if len(g) > 2]  # the training optimizer
+    assert [lr for lr, _ in groups] == pytest.approx([1e-2, 1e-2, 1e-1, 1e-1])
+    assert sum(n for _, n in groups[2:]) == len(new)
+
+
 def test_bundled_minilm_has_no_mlm_head():
     from tasks.tokenize import check_model
 

@@ -22,11 +22,14 @@ class ClassifyOptions(BaseModel):
 def load_model(path: str, spec: JobSpec):
     from transformers import AutoModelForSequenceClassification
 
+    from tasks.training import mark_new_weights
+
     names = spec.label_names or []
-    return AutoModelForSequenceClassification.from_pretrained(
+    return mark_new_weights(*AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         use_safetensors=True,  # weights as safetensors only: a pickled pytorch_model.bin is refused
-    )
+        output_loading_info=True,  # which weights are new (the classifier head): head_learning_rate_scale
+    ))
 
 
 def tokenize(data_path: str, model: str, spec: JobSpec) -> str:

@@ -181,8 +181,11 @@ def load_model(path: str, spec: JobSpec):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized" notice is reported once by check_model instead
-    try:
-        return AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True)  # never unpickle weights
+    from tasks.training import mark_new_weights
+
+    try:  # never unpickle weights; the loading info tells which weights are new (a head the checkpoint lacks)
+        return mark_new_weights(*AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True,
+                                                                      output_loading_info=True))
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -337,7 +340,7 @@ RECIPE = register(Recipe(
     # training masks at 30% (236 s). A learning rate of 1e-3 (207.6) or 2e-3 (diverged) did worse than 3e-4, and
     # 5e-5 reached 619 (an earlier run at batch 16). Batch 8 is also what HF's run_mlm uses by default.
     embedded_defaults={"train_samples": 2000, "eval_samples": 200},
-    train_defaults={"batch_size": 8},
+    train_defaults={"batch_size": 8, "head_learning_rate_scale": 10.0},
     learning_rate=3e-4,
     config_name="MLMConfig",
 ))
