@@ -12,7 +12,9 @@ def test_defaults_are_the_offline_job():
     assert MLMConfig().data.label_column is None and MLMConfig().data.max_length == 128
     mlm = MLMConfig()
     assert mlm.data.train_samples == 2000 and mlm.train.batch_size == 8 and mlm.train_mlm_probability == 0.3
+    assert mlm.train.head_learning_rate_scale == 10.0 and mlm.unigram_head_bias
     assert ClassifyConfig().train.batch_size == 16  # a job's train defaults are its own
+    assert ClassifyConfig().train.head_learning_rate_scale == 1.0
     assert MLMConfig(train={"batch_size": 32}).train.batch_size == 32
     # an explicit value wins over the embedded data's default (YAML or flag)
     assert ClassifyConfig(data={"max_length": 128}).data.max_length == 128
