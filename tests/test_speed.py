@@ -214,3 +214,18 @@ def test_trainer_length_sampler_order_is_a_function_of_seed_and_epoch():
     assert second != first
     assert list(epoch_seeded_length_sampler(4, lengths, seed=1, epoch_of=lambda: 1)) == second
     assert list(epoch_seeded_length_sampler(4, lengths, seed=2, epoch_of=lambda: 1)) != second
+
+
+def test_gpu_bench_counts_the_flops_it_times(tiny_model_dir, tmp_path, monkeypatch):
+    """bench/bench_gpu.py (the prepared GPU script) runs both jobs' training step here on the CPU: FLOPs counted by
+    torch over forward and backward, at least the 6 x weights x tokens of the encoder's linear layers."""
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    from bench.bench_gpu import measure
+
+    flags = ["--model", tiny_model_dir, "--train-samples", "24", "--eval-samples", "8", "--max-length", "32"]
+    for job in ("classify", "mlm"):
+        r = measure(job, flags, 8, steps=2, warmup=1, device_flag="cpu")
+        model = tiny_classifier(tiny_model_dir)
+        linear = sum(m.weight.numel() for n, m in model.bert.encoder.named_modules() if isinstance(m, torch.nn.Linear))
+        assert r["batch_size"] == 8 and r["samples_per_s"] > 0 and r["tflops_per_s"] > 0
+        assert r["gflops_per_sample"] * 1e9 >= 6 * linear * r["tokens_per_sample"], r

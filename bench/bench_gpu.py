@@ -1,0 +1,156 @@
+"""GPU figures for both jobs, in one prepared run: the training step of each job as the core runs it (the job's own
+model loading and head initialisation, the recipe's loss, the run's precision and training attention, fused AdamW,
+gradient clipping, the scheduler) on real batches of its default data, at the job's batch size and larger ones.
+Prints samples/s, tokens/s, achieved TFLOP/s and model FLOPs utilisation (MFU) side by side.
+
+    .venv/bin/python bench/bench_gpu.py                                   # a GPU: both jobs, batch = job's, 64
+    .venv/bin/python bench/bench_gpu.py --batch-sizes job,32,128 --steps 60
+    .venv/bin/python bench/bench_gpu.py --device cpu --steps 4 --warmup 1 --peak-tflops 1.6   # a dry run on a CPU
+    .venv/bin/python bench/bench_gpu.py -- --max-length 256              # flags after -- go to both jobs' config
+
+FLOPs are counted, not estimated: torch's FlopCounterMode over the forward and backward pass of every timed batch
+(untimed, in a separate pass; optimizer arithmetic is not model FLOPs). MFU = counted FLOPs / timed seconds / the
+device's peak dense bf16 FLOP/s (known for H200, H100, A100 and L4; else --peak-tflops). The first --warmup steps
+(kernel selection, allocator growth) are not timed; the clock stops after a device synchronize. Tokens are the
+padded positions the model processed (dynamic padding keeps those close to the real ones)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# dense bf16 tensor-core peak, TFLOP/s, without sparsity (vendor data sheets); the first name that matches wins
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L4": 121.0}
+
+
+def peak_tflops(device, given: float | None) -> float | None:
+    import torch
+
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measure(job: str, flags: list[str], batch_size: int | None, steps: int, warmup: int, device_flag: str | None) -> dict:
+    """One job at one batch size: returns its figures (see the module docstring)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoTokenizer
+
+    from bench import common
+    from tasks.common import resolve_model, seed_everything
+    from tasks.data import prepare_dataset
+    from tasks.device import amp_dtype, autocast, select_device
+    from tasks.training import (_optimizer_and_scheduler, attention_implementation, build_loaders,
+                                prepare_for_training, training_attention)
+
+    extra = [*(["--batch-size", str(batch_size)] if batch_size else []), *(["--device", device_flag] if device_flag else [])]
+    cfg = common.job_config(job, [*flags, *extra])
+    t = cfg.train
+    data = prepare_dataset(cfg.data, t.seed)
+    spec = cfg.spec(getattr(data, "label_names", None))
+    recipe = spec.recipe
+    tokenized = recipe.tokenize(data.path, t.model, spec)
+    device = select_device(t.device)
+    dtype = amp_dtype(device, t.precision)
+    seed_everything(t.seed)
+    path = resolve_model(t.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = recipe.load_model(path, spec)
+    if recipe.init_model:
+        recipe.init_model(model, tokenized, spec)
+    prepare_for_training(model, t)
+    model.to(device).train()
+    loaders = build_loaders(tokenized, spec, tok)
+    opt, sched, _ = _optimizer_and_scheduler(model, t, len(loaders["train"]), device)
+    loss_fn = recipe.loss or (lambda m, b: m(**b).loss)
+    batches = list(islice(cycle(loaders["train"]), warmup + steps))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(batch: dict, update: bool) -> None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, dtype):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    with attention_implementation(model, training_attention(t, device, dtype)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for b in batches[warmup:]:
+                step(b, update=False)
+        flops = counter.get_total_flops()
+        for i, b in enumerate(batches):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            step(b, update=True)
+        sync()
+        seconds = time.perf_counter() - t0
+    samples = sum(len(b["input_ids"]) for b in batches[warmup:])
+    tokens = sum(b["input_ids"].numel() for b in batches[warmup:])
+    return {"job": job, "engine_step": "core step, recipe loss", "batch_size": t.batch_size, "steps": steps,
+            "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "device": device_name(device),
+            "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_sample": tokens / samples, "tflops_per_s": flops / seconds / 1e12,
+            "gflops_per_sample": flops / samples / 1e9, "_device": device}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", default="classify,mlm")
+    ap.add_argument("--batch-sizes", default="job,64", help="comma list; 'job' = the job's default batch size")
+    ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per measurement")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: the jobs' own choice, a GPU if present)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s, for MFU")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("flags", nargs="*", help="finetune flags (after --), applied to every job")
+    a = ap.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new-head notices: the jobs report them, the figures do not need them
+    rows = []
+    for job in a.jobs.split(","):
+        for bs in a.batch_sizes.split(","):
+            rows.append(measure(job, a.flags, None if bs == "job" else int(bs), a.steps, a.warmup, a.device))
+    peak = peak_tflops(rows[0]["_device"], a.peak_tflops)
+    for r in rows:
+        r.pop("_device")
+        r["mfu"] = r["tflops_per_s"] / peak if peak else None
+    print(f"\ntraining step figures on {rows[0]['device']}, peak {peak or '?'} TFLOP/s (dense bf16), "
+          f"{a.steps} timed steps after {a.warmup} warm-up steps each")
+    print(f"{'job':<10}{'batch':>6}{'precision':>11}{'tokens/sample':>15}{'samples/s':>11}{'tokens/s':>11}"
+          f"{'GFLOP/sample':>14}{'TFLOP/s':>9}{'MFU':>8}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['job']:<10}{r['batch_size']:>6}{r['precision']:>11}{r['tokens_per_sample']:>15.1f}"
+              f"{r['samples_per_s']:>11.1f}{r['tokens_per_s']:>11.0f}{r['gflops_per_sample']:>14.2f}"
+              f"{r['tflops_per_s']:>9.2f}{mfu:>8}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"peak_tflops": peak, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
