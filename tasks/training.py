@@ -366,6 +366,12 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         found = load_latest_checkpoint(ckpt_root)
         if found:
             path, st = found
+            saved = len(st["optimizer"]["param_groups"])
+            if saved != len(opt.param_groups):  # e.g. written before head_learning_rate_scale split the groups
+                raise ConfigError(
+                    f"checkpoint {path} holds an optimizer with {saved} parameter groups, this run builds "
+                    f"{len(opt.param_groups)}: resume with the settings it was written with (a checkpoint from "
+                    "before --head-learning-rate-scale: --head-learning-rate-scale 1)")
             adapters.load_model_state(model, st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
