@@ -307,6 +307,16 @@ def param_groups(model, t: TrainConfig) -> list[dict]:
     return groups
 
 
+def check_optimizer_groups(checkpoint, saved: int, built: int) -> None:
+    """A checkpoint's optimizer state loads only into as many parameter groups as it was saved with: say so in one
+    line before anything loads (e.g. a checkpoint written before head_learning_rate_scale split the groups)."""
+    if saved != built:
+        raise ConfigError(
+            f"checkpoint {checkpoint} holds an optimizer with {saved} parameter groups, this run builds {built}: "
+            "resume with the settings it was written with (a checkpoint from before --head-learning-rate-scale: "
+            "--head-learning-rate-scale 1)")
+
+
 def _optimizer_and_scheduler(model, t: TrainConfig, steps_per_epoch: int, device=None):
     """AdamW (see `param_groups`); warmup then the configured decay."""
     import torch
@@ -366,12 +376,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         found = load_latest_checkpoint(ckpt_root)
         if found:
             path, st = found
-            saved = len(st["optimizer"]["param_groups"])
-            if saved != len(opt.param_groups):  # e.g. written before head_learning_rate_scale split the groups
-                raise ConfigError(
-                    f"checkpoint {path} holds an optimizer with {saved} parameter groups, this run builds "
-                    f"{len(opt.param_groups)}: resume with the settings it was written with (a checkpoint from "
-                    "before --head-learning-rate-scale: --head-learning-rate-scale 1)")
+            check_optimizer_groups(path, len(st["optimizer"]["param_groups"]), len(opt.param_groups))
             adapters.load_model_state(model, st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
@@ -684,6 +689,11 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         import torch
 
         optimizers = (torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused_adamw_supported(device)), None)
+    if resume and (Path(resume) / "optimizer.pt").exists():
+        import torch
+
+        saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True)["param_groups"]
+        check_optimizer_groups(resume, len(saved), len(groups) if optimizers[0] is not None else 2)  # Trainer: 2
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=recipe.collator(tok, spec), processing_class=tok, optimizers=optimizers,

@@ -242,8 +242,9 @@ def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_model_dir, corp
     assert sum(n for _, n in groups[2:]) == len(new)
 
 
-def test_resuming_with_other_optimizer_groups_is_a_config_error(mlm_env, tiny_model_dir, corpus_file):
-    """A plain-loop checkpoint written at head_learning_rate_scale 1 (two optimizer groups, as before the option
+@pytest.mark.parametrize("engine", ["sft", "manual"])
+def test_resuming_with_other_optimizer_groups_is_a_config_error(engine, mlm_env, tiny_model_dir, corpus_file):
+    """A checkpoint (either engine's) written at head_learning_rate_scale 1 (two optimizer groups, as before the option
     existed) resumed at 10 (four): a one-line ConfigError that names the fix; the checkpoint stays."""
     from transformers import AutoTokenizer, BertModel
 
@@ -251,21 +252,21 @@ def test_resuming_with_other_optimizer_groups_is_a_config_error(mlm_env, tiny_mo
     from tasks.mlm_data import tokenize_for_mlm
     from tasks.training import train
 
-    encoder = mlm_env / "tiny-encoder-resume"
+    encoder = mlm_env / f"tiny-encoder-resume-{engine}"
     BertModel.from_pretrained(tiny_model_dir).save_pretrained(encoder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
-    cfg = _corpus_cfg(str(encoder), corpus_file, mlm_env / "out", engine="manual", epochs=1)
+    cfg = _corpus_cfg(str(encoder), corpus_file, mlm_env / "out", engine=engine, epochs=1)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 1.0})})
     data = prepare_dataset(cfg.data, cfg.train.seed)
     tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
-    run = mlm_env / "out" / "resume-groups"
+    run = mlm_env / "out" / f"resume-groups-{engine}"
     train(cfg.spec(), tokenized, str(run))
-    checkpoints = sorted((run / "checkpoints").iterdir())
+    checkpoints = sorted(p for p in run.rglob("*") if p.is_file())
     again = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 10.0,
                                                                           "resume": True})})
     with pytest.raises(ConfigError, match="2 parameter groups, this run builds 4.*--head-learning-rate-scale 1"):
         train(again.spec(), tokenized, str(run))
-    assert sorted((run / "checkpoints").iterdir()) == checkpoints
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == checkpoints
 
 
 def test_bundled_minilm_has_no_mlm_head():
