@@ -764,7 +764,9 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     path = resolve_model(spec.train.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = recipe.load_model(path, spec)
-    if recipe.init_model:
+    # Full fine-tuning only: a LoRA model is rebuilt at load time from the base checkpoint plus what the adapter
+    # saved, so values set here on weights it does not train (the MLM head's bias) would be lost on the way.
+    if recipe.init_model and spec.peft != "lora":
         recipe.init_model(model, tokenized_path, spec)
     prepare_for_training(model, spec.train)
     if spec.peft == "lora":

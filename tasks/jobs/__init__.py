@@ -97,7 +97,7 @@ class Recipe:
     # optional hooks
     check_model: Callable[[str, int], dict] | None = None          # cheap checks before any data work
     # (freshly loaded model, tokenized path, spec) -> None: data-dependent initialisation of weights the checkpoint
-    # did not ship (MLM: the new head's output bias from the training tokens' frequencies), before any adapters
+    # did not ship (MLM: the new head's output bias from the training tokens' frequencies); full fine-tuning only
     init_model: Callable[[Any, str, JobSpec], None] | None = None
     # (model, batch on the device) -> the training loss of the plain loop, under its autocast; None: the model's
     # own `model(**batch).loss`. For a cheaper exact loss (MLM: the head on the masked positions only).

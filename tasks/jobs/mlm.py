@@ -33,8 +33,8 @@ class MLMOptions(BaseModel):
     group_texts: bool = Field(True, description="Concatenate texts into max_length blocks (else truncate each).")
     unigram_head_bias: bool = Field(
         True, description="A newly initialised prediction head starts with its output bias at the log-frequencies "
-        "of the training tokens (a pretrained head is left as it is). Perplexity 85 against 94 at the defaults (see "
-        "README: Speed).")
+        "of the training tokens (a pretrained head is left as it is; full fine-tuning only: a LoRA adapter does not "
+        "save that bias). Perplexity 85 against 94 at the defaults (see README: Speed).")
     top_k: int = Field(5, gt=0, description="Candidates returned by fill-mask prediction.")
 
 
