@@ -52,14 +52,13 @@ def measure(job: str, flags: list[str], batch_size: int | None, steps: int, warm
     """One job at one batch size: returns its figures (see the module docstring)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoTokenizer
 
     from bench import common
-    from tasks.common import resolve_model, seed_everything
+    from tasks.common import seed_everything
     from tasks.data import prepare_dataset
     from tasks.device import amp_dtype, autocast, select_device
     from tasks.training import (_optimizer_and_scheduler, attention_implementation, build_loaders,
-                                prepare_for_training, training_attention)
+                                model_for_training, training_attention)
 
     extra = [*(["--batch-size", str(batch_size)] if batch_size else []), *(["--device", device_flag] if device_flag else [])]
     cfg = common.job_config(job, [*flags, *extra])
@@ -71,13 +70,8 @@ def measure(job: str, flags: list[str], batch_size: int | None, steps: int, warm
     device = select_device(t.device)
     dtype = amp_dtype(device, t.precision)
     seed_everything(t.seed)
-    path = resolve_model(t.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = recipe.load_model(path, spec)
-    if recipe.init_model:
-        recipe.init_model(model, tokenized, spec)
-    prepare_for_training(model, t)
-    model.to(device).train()
+    model, tok = model_for_training(spec, tokenized, device)
+    model.train()
     loaders = build_loaders(tokenized, spec, tok)
     opt, sched, _ = _optimizer_and_scheduler(model, t, len(loaders["train"]), device)
     loss_fn = recipe.loss or (lambda m, b: m(**b).loss)

@@ -53,7 +53,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.ind
 #   modules_to_save copy would put a second embedding matrix in every adapter and train it apart from the
 #   embeddings. The decoder bias
 #   (`cls.predictions.bias`, tied to `decoder.bias`) stays frozen: it is initialised to zeros, the same at
-#   every load (which is why the mlm recipe's unigram bias init is skipped under LoRA). DistilBERT / RoBERTa names are listed for their (pretrained) heads.
+#   every load (which is why the mlm recipe's unigram bias init is skipped under LoRA). DistilBERT / RoBERTa
+#   names are listed for their (pretrained) heads.
 HEAD_MODULES = {
     "text-classification": ("pooler", "pre_classifier"),
     "fill-mask": ("cls.predictions.transform", "vocab_transform", "vocab_layer_norm", "lm_head.dense",

@@ -683,17 +683,15 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     trainer_cls = with_job_evaluation(recipe.trainer_class(spec), evaluate_fn)
     if t.group_by_length:
         trainer_cls = with_seeded_length_groups(trainer_cls, t.seed)
+    import torch
+
     groups = param_groups(model, t)
     optimizers = (None, None)
     if len(groups) > 2:  # new weights at their own rate: our groups; Trainer still builds the scheduler
-        import torch
-
         optimizers = (torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused_adamw_supported(device)), None)
-    if resume and (Path(resume) / "optimizer.pt").exists():
-        import torch
-
-        saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True)["param_groups"]
-        check_optimizer_groups(resume, len(saved), len(groups) if optimizers[0] is not None else 2)  # Trainer: 2
+    if resume and (Path(resume) / "optimizer.pt").exists():  # mmap: the group list only, no tensor is read
+        saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+        check_optimizer_groups(resume, len(saved["param_groups"]), len(groups) if optimizers[0] is not None else 2)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=recipe.collator(tok, spec), processing_class=tok, optimizers=optimizers,
@@ -737,18 +735,44 @@ def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final
 # --- the core --------------------------------------------------------------------------------------------------
 
 
+def model_for_training(spec: "JobSpec", tokenized_path: str, device):
+    """The model as training starts from it, and its tokenizer: the job's model (its head), the recipe's
+    initialisation of new weights, the step-cost choices, LoRA adapters when asked, on the device. Shared by
+    `train` and bench/bench_gpu.py, so that the bench measures the step a run takes."""
+    from transformers import AutoTokenizer
+
+    from tasks import adapters
+    from tasks.common import resolve_model, run_logger
+
+    recipe = spec.recipe
+    path = resolve_model(spec.train.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = recipe.load_model(path, spec)
+    # Full fine-tuning only: a LoRA model is rebuilt at load time from the base checkpoint plus what the adapter
+    # saved, so values set here on weights it does not train (the MLM head's bias) would be lost on the way.
+    if recipe.init_model and spec.peft != "lora":
+        recipe.init_model(model, tokenized_path, spec)
+    prepare_for_training(model, spec.train)
+    if spec.peft == "lora":
+        model = adapters.apply_lora(model, spec.lora.r, spec.lora.alpha, spec.lora.dropout,
+                                    spec.lora.target_modules, recipe.hf_task)
+    trainable, total = adapters.trainable_parameters(model)
+    run_logger(__name__).info("%s: %d of %d parameters trainable (%.2f%%)",
+                              spec.peft if spec.peft != "none" else "full fine-tuning", trainable, total,
+                              100.0 * trainable / max(total, 1))
+    return model.to(device), tok
+
+
 def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | None = None,
           on_metrics: MetricsFn | None = None, on_step: MetricsFn | None = None) -> TrainResult:
     """setup -> fit (the plain loop for engine `manual`, else the job's Trainer class) -> atomic save, for any job.
     Writes `run_dir/model` (weights or adapter, tokenizer, config.yaml, metrics.json) and `run_dir/eval_extras.json`
     (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix). `on_metrics` gets
     each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step)."""
-    from transformers import AutoTokenizer
-
-    from tasks.common import resolve_model, run_logger, seed_everything, write_json_atomic
+    from tasks.common import run_logger, seed_everything, write_json_atomic
     from tasks.device import amp_dtype, describe, select_device
 
-    from tasks import distributed
+    from tasks import adapters, distributed
 
     log = run_logger(__name__)
     recipe = spec.recipe
@@ -761,24 +785,8 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     device = select_device(spec.train.device)
     dtype = amp_dtype(device, spec.train.precision)
     seed_everything(spec.train.seed)
-    path = resolve_model(spec.train.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = recipe.load_model(path, spec)
-    # Full fine-tuning only: a LoRA model is rebuilt at load time from the base checkpoint plus what the adapter
-    # saved, so values set here on weights it does not train (the MLM head's bias) would be lost on the way.
-    if recipe.init_model and spec.peft != "lora":
-        recipe.init_model(model, tokenized_path, spec)
-    prepare_for_training(model, spec.train)
-    if spec.peft == "lora":
-        from tasks import adapters
-
-        model = adapters.apply_lora(model, spec.lora.r, spec.lora.alpha, spec.lora.dropout,
-                                    spec.lora.target_modules, recipe.hf_task)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("%s: %d of %d parameters trainable (%.2f%%)", spec.peft if spec.peft != "none" else "full fine-tuning",
-             trainable, total, 100.0 * trainable / max(total, 1))
-    model.to(device)
+    model, tok = model_for_training(spec, tokenized_path, device)
+    trainable, total = adapters.trainable_parameters(model)
     eval_attention = getattr(model.config, "_attn_implementation", None)
     if loaders is None:
         loaders = build_loaders(tokenized_path, spec, tok)
@@ -839,8 +847,6 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     # --- save, atomically: a reader sees the previous complete model dir or the new one
     def write(d: Path) -> None:
         if spec.peft == "lora":
-            from tasks import adapters
-
             adapters.save_model(model, tok, d)
         else:
             model.save_pretrained(d)

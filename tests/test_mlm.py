@@ -65,6 +65,17 @@ def imdb_blocks(mlm_env, tiny_model_dir) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(mlm_env, tiny_model_dir) -> str:
+    """The tiny BERT saved without its MLM head, as the bundled MiniLM ships: `cls.predictions.*` are new weights."""
+    from transformers import BertModel
+
+    out = mlm_env / "tiny-encoder"
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(out)
+    _tokenizer(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
 # --- data: blocks and masking ------------------------------------------------------------------------------
 
 
@@ -200,12 +211,11 @@ def test_a_new_heads_output_bias_starts_at_the_training_tokens_log_frequencies(i
 
 
 @pytest.mark.parametrize("engine", ["sft", "manual"])
-def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_model_dir, corpus_file, monkeypatch):
+def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_encoder_dir, corpus_file, monkeypatch):
     """`head_learning_rate_scale`: the weights the checkpoint did not ship (an encoder-only checkpoint, like the
     bundled MiniLM, has no MLM head: `cls.predictions.*`) take scale x learning_rate in both engines' optimizers,
     every pretrained weight keeps learning_rate. At the default scale 1 the optimizer has the two usual groups."""
     import torch
-    from transformers import AutoTokenizer, BertModel
 
     from tasks.data import prepare_dataset
     from tasks.jobs import mlm as tm
@@ -220,13 +230,10 @@ def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_model_dir, corp
         seen.append([(g["lr"], len(g["params"])) for g in self.param_groups])
 
     monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
-    encoder = mlm_env / "tiny-encoder"
-    BertModel.from_pretrained(tiny_model_dir).save_pretrained(encoder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
-    cfg = _corpus_cfg(str(encoder), corpus_file, mlm_env / "out", engine=engine, epochs=1)
+    cfg = _corpus_cfg(tiny_encoder_dir, corpus_file, mlm_env / "out", engine=engine, epochs=1)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 10.0})})
     spec = cfg.spec()
-    model = tm.load_model(str(encoder), spec)
+    model = tm.load_model(tiny_encoder_dir, spec)
     new = {n for n, p in model.named_parameters() if p.requires_grad and any(p is q for g in param_groups(
         model, spec.train)[2:] for q in g["params"])}
     assert new and all(n.startswith("cls.predictions.") for n in new)
@@ -243,19 +250,14 @@ def test_a_new_head_learns_at_its_own_rate(engine, mlm_env, tiny_model_dir, corp
 
 
 @pytest.mark.parametrize("engine", ["sft", "manual"])
-def test_resuming_with_other_optimizer_groups_is_a_config_error(engine, mlm_env, tiny_model_dir, corpus_file):
+def test_resuming_with_other_optimizer_groups_is_a_config_error(engine, mlm_env, tiny_encoder_dir, corpus_file):
     """A checkpoint (either engine's) written at head_learning_rate_scale 1 (two optimizer groups, as before the option
     existed) resumed at 10 (four): a one-line ConfigError that names the fix; the checkpoint stays."""
-    from transformers import AutoTokenizer, BertModel
-
     from tasks.data import prepare_dataset
     from tasks.mlm_data import tokenize_for_mlm
     from tasks.training import train
 
-    encoder = mlm_env / f"tiny-encoder-resume-{engine}"
-    BertModel.from_pretrained(tiny_model_dir).save_pretrained(encoder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
-    cfg = _corpus_cfg(str(encoder), corpus_file, mlm_env / "out", engine=engine, epochs=1)
+    cfg = _corpus_cfg(tiny_encoder_dir, corpus_file, mlm_env / "out", engine=engine, epochs=1)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_learning_rate_scale": 1.0})})
     data = prepare_dataset(cfg.data, cfg.train.seed)
     tokenized = tokenize_for_mlm(data.path, cfg.train.model, cfg.data.max_length, False, 0.15, cfg.train.seed)
