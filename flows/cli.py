@@ -474,6 +474,10 @@ def gc_command() -> click.Command:
          click.Option(["--registered-model", "registered_models"], multiple=True, metavar="NAME",
                       help="Limit version retention to this model (repeatable; default: every model finetune "
                            "registered)."),
+         click.Option(["--grace-days", "grace_days"], type=float, default=None, metavar="DAYS",
+                      help="A run dir whose run this store does not hold is touched only when its own record "
+                           "(run.json) says its process is dead and was last seen this long ago (default 7, "
+                           "FINETUNE_GC_GRACE_DAYS)."),
          click.Option(["--yes", "yes"], is_flag=True, default=False,
                       help="Apply. Without it gc only prints what it would do (a dry run).")],
         _gc,

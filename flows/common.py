@@ -73,8 +73,9 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
     if run_id is None:
         run_id = tracking.start_run(cfg.experiment, cfg.tracking.run_name or name, cfg.flat(), tags)
     try:
-        # liveness tags and a heartbeat: a sweep closes this run if its process dies without a word (kill -9)
-        with liveness.heartbeat(run_id, tracking.set_tags):
+        # liveness tags and a heartbeat: a sweep closes this run if its process dies without a word (kill -9);
+        # the run dir records the same, with its store and run id, so `finetune gc` of another store leaves it alone
+        with liveness.heartbeat(run_id, tracking.set_tags, run_dir_for(cfg, run_id)):
             yield run_id
     except (KeyboardInterrupt, Terminated):
         tracking.end_run(run_id, "KILLED")

@@ -8,18 +8,21 @@ from prefect import flow
 
 
 def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: float, keep_versions: int | None,
-           registered_models: tuple[str, ...], yes: bool) -> int:
+           registered_models: tuple[str, ...], yes: bool, grace_days: float | None = None) -> int:
     from tasks import disk, tracking
     from tasks.common import PROJECT_ROOT, ConfigError, cache_root
 
     if keep_versions is not None and keep_versions < 1:
         raise ConfigError(f"--keep-versions {keep_versions}: keep at least 1 (aliased versions are always kept)")
+    if grace_days is not None and grace_days < 0:
+        raise ConfigError(f"--grace-days {grace_days}: give 0 or more days")
     tracking.check_remote()
     outs = [Path(p) for p in output_dirs] or [PROJECT_ROOT / "outputs"]
     items = disk.collect(outs, Path(cache_dir) if cache_dir else cache_root(), cache_days,
-                         list(registered_models) or None, keep_versions)
+                         list(registered_models) or None, keep_versions, grace_days)
     verb = "removed" if yes else "would remove"
-    labels = {"stale-run": "marked KILLED" if yes else "would mark KILLED", "version": f"{verb} (deleted)"}
+    labels = {"stale-run": "marked KILLED" if yes else "would mark KILLED", "version": f"{verb} (deleted)",
+              "kept": "left alone"}
     if yes:
         results = disk.apply(items)
     else:
@@ -31,10 +34,12 @@ def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: floa
         print(f"{action:<17} {it.kind:<9} {it.what}{size}: {it.reason}" + (f"  FAILED: {err}" if err else ""))
         freed += 0 if err else it.bytes
     counts = {k: sum(1 for it, e in results if it.kind == k and not e)
-              for k in ("run-files", "run-dir", "cache", "version", "stale-run")}
+              for k in ("run-files", "run-dir", "cache", "version", "stale-run", "kept")}
     summary = (f"{counts['run-files']} finished run(s) trimmed, {counts['run-dir']} run dir(s), {counts['cache']} "
                f"cache entr{'y' if counts['cache'] == 1 else 'ies'}, {counts['version']} model version(s), "
                f"{counts['stale-run']} stale run(s)")
+    if counts["kept"]:
+        summary += f"; {counts['kept']} run dir(s) left alone (not provably finished runs of this store)"
     if yes:
         print(f"gc: freed {disk.human_bytes(freed)}: {summary}")
     else:

@@ -164,7 +164,8 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     try:
         spec = cfg.spec(label_names)
         run_dir = Path(cfg.train.output_dir) / cfg.job / run_id
-        with liveness.heartbeat(run_id, tracking.set_tags):  # a trial whose worker dies is closed by the next sweep
+        # a trial whose worker dies is closed by the next sweep; its dir records its store and run for `finetune gc`
+        with liveness.heartbeat(run_id, tracking.set_tags, run_dir):
             result = train(spec, tokenized_path, str(run_dir), on_metrics=tracking.MetricsLogger(run_id))
             model_uri = tracking.log_model(run_id, result.model_dir, cfg.recipe.hf_task, [cfg.recipe.smoke_example])
         if not cfg.train.keep_checkpoints:  # logged: its checkpoints and model copy can go, as for any finished run

@@ -68,7 +68,7 @@ def prune_run_dir(run_dir: str | Path) -> int:
 
 @dataclass
 class Item:
-    kind: str  # run-dir | run-files | cache | version | stale-run
+    kind: str  # run-dir | run-files | cache | version | stale-run | kept (reported, left alone)
     what: str
     reason: str
     bytes: int = 0
@@ -80,40 +80,90 @@ def _rm(path: Path) -> Callable[[], None]:
 
 
 def run_status(run_id: str) -> str:
-    """FINISHED, FAILED, KILLED, RUNNING, SCHEDULED, DELETED (in MLflow's trash) or UNKNOWN (no such run in this
-    tracking store)."""
+    """FINISHED, FAILED, KILLED, RUNNING, SCHEDULED, DELETED (in MLflow's trash), UNKNOWN (no such run in this
+    tracking store: a 404, or the 403 an authenticated server answers for a run id it does not hold) or
+    UNREACHABLE (the store did not answer: nothing is decided on that)."""
     from tasks import tracking
 
     try:
         run = tracking.client().get_run(run_id)
     except Exception as e:
-        if tracking.auth_status(e):
+        code = getattr(e, "error_code", None)
+        http = getattr(getattr(e, "response", None), "status_code", None)
+        if tracking.auth_status(e) == 401:
             raise
-        return "UNKNOWN"
+        if code in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "INVALID_PARAMETER_VALUE") or http in (403, 404):
+            return "UNKNOWN"
+        log.warning("gc: could not read MLflow run %s: %s", run_id, tracking.redact_uri(e))
+        return "UNREACHABLE"
     return "DELETED" if run.info.lifecycle_stage == "deleted" else run.info.status
 
 
-def plan_run_dirs(output_dir: str | Path, status_of: Callable[[str], str] = run_status) -> list[Item]:
-    """`<output_dir>/<job>/<mlflow run id>/`: a finished run keeps only its small files; a failed, killed, deleted or
-    unknown run's dir goes entirely (gc gives up resuming it); a running one is left alone."""
+def grace_days_default() -> float:
+    return float(os.environ.get("FINETUNE_GC_GRACE_DAYS", "7"))
+
+
+def plan_run_dirs(output_dir: str | Path, status_of: Callable[[str], str] = run_status, store: str | None = None,
+                  grace_days: float | None = None, now: float | None = None) -> list[Item]:
+    """`<output_dir>/<job>/<mlflow run id>/`, each judged only by what proves it finished and belongs to `store`
+    (default: the store this process talks to), read from the dir's record (`tasks.liveness.RECORD`):
+
+    - a run of this store: FINISHED keeps only its small files; FAILED, KILLED or DELETED loses the whole dir (gc
+      gives up resuming it); RUNNING is left alone;
+    - a dir whose store does not hold its run (or of another store): acted on only when its own record says its
+      process is dead and was last seen more than `grace_days` ago (the whole dir when the record names this
+      store, only checkpoints and model copy otherwise); else reported and left alone;
+    - a dir without a record (written before records existed) that this store does not know: reported, left alone.
+    """
+    from tasks import liveness
+
     items: list[Item] = []
     root = Path(output_dir)
     if not root.is_dir():
         return items
+    if store is None:
+        from tasks.tracking import store_id
+
+        store = store_id()
+    grace = (grace_days_default() if grace_days is None else grace_days) * 86400
+    now = time.time() if now is None else now
     for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for run in sorted(p for p in job_dir.iterdir() if p.is_dir() and RUN_ID.fullmatch(p.name)):
-            status = status_of(run.name)
+            rec = liveness.read_record(run)
+            ours = rec is None or rec.get("tracking_store") == store
+            heavy = heavy_parts(run)
+            status = status_of(run.name) if ours else "OTHER-STORE"
             if status in ("RUNNING", "SCHEDULED"):
                 continue
             if status == "FINISHED":
-                heavy = heavy_parts(run)
                 if heavy:
                     items.append(Item("run-files", str(run), "run FINISHED: checkpoints and model copy",
                                       sum(tree_bytes(p) for p in heavy), lambda r=run: prune_run_dir(r)))
-            else:
-                what = {"DELETED": "run deleted in MLflow", "UNKNOWN": "no such run in this tracking store"}.get(
-                    status, f"run {status}")
+            elif status in ("FAILED", "KILLED", "DELETED"):
+                what = "run deleted in MLflow" if status == "DELETED" else f"run {status}"
                 items.append(Item("run-dir", str(run), what, tree_bytes(run), _rm(run)))
+            elif status == "UNREACHABLE":
+                items.append(Item("kept", str(run), "the tracking store did not answer for this run: left alone"))
+            elif rec is None:
+                items.append(Item("kept", str(run), "no such run in this tracking store and no record of its own "
+                                  f"store ({liveness.RECORD}, written since gc checks stores): left alone; remove it "
+                                  "by hand if nothing uses it", 0))
+            else:
+                where = "no such run in this tracking store" if ours else \
+                    f"a run of another tracking store ({rec['tracking_store']})"
+                alive, why, seen = liveness.record_verdict(rec, now)
+                if not alive and now - seen > grace:
+                    age = f"{why}, last seen {(now - seen) / 86400:.1f} days ago"
+                    if ours:
+                        items.append(Item("run-dir", str(run), f"{where}; {age}", tree_bytes(run), _rm(run)))
+                    elif heavy:
+                        items.append(Item("run-files", str(run), f"{where}; {age}: checkpoints and model copy",
+                                          sum(tree_bytes(p) for p in heavy), lambda r=run: prune_run_dir(r)))
+                else:
+                    state = f"{why}, within the {grace / 86400:g}-day grace period" if not alive else why
+                    size = f"; holds {human_bytes(sum(tree_bytes(p) for p in heavy))} of checkpoints" if heavy else ""
+                    hint = "" if ours else f" (clean it with MLFLOW_TRACKING_URI={rec['tracking_store']} finetune gc)"
+                    items.append(Item("kept", str(run), f"{where}, {state}{size}: left alone{hint}", 0))
     return items
 
 
@@ -165,8 +215,9 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
     c = tracking.client()
     items: list[Item] = []
     for name in models:
-        aliased = set(registry.aliases(name).values())
-        versions = registry.list_versions(name)  # newest first
+        with tracking.on_model(name, "READ"):
+            aliased = set(registry.aliases(name).values())
+            versions = registry.list_versions(name)  # newest first
         for mv in versions[keep:]:
             if str(mv.version) in aliased:
                 continue
@@ -183,7 +234,8 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
                 size = tree_bytes(where)
 
             def delete(name=name, version=str(mv.version), model_id=model_id, where=where) -> None:
-                c.delete_model_version(name, version)
+                with tracking.on_model(name, "MANAGE"):
+                    c.delete_model_version(name, version)
                 if model_id:
                     try:
                         c.delete_logged_model(model_id)
@@ -208,13 +260,13 @@ def plan_stale_runs() -> list[Item]:
 
 
 def collect(output_dirs: list[str | Path], cache_dir: str | Path | None, cache_days: float,
-            models: list[str] | None, keep_versions: int | None) -> list[Item]:
+            models: list[str] | None, keep_versions: int | None, grace_days: float | None = None) -> list[Item]:
     """Everything `finetune gc` would do. Stale runs come first: once marked KILLED their dirs count as failed."""
     items = plan_stale_runs()
     stale = {i.what.split()[-1] for i in items}
     for out in output_dirs:
         status_of = (lambda rid: "KILLED" if rid in stale else run_status(rid))
-        items += plan_run_dirs(out, status_of)
+        items += plan_run_dirs(out, status_of, grace_days=grace_days)
     if cache_dir is not None:
         items += plan_caches(cache_dir, cache_days)
     if keep_versions is not None:

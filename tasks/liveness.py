@@ -9,16 +9,22 @@ command, `finetune gc`) marks runs whose process is gone KILLED:
   run's Prefect flow run is Crashed or gone (checked only against the Prefect server the run itself reported to)
   and the heartbeat has missed three beats.
 
-A run without liveness tags (written before they existed, or by another tool) is left alone."""
+A run without liveness tags (written before they existed, or by another tool) is left alone.
+
+The same identity is also written into the run's output dir (`run.json`, `RECORD`), with the tracking store and
+run id it belongs to: `finetune gc` reads it to leave alone the dirs of runs that live in another store (another
+server, another sqlite file), and to judge a dir whose store cannot answer by its own liveness record."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 HOST, PID, PID_START, HEARTBEAT, PREFECT_API = (
     "finetune.host", "finetune.pid", "finetune.pid_start", "finetune.heartbeat", "finetune.prefect_api")
 FLOW_RUN_ID = "prefect.flow_run_id"
+RECORD = "run.json"  # in each run dir: tracking store, run id, host, pid, pid start, heartbeat, ended
 
 
 def heartbeat_seconds() -> float:
@@ -59,17 +66,63 @@ def liveness_tags() -> dict[str, str]:
             HEARTBEAT: f"{time.time():.0f}", PREFECT_API: prefect_api()}
 
 
+def write_record(run_dir: str | Path, run_id: str, **fields) -> dict:
+    """Writes (atomically) the run dir's record: the tracking store (no credential in it) and run id it belongs
+    to, and this process's liveness (`fields` update an existing record, e.g. the heartbeat)."""
+    from tasks.tracking import store_id
+
+    path = Path(run_dir) / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = read_record(run_dir) or {}
+    if rec.get("run_id") != run_id or not fields:
+        tags = liveness_tags()
+        rec = {"tracking_store": store_id(), "run_id": run_id, "host": tags[HOST], "pid": int(tags[PID]),
+               "pid_start": float(tags[PID_START]), "heartbeat": float(tags[HEARTBEAT]), "started": time.time()}
+    rec.update(fields)
+    tmp = path.with_name(f".{RECORD}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, path)
+    return rec
+
+
+def read_record(run_dir: str | Path) -> dict | None:
+    """The run dir's record, or None (a dir written before records existed, or an unreadable one)."""
+    try:
+        rec = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("tracking_store") else None
+
+
+def record_verdict(rec: dict, now: float | None = None) -> tuple[bool, str, float]:
+    """(alive, why, last sign of life) from a run dir's own record: a process that ended the run (`ended`) or is
+    gone (same host: its pid, with its start time; another host: no heartbeat for stale_seconds()) is dead."""
+    now = time.time() if now is None else now
+    if rec.get("ended"):
+        return False, "its process ended the run", float(rec["ended"])
+    tags = {HOST: str(rec.get("host", "")), PID: str(rec.get("pid", 0)), PID_START: str(rec.get("pid_start", 0)),
+            HEARTBEAT: str(rec.get("heartbeat", 0))}
+    v = judge(str(rec.get("run_id", "")), "", tags, now, flow_run_state=lambda _: None)
+    return bool(v.alive), v.reason, float(rec.get("heartbeat") or rec.get("started") or 0)
+
+
 @contextlib.contextmanager
-def heartbeat(run_id: str, set_tags: Callable[[str, dict], None]) -> Iterator[None]:
+def heartbeat(run_id: str, set_tags: Callable[[str, dict], None], run_dir: str | Path | None = None) -> Iterator[None]:
     """Tags the run with this process's identity, then refreshes `finetune.heartbeat` every heartbeat_seconds()
-    from a daemon thread until the block ends (a missed beat, e.g. a tracking outage, is only logged)."""
+    from a daemon thread until the block ends (a missed beat, e.g. a tracking outage, is only logged). With
+    `run_dir`, the same identity and beats go to the dir's record (`RECORD`), and its end is written there."""
     set_tags(run_id, liveness_tags())
+    if run_dir is not None:
+        write_record(run_dir, run_id)
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(heartbeat_seconds()):
+            now = f"{time.time():.0f}"
             try:
-                set_tags(run_id, {HEARTBEAT: f"{time.time():.0f}"})
+                if run_dir is not None:
+                    write_record(run_dir, run_id, heartbeat=float(now))
+                set_tags(run_id, {HEARTBEAT: now})
             except Exception as e:  # the next beat tries again; staleness takes minutes of misses
                 log.debug("heartbeat of MLflow run %s failed: %s", run_id, e)
 
@@ -79,6 +132,9 @@ def heartbeat(run_id: str, set_tags: Callable[[str, dict], None]) -> Iterator[No
         yield
     finally:
         stop.set()
+        if run_dir is not None:
+            with contextlib.suppress(OSError):
+                write_record(run_dir, run_id, ended=time.time())
 
 
 @dataclass

@@ -38,6 +38,22 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def store_id(uri: str | None = None) -> str:
+    """Which tracking store `uri` (default: this process's) is, with no credential and no option in it: sqlite and
+    file stores by their absolute path, servers and databases by scheme, host, port and path. Recorded in each run dir
+    (`tasks.liveness.RECORD`) so `finetune gc` can tell its own store's runs from another store's."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(_sqlite_path(uri)).resolve())
+    if uri.startswith("/") or uri.startswith("file:"):
+        return "file://" + str(Path(uri.removeprefix("file://").removeprefix("file:")).resolve())
+    u = urlsplit(uri)
+    host = (u.hostname or "").lower() + (f":{u.port}" if u.port else "")
+    return urlunsplit((u.scheme.lower(), host, u.path.rstrip("/"), "", ""))
+
+
 # --- credentials: never printed, logged or recorded ------------------------------------------------------------
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^@/\s]*)@")
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key)=)[^&#\s]*")

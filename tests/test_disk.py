@@ -60,6 +60,11 @@ def test_failed_run_keeps_checkpoints_and_keep_flag_keeps_them(sentiment_csv, ti
     [run] = (tmp_path / "fail" / "classify").iterdir()
     assert tracking.client().get_run(run.name).info.status == "FAILED"
     assert list(run.glob("checkpoints/step-*")) and (run / "model").is_dir()  # --resume can still use them
+    # the dir records its store (no credential) and run, and that its process ended: gc's proof, with the store's
+    import json
+
+    record = json.loads((run / "run.json").read_text())
+    assert record["tracking_store"] == tracking.store_id() and record["run_id"] == run.name and record["ended"]
 
 
 def _dead_pid() -> int:
@@ -92,8 +97,18 @@ def test_gc_dry_run_then_apply(tmp_path, isolated, capsys):
             tracking.end_run(ids[name], status)
     tracking.set_tags(ids["alive"], liveness.liveness_tags())  # this process: alive
     tracking.set_tags(ids["dead"], {**liveness.liveness_tags(), liveness.PID: str(_dead_pid())})
-    ids["orphan"] = "0123456789abcdef0123456789abcdef"  # a dir whose run this store does not know
+    ids["orphan"] = "0123456789abcdef0123456789abcdef"  # a dir whose run this store does not know, no record
+    ids["orphan-dead"] = "1123456789abcdef0123456789abcdef"  # ... recorded by this store, process dead for 10 days
+    ids["other-live"] = "2123456789abcdef0123456789abcdef"  # a live run of another store
+    ids["other-dead"] = "3123456789abcdef0123456789abcdef"  # another store's, process dead for 10 days
+    ids["other-recent"] = "4123456789abcdef0123456789abcdef"  # another store's, dead for an hour: grace period
     dirs = {k: _run_dir(out, v) for k, v in ids.items()}
+    ten_days = time.time() - 10 * 86400
+    liveness.write_record(dirs["orphan-dead"], ids["orphan-dead"], pid=_dead_pid(), heartbeat=ten_days)
+    elsewhere = {"tracking_store": "http://127.0.0.1:1"}
+    liveness.write_record(dirs["other-live"], ids["other-live"], **elsewhere)  # this process: alive
+    liveness.write_record(dirs["other-dead"], ids["other-dead"], **elsewhere, pid=_dead_pid(), heartbeat=ten_days)
+    liveness.write_record(dirs["other-recent"], ids["other-recent"], **elsewhere, ended=time.time() - 3600)
     (cache / "data" / "old").mkdir(parents=True)
     (cache / "data" / "old" / "x.arrow").write_bytes(b"\0" * 1000)
     (cache / "data" / "fresh").mkdir()
@@ -116,9 +131,16 @@ def test_gc_dry_run_then_apply(tmp_path, isolated, capsys):
     assert "freed" in done
     # finished: only the small files stay
     assert sorted(p.name for p in dirs["finished"].iterdir()) == ["config.yaml", "eval_extras.json", "metrics.json"]
-    for k in ("failed", "dead", "orphan"):  # nothing can resume them any more: the whole dir goes
+    for k in ("failed", "dead", "orphan-dead"):  # nothing can resume them any more: the whole dir goes
         assert not dirs[k].exists(), k
-    assert (dirs["alive"] / "checkpoints").is_dir() and (dirs["alive"] / "model").is_dir()  # never a live run
+    for k in ("alive", "orphan", "other-live", "other-recent"):  # never a live run, nor one gc cannot prove dead
+        assert (dirs[k] / "checkpoints").is_dir() and (dirs[k] / "model").is_dir(), k
+    for k in ("orphan", "other-live", "other-recent"):
+        assert f"left alone        kept      {dirs[k]}" in done, k
+    assert "a run of another tracking store (http://127.0.0.1:1)" in done
+    # another store's run dead for longer than the grace period: its checkpoints go, its record and small files stay
+    assert sorted(p.name for p in dirs["other-dead"].iterdir()) == [
+        "config.yaml", "eval_extras.json", "metrics.json", "run.json"]
     c = tracking.client()
     assert c.get_run(ids["dead"]).info.status == "KILLED"
     assert "gone" in c.get_run(ids["dead"]).data.tags["finetune.killed_reason"]

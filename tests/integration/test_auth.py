@@ -310,3 +310,70 @@ def test_no_secret_in_params_tags_artifacts_or_logs(trained, mlflow_auth, prefec
     assert logs and arts
     blob = json.dumps([fr["parameters"], logs, arts])
     assert not _leaks(blob), "a secret in the flow run's parameters, logs or artifacts"
+
+
+# --- finetune gc: another store's live run is left alone; gc as the training identity works ----------------------
+
+
+def test_gc_of_another_store_leaves_a_live_run_alone(identities, mlflow_auth, workdir, tiny_model_dir,
+                                                     tmp_path_factory):
+    """A training identity trains against the MLflow server while `finetune gc --yes` runs against the local sqlite
+    store on the same outputs/: the live run's checkpoints survive. Then gc as the training identity against the
+    server: a run dir of another store and one whose run the server does not hold (the server answers 403 for it)
+    are left alone, no error; once the run is killed, its dir goes."""
+    import json
+
+    from conftest import write_sentiment_csv
+
+    csv = write_sentiment_csv(tmp_path_factory.mktemp("gc-data"), repeat=6)
+    out = workdir / "shared-outputs"
+    env = identities["trainer"]
+    live = Proc("live-training", [*CLI, "classify", "--model", tiny_model_dir, "--dataset", csv,
+                                  "--text-column", "review", "--label-column", "sentiment", "--max-length", "32",
+                                  "--epochs", "500", "--batch-size", "4", "--checkpoint-every-steps", "2",
+                                  "--output-dir", str(out), "--experiment", EXPERIMENT, "--registered-model", MODEL],
+                env, workdir)
+    try:
+        deadline = time.monotonic() + 240
+        run_dir = None
+        while time.monotonic() < deadline and run_dir is None:
+            assert live.alive(), live.tail()
+            time.sleep(2)
+            run_dir = next((d for d in (out / "classify").glob("*") if list(d.glob("checkpoints/step-*"))), None) \
+                if (out / "classify").is_dir() else None
+        assert run_dir is not None, f"no checkpoint in time:\n{live.tail()}"
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["tracking_store"] == mlflow_auth.url and record["run_id"] == run_dir.name
+        assert TRAINER_PW not in (run_dir / "run.json").read_text()
+
+        # gc of the local default store (another store), applied, while the run trains
+        local = clean_env(FINETUNE_MLFLOW_STORE=str(workdir / "local-store"), FINETUNE_CACHE_DIR=workdir / "cache",
+                          PREFECT_HOME=workdir / "gc-home")
+        p = cli(["gc", "--output-dir", str(out), "--yes"], local)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"left alone        kept      {run_dir}" in p.stdout and mlflow_auth.url in p.stdout, p.stdout
+        assert list(run_dir.glob("checkpoints/step-*")), "gc of another store removed a live run's checkpoints"
+
+        # gc as the training identity against the server: the live run, a dir of the local store, and a dir whose
+        # run id the server does not hold (no record; the server answers 403, not 404)
+        from tasks import liveness
+
+        other = out / "classify" / ("a" * 32)
+        (other / "checkpoints").mkdir(parents=True)
+        liveness.write_record(other, other.name, tracking_store=f"sqlite:///{workdir / 'local-store' / 'mlflow.db'}")
+        unknown = out / "classify" / ("b" * 32)
+        (unknown / "checkpoints").mkdir(parents=True)
+        p = cli(["gc", "--output-dir", str(out), "--yes"], env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "error" not in (p.stdout + p.stderr).lower() and "403" not in p.stdout + p.stderr, p.stdout + p.stderr
+        assert f"{other}" in p.stdout and f"{unknown}" in p.stdout and "no such run in this tracking store" in p.stdout
+        for d in (run_dir, other, unknown):
+            assert (d / "checkpoints").is_dir(), d
+        assert live.alive(), live.tail()
+    finally:
+        live.stop(grace=120)  # SIGTERM: the run ends KILLED, its dir is gc's to remove
+    status = requests.get(f"{mlflow_auth.url}/api/2.0/mlflow/runs/get", params={"run_id": run_dir.name},
+                          auth=("admin", ADMIN_PW), timeout=30).json()["run"]["info"]["status"]
+    assert status == "KILLED", status
+    p = cli(["gc", "--output-dir", str(out), "--yes"], env)
+    assert p.returncode == 0 and not run_dir.exists(), p.stdout + p.stderr
