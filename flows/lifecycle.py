@@ -1,7 +1,9 @@
 """The tail of every training flow: log the model (transformers flavor), register a new version, and decide
-aliases. Every new version becomes `challenger`; the champion/challenger comparison (flows/promotion.py) then
-moves `champion` to it when it beats the job's trivial baseline on the same eval data and wins (or there is no
-champion yet), having passed evaluation and a smoke prediction. With --no-promote it stays challenger."""
+aliases. A new version that beats the job's trivial baseline on the same eval data (the quality floor), with
+finite metrics and a good smoke prediction, becomes `challenger`; the champion/challenger comparison
+(flows/promotion.py) then moves `champion` to it when it wins (or there is no champion yet). A version below the
+floor gets no alias (tagged with the reason): `challenger` keeps pointing at the last candidate above it. With
+--no-promote a version above the floor stays challenger."""
 from __future__ import annotations
 
 from prefect import task
@@ -59,16 +61,13 @@ def register_and_promote(cfg: JobConfig, run_id: str, model_uri: str, final: dic
     with registry_lock(name):
         version = registry.register_model(model_uri, name, run_id, tags={"job": cfg.job})
         tracking.set_tags(run_id, {"registered_model": name, "registered_version": version})
-        registry.set_alias(name, registry.CHALLENGER, version)
-        promotion: dict = {}
-        if cfg.tracking.promote:
-            from flows.promotion import champion_challenger
+        from flows.promotion import champion_challenger
 
-            promotion = champion_challenger(cfg, name, version, data_path=data_path, tokenized_path=tokenized_path,
-                                            run_final=final, run_history=history, probe=probe)
-            decision = promotion["decision"]
-        else:
-            decision = f"version {version} registered as challenger; promotion skipped (--no-promote)"
+        # the quality floor first (every version, --no-promote too): only one above it gets an alias
+        promotion = champion_challenger(cfg, name, version, data_path=data_path, tokenized_path=tokenized_path,
+                                        run_final=final, run_history=history, probe=probe,
+                                        promote=cfg.tracking.promote)
+        decision = promotion["decision"]
         tracking.set_tags(run_id, {"promotion.decision": decision[:5000]})
         aliases = [a for a, v in registry.aliases(name).items() if v == version]
     # Every registration refreshes the versions table artifact (same table as `finetune compare`).

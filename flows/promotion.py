@@ -215,23 +215,51 @@ def eval_fingerprint(cfg: JobConfig, tokenized_path: str) -> str:
     return stable_hash(Path(tokenized_path).name, t.eval_batch_size, device.type, str(amp_dtype(device, t.precision)))[:12]
 
 
+SCORES_TAG = "eval.scores"  # {fingerprint: {metric: score}}: the version's scores per eval set, one JSON tag
+MAX_CACHED_EVAL_SETS = 20
+
+
+def _cached(tags: dict) -> dict[str, dict[str, float]]:
+    import json
+
+    try:
+        got = json.loads(tags.get(SCORES_TAG) or "{}")
+    except ValueError:
+        got = {}
+    return got if isinstance(got, dict) else {}
+
+
 def stored_scores(name: str, version: str, fingerprint: str) -> dict[str, float] | None:
-    """A version's scores on the eval set `fingerprint`, recorded on it when they were first computed."""
+    """A version's scores on the eval set `fingerprint`, recorded on it when they were first computed: the JSON tag
+    `eval.scores`, or the per-score tags `eval.<fingerprint>.<metric>` versions registered before it carry."""
     from tasks import registry
 
     mv = registry.get_version(name, version)
+    tags = (mv.tags or {}) if mv else {}
+    got = _cached(tags).get(fingerprint)
+    if got:
+        return {k: float(v) for k, v in got.items()}
     prefix = f"eval.{fingerprint}."
-    got = {k[len(prefix):]: float(v) for k, v in ((mv.tags or {}) if mv else {}).items() if k.startswith(prefix)}
+    got = {k[len(prefix):]: float(v) for k, v in tags.items() if k.startswith(prefix)}
     return got or None
 
 
 def store_scores(name: str, version: str, fingerprint: str, scores: dict[str, float] | None) -> None:
-    """Records scores on the version (tags `eval.<fingerprint>.<metric>`, full precision): a champion is scored once
-    per eval set, not once per retraining."""
+    """Records scores on the version (one JSON tag, `eval.scores`, full precision, the newest
+    MAX_CACHED_EVAL_SETS eval sets): a champion is scored once per eval set, not once per retraining."""
+    import json
+
     from tasks import registry
 
-    if scores:
-        registry.set_version_tags(name, version, {f"eval.{fingerprint}.{k}": repr(float(v)) for k, v in scores.items()})
+    if not scores:
+        return
+    mv = registry.get_version(name, version)
+    cache = _cached((mv.tags or {}) if mv else {})
+    cache.pop(fingerprint, None)
+    cache[fingerprint] = {k: float(v) for k, v in scores.items()}
+    while len(cache) > MAX_CACHED_EVAL_SETS:
+        cache.pop(next(iter(cache)))
+    registry.set_version_tags(name, version, {SCORES_TAG: json.dumps(cache, separators=(",", ":"))})
 
 
 def run_scores(cfg: JobConfig, row: dict) -> dict[str, float]:
@@ -250,12 +278,16 @@ def _check_logged(uri: str, cfg: JobConfig, data_path: str, tokenized_path: str,
 
 def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str | None = None,
                         tokenized_path: str | None = None, run_final: dict | None = None,
-                        run_history: list[dict] | None = None, probe: dict[str, float] | None = None) -> dict:
-    """Evaluates challenger `version` and the current champion of `name` on the eval split of `data_path` /
-    `tokenized_path` (the run's prepared and tokenized data; default: rebuilt from the challenger run's params),
-    and the job's trivial baseline on the same data (from `run_history`, the run's per-epoch metrics, where the
-    job needs it), decides, moves `champion` when the challenger wins and beats the baseline, and records the
-    outcome (version tags, Prefect artifact). Returns promoted, decision and the scores.
+                        run_history: list[dict] | None = None, probe: dict[str, float] | None = None,
+                        promote: bool = True) -> dict:
+    """Evaluates challenger `version` of `name` on the eval split of `data_path` / `tokenized_path` (the run's
+    prepared and tokenized data; default: rebuilt from the challenger run's params) against the job's trivial
+    baseline on the same data (from `run_history`, the run's per-epoch metrics, where the job needs it): the
+    quality floor. A version that does not beat it (or whose metrics are not finite, or that fails its smoke
+    prediction) gets no alias: `challenger` stays on the last candidate that did, and the version is tagged with
+    the reason. One that does becomes `challenger`, is compared with the current champion (unless `promote` is
+    False) and takes `champion` when it wins. The outcome goes to version tags and a Prefect artifact. Returns
+    promoted, qualified (got an alias), decision and the scores.
 
     Nothing is evaluated twice: from the training flow (`run_final` and `probe` given, on the run's own data) the
     challenger's scores are its run's final metrics, and the registered model is only checked against the trained
@@ -269,7 +301,8 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
     margin = cfg.tracking.promotion_margin
     champion = registry.alias_version(name, registry.CHAMPION)
     if champion == version:
-        return {"promoted": False, "decision": f"version {version} already is the champion", "metric": metric}
+        return {"promoted": False, "qualified": True, "decision": f"version {version} already is the champion",
+                "metric": metric}
     if data_path is None:
         _, data_path, tokenized_path = eval_data_for_version(name, version)
 
@@ -281,40 +314,65 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
         chall, chall_err = run_scores(cfg, run_final), _check_logged(chall_uri, cfg, data_path, tokenized_path, probe)
     else:
         chall, chall_err = _evaluate(chall_uri, cfg, data_path, tokenized_path)
+    if chall_err is None and chall and any(_bad(v) for v in chall.values()):
+        chall_err = "non-finite metrics: " + ", ".join(f"{k} {v}" for k, v in chall.items() if _bad(v))
     if fingerprint and chall_err is None:
         store_scores(name, version, fingerprint, chall)
     if chall_err is None:
         smoke_err = smoke_test(registry.model_uri(name, version=version), cfg.job)
         chall_err = f"smoke prediction failed: {smoke_err}" if smoke_err else None
     base, base_err = baseline_scores(cfg, name, version, data_path, run_history)
-    champ, champ_err = (None, None)
-    if champion is not None and chall_err is None:  # no need to score the champion against a failed challenger
-        champ = stored_scores(name, champion, fingerprint) if fingerprint else None
-        if champ is not None and metric in champ:
-            log.info("champion v%s: scores on this eval set recorded on the version (eval.%s.*)", champion, fingerprint)
-        else:
-            champ, champ_err = _evaluate(registry.model_uri(name, version=champion), cfg, data_path, tokenized_path)
-            if fingerprint and champ_err is None:
-                store_scores(name, champion, fingerprint, champ)
     baseline_name = cfg.recipe.baseline_name
-    d = decide(
-        metric, (chall or {}).get(metric), (champ or {}).get(metric), margin,
-        higher_is_better=higher_is_better(cfg.job, metric), has_champion=champion is not None,
-        challenger_error=chall_err, champion_error=champ_err,
-        baseline=(base or {}).get(metric), baseline_name=baseline_name, baseline_error=base_err,
-    )
+    up = higher_is_better(cfg.job, metric)
+    # the floor: healthy, finite and above the trivial baseline (the rule without a champion)
+    floor = decide(metric, (chall or {}).get(metric), None, margin, higher_is_better=up, has_champion=False,
+                   challenger_error=chall_err, baseline=(base or {}).get(metric), baseline_name=baseline_name,
+                   baseline_error=base_err)
+    qualified = floor.promoted
+    previous_challenger = registry.alias_version(name, registry.CHALLENGER)
+    champ, champ_err = (None, None)
+    if not qualified:
+        d = Decision(False, floor.reason)
+        if champion is not None and fingerprint:  # for the record only when already known: no evaluation for it
+            champ = stored_scores(name, champion, fingerprint)
+    else:
+        registry.set_alias(name, registry.CHALLENGER, version)
+        if not promote:
+            d = Decision(False, "promotion skipped (--no-promote)")
+        else:
+            if champion is not None:
+                champ = stored_scores(name, champion, fingerprint) if fingerprint else None
+                if champ is not None and metric in champ:
+                    log.info("champion v%s: scores on this eval set recorded on the version", champion)
+                else:
+                    champ, champ_err = _evaluate(registry.model_uri(name, version=champion), cfg, data_path,
+                                                 tokenized_path)
+                    if fingerprint and champ_err is None:
+                        store_scores(name, champion, fingerprint, champ)
+            d = decide(
+                metric, (chall or {}).get(metric), (champ or {}).get(metric), margin,
+                higher_is_better=up, has_champion=champion is not None,
+                challenger_error=chall_err, champion_error=champ_err,
+                baseline=(base or {}).get(metric), baseline_name=baseline_name, baseline_error=base_err,
+            )
     if d.promoted:
         registry.move_champion(name, version, d.reason)
-    decision = (f"version {version} promoted to champion" + (f" (replaces v{champion})" if champion else "")
-                if d.promoted else f"version {version} stays challenger; champion "
-                + (f"v{champion} unchanged" if champion else "not set")) + f": {d.reason}"
+    if d.promoted:
+        decision = (f"version {version} promoted to champion" + (f" (replaces v{champion})" if champion else "")
+                    + f": {d.reason}")
+    elif qualified:
+        decision = (f"version {version} is challenger; champion "
+                    + (f"v{champion} unchanged" if champion else "not set") + f": {d.reason}")
+    else:
+        kept = f"challenger stays v{previous_challenger}" if previous_challenger else "no challenger"
+        decision = f"version {version} gets no alias ({kept}): {d.reason}"
     result = {
-        "promoted": d.promoted, "decision": decision, "reason": d.reason, "metric": metric, "margin": margin,
-        "challenger_version": version, "challenger_score": (chall or {}).get(metric), "challenger_scores": chall,
-        "champion_version": champion, "champion_score": (champ or {}).get(metric), "champion_scores": champ,
-        "improvement": d.improvement, "challenger_error": chall_err, "champion_error": champ_err,
-        "baseline": baseline_name if cfg.recipe.baseline else None, "baseline_score": (base or {}).get(metric),
-        "baseline_scores": base, "baseline_error": base_err,
+        "promoted": d.promoted, "qualified": qualified, "decision": decision, "reason": d.reason, "metric": metric,
+        "margin": margin, "challenger_version": version, "challenger_score": (chall or {}).get(metric),
+        "challenger_scores": chall, "champion_version": champion, "champion_score": (champ or {}).get(metric),
+        "champion_scores": champ, "improvement": d.improvement, "challenger_error": chall_err,
+        "champion_error": champ_err, "baseline": baseline_name if cfg.recipe.baseline else None,
+        "baseline_score": (base or {}).get(metric), "baseline_scores": base, "baseline_error": base_err,
     }
     record(name, result)
     log.info("promotion: %s", decision)
@@ -322,26 +380,31 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
 
 
 def record(name: str, result: dict) -> None:
-    """Outcome as tags on the challenger version (scores, metric, margin, decision) and as a Prefect artifact."""
+    """Outcome as a few readable tags on the challenger version and as a Prefect artifact: the decision and its
+    one-line reason, the metric and the headline scores (empty ones left out), and every score of the comparison
+    in one JSON tag, `promotion.scores` (metric -> value per role, and the margin)."""
+    import json
+
     from flows import monitoring
     from tasks import registry
 
     def fmt(x):
         return "" if x is None else (f"{x:.6g}" if isinstance(x, float) else str(x))
 
+    reason = result["reason"] if result.get("qualified", True) else f"no alias: {result['reason']}"
     tags = {
+        "promotion.decision": "promoted" if result["promoted"] else "rejected",
+        "promotion.reason": reason[:4000],
         "promotion.metric": result["metric"],
-        "promotion.margin": fmt(result["margin"]),
         "promotion.challenger_score": fmt(result["challenger_score"]),
         "promotion.champion_score": fmt(result["champion_score"]),
         "promotion.champion_version": fmt(result["champion_version"]),
         "promotion.baseline": fmt(result.get("baseline")),
         "promotion.baseline_score": fmt(result.get("baseline_score")),
-        "promotion.decision": "promoted" if result["promoted"] else "rejected",
-        "promotion.reason": result["reason"][:4000],
     }
-    for role in ("challenger", "champion", "baseline"):
-        for k, v in (result.get(f"{role}_scores") or {}).items():
-            tags[f"promotion.{role}.{k}"] = fmt(v)
-    registry.set_version_tags(name, result["challenger_version"], tags)
+    scores = {role: {k: float(f"{v:.6g}") for k, v in s.items() if isinstance(v, (int, float))}
+              for role in ("challenger", "champion", "baseline") if (s := result.get(f"{role}_scores"))}
+    if scores:
+        tags["promotion.scores"] = json.dumps({**scores, "margin": result["margin"]}, separators=(",", ":"))
+    registry.set_version_tags(name, result["challenger_version"], {k: v for k, v in tags.items() if v != ""})
     monitoring.promotion_artifact(name, result)

@@ -67,7 +67,7 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     # ... and recorded on the version under the eval set's fingerprint, for when it is the champion
     fp = eval_fingerprint(v1_cfg, tokenized_path)
     tags = c.get_model_version("tiny-sentiment", "1").tags
-    assert float(tags[f"eval.{fp}.f1"]) == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
+    assert json.loads(tags["eval.scores"])[fp]["f1"] == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
 
     # predictions through the registry return label names and scores
     res = predict("models:/tiny-sentiment@champion", ["a great wonderful film", "an awful boring mess"])
@@ -144,7 +144,7 @@ def test_bad_input_fails_before_training_and_records_nothing(tmp_path, tiny_mode
 def test_constant_predictor_is_registered_but_not_champion(tmp_path, tiny_model_dir, isolated):
     """The quality floor, first version included: every text is the same, so whatever the model learns it predicts
     one class for all of them. On balanced eval data that ties the majority-class baseline (f1 1/3): it registers
-    as challenger, is not champion, and the decision names the baseline."""
+    with no alias (not challenger, not champion), and the decision names the baseline."""
     from mlflow import MlflowClient
 
     from flows.classify import classify_flow
@@ -153,15 +153,15 @@ def test_constant_predictor_is_registered_but_not_champion(tmp_path, tiny_model_
     csv.write_text("review,sentiment\n" + "".join(f"the very same words,{'positive' if i % 2 else 'negative'}\n"
                                                   for i in range(24)))
     out = classify_flow(flow_cfg(str(csv), tiny_model_dir, tmp_path, tracking={"registered_model": "const-model"}))
-    assert out["version"] == "1" and out["aliases"] == ["challenger"] and not out["promoted"]
+    assert out["version"] == "1" and out["aliases"] == [] and not out["promoted"]
     assert "does not beat the majority-class baseline: f1 0.3333 vs baseline 0.3333" in out["decision"]
-    assert "champion not set" in out["decision"]
+    assert "gets no alias (no challenger)" in out["decision"]
     c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    assert "champion" not in c.get_registered_model("const-model").aliases
+    assert c.get_registered_model("const-model").aliases == {}
     tags = c.get_model_version("const-model", "1").tags
     assert tags["promotion.decision"] == "rejected" and tags["promotion.baseline"] == "majority-class"
     assert float(tags["promotion.baseline_score"]) == pytest.approx(1 / 3, abs=1e-5)
-    assert float(tags["promotion.baseline.accuracy"]) == pytest.approx(0.5)
+    assert json.loads(tags["promotion.scores"])["baseline"]["accuracy"] == pytest.approx(0.5)
     assert out["promotion"]["baseline_score"] == pytest.approx(out["metrics"]["eval_f1"])
 
 

@@ -2,6 +2,8 @@
 (sqlite) registry, with evaluation swapped out or run on tiny logged models."""
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -225,7 +227,8 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
     assert float(tags["promotion.champion_score"]) == pytest.approx(0.60)
     assert tags["promotion.champion_version"] == "1"
     assert tags["promotion.baseline"] == "majority-class" and float(tags["promotion.baseline_score"]) == pytest.approx(0.1)
-    assert float(tags["promotion.baseline.accuracy"]) == pytest.approx(0.1)
+    assert json.loads(tags["promotion.scores"])["baseline"]["accuracy"] == pytest.approx(0.1)
+    assert len(tags) <= 10  # readable: a handful of tags, every score of the comparison in one JSON tag
 
     v3 = add()
     registry.set_alias(name, "challenger", v3)
@@ -264,24 +267,50 @@ def test_first_version_that_fails_smoke_is_not_champion(fake_versions, monkeypat
     assert not r["promoted"] and registry.alias_version(name, "champion") is None
 
 
-def test_first_version_below_the_baseline_stays_challenger(fake_versions, monkeypatch):
+def test_version_below_the_floor_gets_no_alias(fake_versions, monkeypatch):
+    """The quality floor decides whether a version gets an alias at all: below it (or with non-finite metrics),
+    no alias and a reason tag; `challenger` keeps pointing at the last candidate above it."""
     from flows.promotion import champion_challenger
     from tasks import registry
 
     name, add = fake_versions
-    _patch_scores(monkeypatch, {"1": 0.5, "2": 0.8}, baseline=0.5)
+    _patch_scores(monkeypatch, {"1": 0.5, "2": 0.8, "3": 0.7, "4": 0.5, "5": float("nan")}, baseline=0.5)
+    cfg = ClassifyConfig(tracking={"promotion_margin": 0.05})
     v1 = add()
-    registry.set_alias(name, "challenger", v1)
-    r = champion_challenger(ClassifyConfig(), name, v1, data_path="unused")
-    assert not r["promoted"] and registry.alias_version(name, "champion") is None
-    assert registry.alias_version(name, "challenger") == "1"
+    r = champion_challenger(cfg, name, v1, data_path="unused")
+    assert not r["promoted"] and not r["qualified"] and registry.aliases(name) == {}
     assert "does not beat the majority-class baseline: f1 0.5000 vs baseline 0.5000" in r["decision"]
+    assert "gets no alias (no challenger)" in r["decision"]
     assert r["baseline_score"] == pytest.approx(0.5) and r["baseline"] == "majority-class"
     tags = registry.get_version(name, "1").tags
     assert tags["promotion.decision"] == "rejected" and float(tags["promotion.baseline_score"]) == pytest.approx(0.5)
-    v2 = add()
-    r = champion_challenger(ClassifyConfig(), name, v2, data_path="unused")
-    assert r["promoted"] and registry.alias_version(name, "champion") == "2"
+    assert tags["promotion.reason"].startswith("no alias: does not beat the majority-class baseline")
+    assert champion_challenger(cfg, name, add(), data_path="unused")["promoted"]  # v2: champion
+    r3 = champion_challenger(cfg, name, add(), data_path="unused")  # v3: above the floor, loses: challenger
+    assert r3["qualified"] and not r3["promoted"] and registry.alias_version(name, "challenger") == "3"
+    for bad in ("4", "5"):  # at the floor, then non-finite: challenger stays on v3
+        r = champion_challenger(cfg, name, add(), data_path="unused")
+        assert not r["qualified"] and f"gets no alias (challenger stays v3)" in r["decision"], r["decision"]
+        assert registry.aliases(name) == {"champion": "2", "challenger": "3"}
+        assert registry.get_version(name, bad).tags["promotion.reason"].startswith("no alias: ")
+    assert "nan" in registry.get_version(name, "5").tags["promotion.reason"].lower()
+
+
+def test_score_cache_is_one_json_tag_and_old_tags_still_read(fake_versions):
+    from flows.promotion import stored_scores, store_scores
+    from tasks import registry
+
+    name, add = fake_versions
+    v = add()
+    registry.set_version_tags(name, v, {"eval.0123456789ab.f1": "0.75", "eval.0123456789ab.loss": "0.5"})  # old form
+    assert stored_scores(name, v, "0123456789ab") == {"f1": 0.75, "loss": 0.5}
+    store_scores(name, v, "ba9876543210", {"f1": 0.8125, "loss": 0.25})
+    store_scores(name, v, "ffffffffffff", {"f1": 0.5})
+    tags = registry.get_version(name, v).tags
+    assert json.loads(tags["eval.scores"]) == {"ba9876543210": {"f1": 0.8125, "loss": 0.25}, "ffffffffffff": {"f1": 0.5}}
+    assert stored_scores(name, v, "ba9876543210") == {"f1": 0.8125, "loss": 0.25}
+    assert stored_scores(name, v, "0123456789ab") == {"f1": 0.75, "loss": 0.5}
+    assert stored_scores(name, v, "000000000000") is None
 
 
 def test_baseline_from_the_version_run_when_no_history_is_given(store, monkeypatch):
