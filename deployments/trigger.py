@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("deployment", help="deployment name in deployments/prefect.yaml, e.g. retrain-classify")
     ap.add_argument("--config", help="YAML job config (sections data/train/tracking) passed as the `config` parameter")
-    ap.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
+    ap.add_argument("--wait", action="store_true",
+                    help="wait for the run to finish, printing its state changes, epoch lines and summary; exit 1 "
+                         "unless it completed")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the model and data checks (the config's keys and values are always checked)")
     args = ap.parse_args(argv)
@@ -84,7 +86,7 @@ def trigger(flow_name: str, deployment: str, params: dict | None, wait: bool) ->
               "(e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
         return 2
     try:
-        run = run_deployment(f"{flow_name}/{deployment}", parameters=params, timeout=None if wait else 0)
+        run = run_deployment(f"{flow_name}/{deployment}", parameters=params, timeout=0)
     except ObjectNotFound:
         print(f"error: deployment {flow_name}/{deployment} not found on the Prefect server {api}: create it first "
               "(`prefect deploy --all --prefect-file deployments/prefect.yaml`, or deployments/serve.py)",
@@ -100,8 +102,82 @@ def trigger(flow_name: str, deployment: str, params: dict | None, wait: bool) ->
         return 2
     ui = PREFECT_UI_URL.value()
     print(f"flow run {run.name} ({run.id}): {run.state.type.value if run.state else 'SCHEDULED'}"
-          + (f"\n  {ui}/runs/flow-run/{run.id}" if ui else ""))
-    return 0 if not wait or (run.state and run.state.is_completed()) else 1
+          + (f"\n  {ui}/runs/flow-run/{run.id}" if ui else ""), flush=True)
+    if not wait:
+        return 0
+    state = watch(str(run.id))
+    return 0 if state == "COMPLETED" else 1
+
+
+def is_progress(message: str, level: int) -> bool:
+    """The log lines a waiting person wants: epoch lines, the summary, the promotion decision, and warnings."""
+    import logging
+
+    return level >= logging.WARNING or message.startswith(("epoch ", "== ", "promotion:", "sweep:"))
+
+
+def watch(flow_run_id: str, interval: float = 2.0, out=None) -> str:
+    """Follows a flow run until it ends: prints each state change (with the time since the start), its progress
+    log lines (`is_progress`) as they arrive, and a last line with the final state and the whole time. Returns the
+    final state type (e.g. "COMPLETED")."""
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    out = out or sys.stdout
+    t0 = time.monotonic()
+    last_state, seen = None, set()
+    with get_client(sync_client=True) as c:
+
+        def new_logs() -> int:
+            """Prints the progress lines of logs not seen yet; returns how many logs were new. All of the run's logs
+            are read each time (a late batch may hold older timestamps than lines already shown)."""
+            fresh, offset = [], 0
+            while True:
+                page = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])),
+                                   sort=LogSort.TIMESTAMP_ASC, offset=offset, limit=200)
+                fresh += [log for log in page if log.id not in seen]
+                offset += len(page)
+                if len(page) < 200:
+                    break
+            for log in fresh:
+                seen.add(log.id)
+                if is_progress(log.message, log.level):
+                    for line in log.message.splitlines():
+                        print(f"  {line}", file=out, flush=True)
+            return len(fresh)
+
+        while True:
+            fr = c.read_flow_run(flow_run_id)
+            final = bool(fr.state and fr.state.is_final())
+            if final:  # logs reach the server in batches (every 2 s), some after the final state: wait for them
+                last_new, until = time.monotonic(), time.monotonic() + 30
+                while time.monotonic() - last_new < 5 and time.monotonic() < until:
+                    if new_logs():
+                        last_new = time.monotonic()
+                    time.sleep(min(interval, 1.0))
+            else:
+                new_logs()
+            state = fr.state.name if fr.state else "Scheduled"
+            if state != last_state:
+                print(f"[{time.monotonic() - t0:5.0f} s] {state}", file=out, flush=True)
+                last_state = state
+            if final:
+                break
+            time.sleep(interval)
+        summary = [a for a in c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))) if (a.key or "").endswith("-summary")]
+    for a in summary[-1:]:  # the run's markdown summary (MLflow run, version, aliases, promotion, metrics)
+        for line in str(a.data).splitlines():
+            if line.strip() and line.strip() not in ("| | |", "|---|---|", "|---|---|---|"):
+                print(f"  {line}", file=out)
+    total = (fr.end_time - fr.start_time).total_seconds() if fr.start_time and fr.end_time else None
+    took = f"; {total:.0f} s of flow time" if total is not None else ""
+    print(f"flow run {fr.name}: {fr.state.type.value}{took}, {time.monotonic() - t0:.0f} s waited", file=out,
+          flush=True)
+    return fr.state.type.value
 
 
 if __name__ == "__main__":

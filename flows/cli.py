@@ -409,6 +409,7 @@ def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max
     own_temporary_server()  # no PREFECT_API_URL: the temporary server dies with this command (kill -9 included)
     with expected_errors_without_traceback():
         result = sweep_flow(sweep)
+    result["command_seconds"] = round(_process_seconds(), 1)  # what the person waited, imports included
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -416,12 +417,22 @@ def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max
     return 0
 
 
+def _process_seconds() -> float:
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def sweep_text(r: dict) -> str:
     """The sweep's table and outcome, for the terminal."""
     key = r["metric"]
     names = [k for k in r["trials"][0] if k not in ("trial", "run_id", "status", "seconds", "error")
              and not k.startswith(("eval_", "train_", "perplexity"))] if r["trials"] else []
-    lines = [f"== sweep finished: {len(r['trials'])} trials, {r['failed']} failed, {r['wall_seconds']:.0f} s ==",
+    whole = f"{r['command_seconds']:.0f} s for the command, " if r.get("command_seconds") else ""
+    lines = [f"== sweep finished: {len(r['trials'])} trials, {r['failed']} failed, {whole}{r['wall_seconds']:.0f} s "
+             f"for the sweep flow, {r.get('trials_seconds', 0):.0f} s of it the trials ==",
              "  " + "  ".join(f"{h:>14}" for h in ["trial", *names, key, "seconds", "status"])]
     for t in r["trials"]:
         score = t.get(key)

@@ -1,5 +1,6 @@
-"""`finetune gc`: what finished, failed and orphaned runs left behind, stale caches, stale RUNNING runs and old
-unaliased model versions; a dry run unless `--yes`. The plan and its application are `tasks.disk`."""
+"""`finetune gc`: what finished, failed and orphaned runs left behind, stale caches, stale RUNNING runs, old
+unaliased model versions and the logged models of finished runs that were never registered; a dry run unless
+`--yes`. The plan and its application are `tasks.disk`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,7 @@ def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: floa
                          list(registered_models) or None, keep_versions, grace_days)
     verb = "removed" if yes else "would remove"
     labels = {"stale-run": "marked KILLED" if yes else "would mark KILLED", "version": f"{verb} (deleted)",
-              "kept": "left alone"}
+              "model": f"{verb} (deleted)", "kept": "left alone"}
     if yes:
         results = disk.apply(items)
     else:
@@ -34,10 +35,10 @@ def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: floa
         print(f"{action:<17} {it.kind:<9} {it.what}{size}: {it.reason}" + (f"  FAILED: {err}" if err else ""))
         freed += 0 if err else it.bytes
     counts = {k: sum(1 for it, e in results if it.kind == k and not e)
-              for k in ("run-files", "run-dir", "cache", "version", "stale-run", "kept")}
+              for k in ("run-files", "run-dir", "cache", "version", "model", "stale-run", "kept")}
     summary = (f"{counts['run-files']} finished run(s) trimmed, {counts['run-dir']} run dir(s), {counts['cache']} "
                f"cache entr{'y' if counts['cache'] == 1 else 'ies'}, {counts['version']} model version(s), "
-               f"{counts['stale-run']} stale run(s)")
+               f"{counts['model']} never-registered logged model(s), {counts['stale-run']} stale run(s)")
     if counts["kept"]:
         summary += f"; {counts['kept']} run dir(s) left alone (not provably finished runs of this store)"
     if yes:

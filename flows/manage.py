@@ -5,6 +5,7 @@ training run publishes it after registering, and `finetune compare` does when PR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -190,6 +191,32 @@ def compare_flow(registered_model: str) -> list[dict]:
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def prefect_console_quiet():
+    """Prefect's console log lines ("Beginning flow run...", "Finished in state Completed()") off for the block, so
+    a command that runs a flow for its artifact prints only its own output; the flow run's logs still reach the
+    Prefect server."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.levelno >= logging.WARNING
+
+    drop = _Drop()
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
+
+
 def compare_cli(args: argparse.Namespace) -> int:
     import json
 
@@ -202,7 +229,8 @@ def compare_cli(args: argparse.Namespace) -> int:
             # a refusal (401/403) or an unknown model is one error line, found before Prefect starts
             if not registry.list_versions(name):
                 compare_rows(name)  # raises the LookupError that names the model and the store
-            rows = compare_flow(name)
+            with prefect_console_quiet():
+                rows = compare_flow(name)
         else:
             rows = compare_rows(name)
     except LookupError as e:

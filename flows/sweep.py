@@ -143,23 +143,43 @@ def trial_configs(sweep: SweepConfig) -> list[tuple[dict, JobConfig]]:
 
 
 # --- one trial: a nested MLflow run ---------------------------------------------------------------------------
+SHORT_NAMES = {"train.learning_rate": "lr", "train.warmup_ratio": "warmup", "train.batch_size": "bs",
+               "train.weight_decay": "wd", "train.epochs": "epochs"}
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            mantissa, exp = f"{v:.3e}".split("e")  # 2e-4, not 0.0002
+            return f"{float(mantissa):g}e{int(exp)}"
+        return f"{v:.4g}"
+    return str(v).rstrip("/").split("/")[-1]
+
+
+def trial_name(index: int, overrides: dict[str, Any]) -> str:
+    """`trial-2-lr=2e-4-warmup=0.1`: the trial's index and its parameters, short (names the Prefect task run and
+    the nested MLflow run)."""
+    parts = [f"{SHORT_NAMES.get(k, k.split('.')[-1])}={_short_value(v)}" for k, v in overrides.items()]
+    return "-".join([f"trial-{index}", *parts])
+
 
 
 def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict, data_path: str,
-                tokenized_path: str, label_names: list[str] | None) -> dict:
+                tokenized_path: str, label_names: list[str] | None, name: str | None = None) -> dict:
     """Trains one trial as a nested run of the sweep's run and logs its model; returns its row (and what the
     registration of the best trial needs). A failure is recorded (FAILED run, error tag) and returned, not raised:
     one bad trial must not stop the sweep."""
-    from tasks import liveness, tracking
+    from tasks import liveness, output, tracking
     from tasks.disk import prune_run_dir
 
     from flows.promotion import error_line
     from tasks.training import train
 
     t0 = time.perf_counter()
+    output.configure()  # a Ray worker is a fresh process: as quiet as a training run (no mlflow.transformers notices)
     tracking.configure()
     tags = {"mlflow.parentRunId": parent_run_id, "finetune.job": cfg.job, "finetune.sweep_trial": str(index)}
-    run_id = tracking.start_run(cfg.experiment, f"trial-{index}", cfg.flat(), tags)
+    run_id = tracking.start_run(cfg.experiment, name or trial_name(index, overrides), cfg.flat(), tags)
     row = {"trial": index, **overrides, "run_id": run_id}
     try:
         spec = cfg.spec(label_names)
@@ -182,7 +202,7 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
 
 
 run_trial = task(train_trial, name="trial", cache_policy=NO_CACHE, persist_result=False,
-                 task_run_name="trial-{index}")
+                 task_run_name="{name}")
 
 
 @flow(name="sweep-trials", flow_run_name="sweep-trials")
@@ -198,7 +218,8 @@ def trials_flow(trials: list[dict], parent_run_id: str, max_concurrent: int, cpu
             while pending and len(running) < max_concurrent:
                 t = pending.pop(0)
                 running.append(run_trial.submit(t["cfg"], parent_run_id, t["index"], t["overrides"], t["data_path"],
-                                                t["tokenized_path"], t["label_names"]))
+                                                t["tokenized_path"], t["label_names"],
+                                                trial_name(t["index"], t["overrides"])))
             f = next(as_completed(running))  # the first to finish frees a slot
             rows.append(f.result())
             running.remove(f)
@@ -219,10 +240,18 @@ def _ray_runner(sweep: SweepConfig):
     show in the same flow run and their MLflow runs land in the same store."""
     import os
 
+    from tasks import output, tracking
+
+    if not output.is_tty():  # a redirected log: no colour codes in Ray's worker-line prefixes, no coloured
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # "[repeated Nx]" notes (read when ray is imported)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if sweep.ray_address is None:
+        # Token authentication stays on: said explicitly, Ray does not warn that it turned it on by default. Ray
+        # creates the token (~/.ray/auth_token) if missing; a cluster's nodes need the same one (docs/sweeps.md).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
     from prefect.client.orchestration import get_client
     from prefect_ray import RayTaskRunner
-
-    from tasks import tracking
 
     with get_client(sync_client=True) as c:
         api = str(c.api_url)
@@ -253,6 +282,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
     from flows.lifecycle import register_and_promote
     from flows.monitoring import publish_table
 
+    t_start = time.perf_counter()
     log = run_logger(__name__)
     tracking.check_tracking_server()
     pairs = trial_configs(sweep)
@@ -268,9 +298,11 @@ def run_sweep(sweep: SweepConfig) -> dict:
                        "tokenized_path": recipe.tokenize(data.path, cfg.train.model, spec),
                        "label_names": data.label_names})
     name, fr_id = flow_run_info()
+    if not name.startswith(f"sweep-{sweep.job}-"):  # not from sweep_flow (whose run has the unique name)
+        name = sweep_run_name(sweep.job)
     space = {k: (v.model_dump() if isinstance(v, Range) else v) for k, v in sweep.parameters.items()}
     parent = tracking.start_run(
-        base_cfg.experiment, f"sweep-{name}",
+        base_cfg.experiment, name,
         {"sweep.method": sweep.method, "sweep.metric": metric, "sweep.max_trials": sweep.max_trials,
          "sweep.max_concurrent": sweep.max_concurrent, "sweep.parameters": json.dumps(space)},
         {"prefect.flow_run_id": str(fr_id or ""), "finetune.job": sweep.job, "finetune.sweep": "true"})
@@ -284,21 +316,31 @@ def run_sweep(sweep: SweepConfig) -> dict:
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
-    wall = time.perf_counter() - t0
+    trials_wall = time.perf_counter() - t0
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     best = best_trial(rows, key, higher)
+    # the store stays bounded: only the trial that will be registered keeps its logged model
+    from tasks.disk import delete_logged_model, human_bytes
+
+    freed = sum(delete_logged_model(r["_model_uri"]) for r in rows
+                if r["status"] == "FINISHED" and r.get("_model_uri") and r is not best)
+    if freed:
+        log.info("sweep: removed the logged models of the %d trial(s) that will not be registered (%s)",
+                 sum(r["status"] == "FINISHED" for r in rows) - (best is not None), human_bytes(freed))
     out_dir = Path(base_cfg.train.output_dir) / "sweeps" / parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps({"metric": key, "trials": table, "wall_seconds": wall}, indent=2))
+    (out_dir / "sweep.json").write_text(json.dumps({"metric": key, "trials": table, "trials_seconds": trials_wall},
+                                                   indent=2))
     tracking.log_artifacts(parent, [str(out_dir / "sweep.json")], "sweep")
     publish_table(table, f"sweep-{sweep.job}", f"Sweep of {sweep.job}: {len(rows)} trials ranked by {key}")
-    summary = {"parent_run_id": parent, "metric": key, "trials": table, "wall_seconds": round(wall, 1),
-               "best_trial": best["trial"] if best else None, "failed": sum(r["status"] != "FINISHED" for r in rows)}
+    summary = {"parent_run_id": parent, "name": name, "metric": key, "trials": table,
+               "trials_seconds": round(trials_wall, 1), "best_trial": best["trial"] if best else None,
+               "failed": sum(r["status"] != "FINISHED" for r in rows)}
     if best is None:
         tracking.end_run(parent, "FAILED")
         raise RuntimeError(f"every trial of the sweep failed; see MLflow run {parent}")
     tracking.MetricsLogger(parent)({f"best_{key}": best[key], "trials_failed": summary["failed"],
-                                    "sweep_seconds": wall}, 0)
+                                    "sweep_trials_seconds": trials_wall}, 0)
     tracking.set_tags(parent, {"finetune.best_trial": str(best["trial"]), "finetune.best_run_id": best["run_id"]})
     if sweep.promote:
         cfg = pairs[best["trial"]][1]
@@ -307,17 +349,24 @@ def run_sweep(sweep: SweepConfig) -> dict:
                                        t["tokenized_path"], best["_history"], best["_probe"])
         summary.update(version=outcome["version"], aliases=outcome["aliases"], decision=outcome["decision"])
         tracking.set_tags(parent, {"registered_version": outcome["version"]})
+    # the whole sweep (data, Ray start, trials, registration): what the summary reports
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    tracking.MetricsLogger(parent)({"sweep_seconds": summary["wall_seconds"]}, 0)
     tracking.end_run(parent, "FINISHED")
     return summary
 
 
-def sweep_run_name() -> str:
-    """`sweep-<job>`, from the flow run's parameter."""
-    from prefect.runtime import flow_run
+def sweep_run_name(job: str | None = None) -> str:
+    """`sweep-<job>-<YYYYmmdd-HHMMSS>-<4 hex>`: unique and readable; names the flow run and its MLflow parent run
+    (the job from the flow run's parameter when not given)."""
+    from flows.common import unique_run_name
 
-    sweep = flow_run.parameters.get("sweep")
-    job = sweep.get("job", "classify") if isinstance(sweep, dict) else getattr(sweep, "job", "classify")
-    return f"sweep-{job}"
+    if job is None:
+        from prefect.runtime import flow_run
+
+        sweep = flow_run.parameters.get("sweep")
+        job = sweep.get("job", "classify") if isinstance(sweep, dict) else getattr(sweep, "job", "classify")
+    return unique_run_name(f"sweep-{job}")
 
 
 @flow(name="sweep", flow_run_name=sweep_run_name)

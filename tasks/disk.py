@@ -68,7 +68,7 @@ def prune_run_dir(run_dir: str | Path) -> int:
 
 @dataclass
 class Item:
-    kind: str  # run-dir | run-files | cache | version | stale-run | kept (reported, left alone)
+    kind: str  # run-dir | run-files | cache | version | model | stale-run | kept (reported, left alone)
     what: str
     reason: str
     bytes: int = 0
@@ -252,6 +252,85 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
     return items
 
 
+def delete_logged_model(model_uri_or_id: str) -> int:
+    """Deletes a logged model (`models:/m-<id>` or its id) and, in a local store, its artifact files; returns the
+    bytes freed here (a tracking server frees its artifacts with `mlflow gc`)."""
+    from tasks import tracking
+
+    m = re.fullmatch(r"(?:models:/)?(m-[0-9a-f]+)", model_uri_or_id or "")
+    if not m:
+        return 0
+    c = tracking.client()
+    try:
+        where = _local_path(c.get_logged_model(m.group(1)).artifact_location)
+    except Exception:
+        where = None
+    size = tree_bytes(where) if where is not None and where.exists() else 0
+    c.delete_logged_model(m.group(1))
+    if where is not None:
+        shutil.rmtree(where, ignore_errors=True)
+        if where.name == "artifacts" and where.parent.name == m.group(1):
+            shutil.rmtree(where.parent, ignore_errors=True)
+    return size
+
+
+def plan_unregistered_models() -> list[Item]:
+    """Logged models of finished finetune runs that no registered version uses (the losing trials of sweeps from
+    before sweeps cleaned up after themselves, a run whose registration failed): their weights serve nothing. A run
+    still RUNNING, or a trial whose sweep still runs (its best trial is registered at the end), is left alone."""
+    from mlflow.entities import ViewType
+
+    from tasks import tracking
+
+    c = tracking.client()
+    used_models, used_runs = set(), set()
+    for mv in c.search_model_versions(max_results=10000):
+        m = re.fullmatch(r"models:/(m-[0-9a-f]+)", mv.source or "")
+        used_models.add(getattr(mv, "model_id", None) or (m.group(1) if m else None))
+        r = re.match(r"runs:/([0-9a-f]+)/", mv.source or "")
+        if r:
+            used_runs.add(r.group(1))
+    exps = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    runs: dict[str, object] = {}
+
+    def run_of(run_id: str):
+        if run_id not in runs:
+            try:
+                runs[run_id] = c.get_run(run_id)
+            except Exception:
+                runs[run_id] = None
+        return runs[run_id]
+
+    items: list[Item] = []
+    for i in range(0, len(exps), 100):  # the search takes at most 100 experiments
+        token = None
+        while True:
+            page = c.search_logged_models(exps[i:i + 100], max_results=1000, page_token=token)
+            for lm in page:
+                rid = lm.source_run_id
+                if lm.model_id in used_models or not rid or rid in used_runs:
+                    continue
+                run = run_of(rid)
+                if run is None or run.info.status != "FINISHED" or "finetune.job" not in run.data.tags:
+                    continue
+                parent = run.data.tags.get("mlflow.parentRunId")
+                if parent and (p := run_of(parent)) is not None and p.info.status == "RUNNING":
+                    continue
+                where = _local_path(lm.artifact_location)
+                size = tree_bytes(where) if where is not None and where.exists() else 0
+                note = "" if where is not None else " (artifacts freed by the server's `mlflow gc`)"
+                def delete(mid=lm.model_id, rid=rid) -> None:
+                    with tracking.on_run(rid, "EDIT"):
+                        delete_logged_model(mid)
+
+                items.append(Item("model", f"logged model {lm.model_id} of run {rid} ({run.info.run_name})",
+                                  f"run FINISHED, model never registered{note}", size, delete))
+            token = page.token
+            if not token:
+                break
+    return items
+
+
 def plan_stale_runs() -> list[Item]:
     from tasks import liveness
 
@@ -271,6 +350,7 @@ def collect(output_dirs: list[str | Path], cache_dir: str | Path | None, cache_d
         items += plan_caches(cache_dir, cache_days)
     if keep_versions is not None:
         items += plan_versions(finetune_models() if models is None else models, keep_versions)
+    items += plan_unregistered_models()
     return items
 
 

@@ -186,6 +186,47 @@ def test_gc_version_retention_keeps_aliased_versions(tmp_path, isolated, capsys)
     assert not artifact_dirs[4].exists() and all(artifact_dirs[v].exists() for v in (1, 2, 3, 5, 6))
 
 
+def test_gc_reclaims_models_of_finished_never_registered_runs(tmp_path, isolated, capsys):
+    """A finished finetune run whose logged model no version uses (a losing sweep trial) loses it, dry run first;
+    a registered one, a running one, a trial of a running sweep and another tool's run keep theirs."""
+    import mlflow
+
+    from flows.cli import main
+    from tasks import registry, tracking
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str]) -> list[str]:
+            return model_input
+
+    sweep = tracking.start_run("models", "sweep", {}, {"finetune.job": "classify"})  # still RUNNING
+
+    def logged(name: str, tags: dict, end: bool = True) -> tuple[str, Path]:
+        rid = tracking.start_run("models", name, {}, tags)
+        tracking.configure()
+        mlflow.set_experiment(experiment_id=tracking.client().get_run(rid).info.experiment_id)
+        with mlflow.start_run(run_id=rid):  # the model belongs to the run
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
+        tracking.client().update_run(rid, status="FINISHED" if end else "RUNNING")
+        return info.model_uri, Path(tracking.client().get_logged_model(info.model_id).artifact_location
+                                    .removeprefix("file://"))
+
+    job = {"finetune.job": "classify"}
+    registered, reg_dir = logged("registered", job)
+    registry.register_model(registered, "m", None)  # no run id: the model id alone marks it used
+    _, loser_dir = logged("loser", job)
+    _, live_dir = logged("live", job, end=False)
+    _, trial_dir = logged("trial", {**job, "mlflow.parentRunId": sweep})
+    _, foreign_dir = logged("foreign", {})
+    none = ["--output-dir", str(tmp_path / "none"), "--cache-dir", str(tmp_path / "none")]
+    assert main(["gc", *none]) == 0
+    dry = capsys.readouterr().out
+    assert dry.count("model never registered") == 1 and "(loser)" in dry and loser_dir.is_dir()
+    assert main(["gc", "--yes", *none]) == 0
+    assert "1 never-registered logged model(s)" in capsys.readouterr().out
+    assert not loser_dir.exists()
+    assert all(d.is_dir() for d in (reg_dir, live_dir, trial_dir, foreign_dir))
+
+
 def test_gc_rejects_keep_versions_below_one(capsys):
     from flows.cli import main
 

@@ -155,3 +155,21 @@ def _any_run_id(name: str) -> str:
     from tasks import registry
 
     return registry.get_version(name, "1").run_id
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_compare_with_a_prefect_server_prints_only_its_table(model):
+    """With PREFECT_API_URL set, compare runs a flow for the table artifact: its console log lines stay out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--registered-model", model], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert lines[0].split()[:2] == ["version", "aliases"] and len(lines) == 5, lines  # header, rule, 3 versions

@@ -95,10 +95,23 @@ def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_
     gate = c.get_model_version("tiny-sweep", "1").tags
     assert gate["promotion.decision"] in ("promoted", "rejected") and out["decision"]
     assert ("champion" in out["aliases"]) == (gate["promotion.decision"] == "promoted")
-    # the trials ran on Ray workers and reported to this Prefect server: three `trial-N` task runs
+    # the store stays bounded: only the registered trial keeps a logged model
+    models = c.search_logged_models([parent.info.experiment_id])
+    assert [m.source_run_id for m in models] == [best["run_id"]]
+    # readable, unique names: the parent run as the flow run, the trials by their parameters
+    import re
+
+    assert re.fullmatch(r"sweep-classify-\d{8}-\d{6}-[0-9a-f]{4}", parent.info.run_name) and out["name"] == parent.info.run_name
+    assert sorted(r.info.run_name for r in children) == [
+        "trial-0-lr=0.01-lr_scheduler=linear", "trial-1-lr=0.01-lr_scheduler=no-such-schedule",
+        "trial-2-lr=0.003-lr_scheduler=linear"]
+    assert out["wall_seconds"] >= out["trials_seconds"] > 0
+    # the trials ran on Ray workers and reported to this Prefect server: three task runs named like their runs
     with get_client(sync_client=True) as pc:
         names = {tr.name for tr in pc.read_task_runs() if tr.name.startswith("trial-")}
-    assert {"trial-0", "trial-1", "trial-2"} <= names
+        flow_names = {fr.name for fr in pc.read_flow_runs() if fr.name.startswith("sweep-classify")}
+    assert {r.info.run_name for r in children} <= names
+    assert parent.info.run_name in flow_names
 
 
 def test_sweep_cli_bad_input_is_one_line_before_prefect(tmp_path):
