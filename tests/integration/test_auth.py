@@ -377,3 +377,34 @@ def test_gc_of_another_store_leaves_a_live_run_alone(identities, mlflow_auth, wo
     assert status == "KILLED", status
     p = cli(["gc", "--output-dir", str(out), "--yes"], env)
     assert p.returncode == 0 and not run_dir.exists(), p.stdout + p.stderr
+
+
+# --- logging into the UIs as a browser does -------------------------------------------------------------------------
+
+
+def test_ui_logins_as_a_browser_sends_them(mlflow_auth, prefect_auth, identities):
+    """docs/lifecycle.md's logins, as the browser sends them. MLflow: the UI page answers 401 with a Basic challenge
+    (the browser's login prompt), then loads with the basic-auth header the prompt makes, and so do the UI's own
+    data calls. Prefect: the UI page loads, tells the UI that auth is on (the Login box), and the Login box's
+    `user:pass` string, sent as the UI sends it (`Authorization: Basic base64(string)`), passes its check."""
+    import base64
+
+    def basic(text: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(text.encode()).decode()}
+
+    page = requests.get(f"{mlflow_auth.url}/", timeout=30)
+    assert page.status_code == 401 and page.headers.get("WWW-Authenticate", "").startswith("Basic")
+    page = requests.get(f"{mlflow_auth.url}/", headers=basic(f"trainer:{TRAINER_PW}"), timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower() and "mlflow" in page.text.lower()
+    data = requests.get(f"{mlflow_auth.url}/ajax-api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                        headers=basic(f"trainer:{TRAINER_PW}"), timeout=30)
+    assert data.status_code == 200, data.text
+
+    root = prefect_auth.rsplit("/api", 1)[0]
+    page = requests.get(f"{root}/", timeout=30)
+    assert page.status_code == 200 and '<div id="app"' in page.text, page.text[:500]
+    assert requests.get(f"{root}/ui-settings", timeout=30).json().get("auth") == "BASIC"  # the UI shows its Login box
+    check = f"{prefect_auth}/admin/version"  # the Login box's check (authCheck in the UI)
+    assert requests.get(check, timeout=30).status_code == 401
+    assert requests.get(check, headers=basic("prefect:wrong"), timeout=30).status_code == 401
+    assert requests.get(check, headers=basic(PREFECT_AUTH), timeout=30).status_code == 200
