@@ -142,6 +142,8 @@ def plan_run_dirs(output_dir: str | Path, status_of: Callable[[str], str] = run_
             elif status in ("FAILED", "KILLED", "DELETED"):
                 what = "run deleted in MLflow" if status == "DELETED" else f"run {status}"
                 items.append(Item("run-dir", str(run), what, tree_bytes(run), _rm(run)))
+            elif not heavy and (rec is None or not ours or status == "UNREACHABLE"):
+                continue  # nothing gc would free: not worth a line (a finished run of another store, say)
             elif status == "UNREACHABLE":
                 items.append(Item("kept", str(run), "the tracking store did not answer for this run: left alone"))
             elif rec is None:

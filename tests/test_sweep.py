@@ -53,7 +53,8 @@ def test_best_trial_respects_the_direction_and_skips_failures():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_model_dir, tmp_path, isolated,
+                                                            capfd):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
@@ -72,7 +73,13 @@ def test_sweep_on_ray_records_trials_and_registers_the_best(sentiment_csv, tiny_
         "parameters": {"train.learning_rate": [1e-2, 3e-3], "train.lr_scheduler": ["linear", "no-such-schedule"]},
         "max_trials": 3, "max_concurrent": 2, "resources": {"cpus": 1},
     })
+    capfd.readouterr()
     out = sweep_flow(sweep)
+    printed = "".join(capfd.readouterr())  # the driver's and (log_to_driver) the Ray workers' output
+    # as quiet as a training run: no Ray token-auth warning (token auth stays on), no mlflow.transformers notices
+    # from the workers, no colour codes in output that is not a terminal
+    assert "Token authentication" not in printed and "mlflow.transformers" not in printed
+    assert "\x1b[" not in printed and os.environ.get("RAY_AUTH_MODE") == "token"
 
     assert [t["status"] for t in out["trials"]] == ["FINISHED", "FAILED", "FINISHED"]
     assert "no-such-schedule" in out["trials"][1]["error"] and out["failed"] == 1
