@@ -163,7 +163,6 @@ def trial_name(index: int, overrides: dict[str, Any]) -> str:
     return "-".join([f"trial-{index}", *parts])
 
 
-
 def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict, data_path: str,
                 tokenized_path: str, label_names: list[str] | None, name: str | None = None) -> dict:
     """Trains one trial as a nested run of the sweep's run and logs its model; returns its row (and what the
