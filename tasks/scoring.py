@@ -678,7 +678,7 @@ def _write(writer, sink, t, fmt: str, meta: dict):
         if writer is None:
             writer = pcsv.CSVWriter(sink, t.schema, write_options=pcsv.WriteOptions(
                 delimiter="\t" if fmt == "tsv" else ","))
-        writer.write_table(t.cast(writer.schema))
+        writer.write_table(t)  # every part was cast to one schema by `assemble`
         return writer
     for rec in t.to_pylist():  # jsonl
         sink.write((json.dumps(rec, ensure_ascii=False, default=str) + "\n").encode())

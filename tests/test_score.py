@@ -119,3 +119,112 @@ def test_ray_two_actors_match_local_row_for_row(registry, tmp_path):
     sb = [x for x in b.column("score").to_pylist() if x is not None]
     assert sa == pytest.approx(sb, abs=2e-3)
     assert local["model"] == on_ray["model"]
+
+
+def test_jsonl_nontext_cells_fill_mask_and_csv_output(registry, tmp_path):
+    """JSONL with a number and a null where text belongs, a text without a mask: kept with null predictions and
+    counted; fill-mask gives top-k tokens per mask; CSV output (nested lists as JSON)."""
+    import csv
+
+    from tasks.scoring import score
+
+    rows = [{"k": 1, "text": "a great [MASK] ."}, {"k": 2, "text": 5}, {"k": 3, "text": None},
+            {"k": 4, "text": "no mask here"}, {"k": 5, "text": "[MASK] and [MASK] ."}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = score(cfg(tmp_path, registered_model="tiny-mlm", input=str(tmp_path / "in.jsonl"), text_column="text",
+                  id_columns=["k"], output=str(tmp_path / "out.csv"), output_format="csv", top_k=3, chunk_rows=2))
+    assert s["skipped"] == {"not text": 1, "empty text": 1, "no mask": 1} and s["rows_out"] == 5
+    with open(tmp_path / "out.csv") as f:
+        out = list(csv.DictReader(f))
+    assert [r["k"] for r in out] == ["1", "2", "3", "4", "5"]
+    assert [r["skipped"] for r in out] == ["", "not text", "empty text", "no mask", ""]
+    first, last = json.loads(out[0]["tokens"]), json.loads(out[4]["tokens"])
+    assert len(first) == 1 and len(first[0]) == 3 and len(last) == 2  # one list per mask, top-3 each
+    assert out[1]["tokens"] == ""
+
+
+def test_alias_moved_mid_job_and_resume_keep_the_version_it_started_with(registry, tmp_path, monkeypatch):
+    """champion -> v2 while the job runs: v1 scores every row. A crash after two chunks, champion still v2: the
+    resumed job continues with v1, scores only the unfinished chunks, and the file has each row exactly once."""
+    import pyarrow.parquet as pq
+
+    from tasks import registry as reg
+    from tasks import scoring
+
+    write_csv(tmp_path / "in.csv", 30)
+    calls = []
+
+    def crash_after_two(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            reg.set_alias("tiny-cls", "champion", "2")
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scoring.score(cfg(tmp_path), progress=crash_after_two)
+        parts = scoring.parts_dir(tmp_path / "out.parquet")
+        assert scoring.done_parts(parts) == {0, 1} and not (tmp_path / "out.parquet").exists()
+        # without --resume: one error naming the fix
+        with pytest.raises(scoring.ConfigError, match="--resume"):
+            scoring.score(cfg(tmp_path))
+        s = scoring.score(cfg(tmp_path, resume=True))
+    finally:
+        reg.set_alias("tiny-cls", "champion", "1")
+    assert s["model"]["version"] == "1" and s["resumed_rows"] == 14 and s["rows_scored_this_run"] == 16
+    rows = pq.read_table(tmp_path / "out.parquet").column("row").to_pylist()
+    assert rows == list(range(30))
+
+
+def test_killed_cli_job_resumes_with_each_row_once(registry, tmp_path):
+    """`finetune score` killed with SIGKILL mid-file, then `--resume`: one row per input row."""
+    import pyarrow.parquet as pq
+
+    from tasks.scoring import parts_dir
+
+    write_csv(tmp_path / "in.csv", 600)
+    out = tmp_path / "out.parquet"
+    argv = [sys.executable, "-m", "flows.cli", "score", "--registered-model", "tiny-cls", "--input",
+            str(tmp_path / "in.csv"), "--output", str(out), "--text-column", "review", "--id-columns", "id",
+            "--chunk-rows", "6", "--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parts = parts_dir(out)
+    deadline = time.time() + 240
+    while len(list(parts.glob("part-*.parquet"))) < 3 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not out.exists(), "the job finished before it was killed: give it more rows"
+    n_done = len(list(parts.glob("part-*.parquet")))
+    r = subprocess.run(argv + ["--resume", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout[r.stdout.index("{"):])
+    assert s["resumed_rows"] >= 6 * n_done and s["rows_scored_this_run"] == 600 - s["resumed_rows"]
+    t = pq.read_table(out)
+    assert t.column("row").to_pylist() == list(range(600))
+    assert t.column("id").to_pylist() == [f"{i:04d}" for i in range(600)]
+    assert not parts.exists()
+
+
+@pytest.mark.parametrize("case", ["missing column", "unreadable", "no alias", "no version", "alias and version"])
+def test_bad_input_is_one_error_line(registry, tmp_path, capsys, case):
+    from flows import cli
+
+    write_csv(tmp_path / "in.csv", 4)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    base = ["score", "--registered-model", "tiny-cls", "--input", str(tmp_path / "in.csv"), "--output",
+            str(tmp_path / "o.parquet"), "--text-column", "review"]
+    extra, expect = {
+        "missing column": (["--id-columns", "id,nope"], "no column 'nope' (--id-columns)"),
+        "unreadable": (["--input", str(tmp_path / "bad.parquet")], "unreadable"),
+        "no alias": (["--alias", "gold"], "no alias 'gold'"),
+        "no version": (["--version", "9"], "no version 9"),
+        "alias and version": (["--alias", "champion", "--version", "1"], "mutually exclusive"),
+    }[case]
+    assert cli.main(base + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
+    assert not (tmp_path / "o.parquet").exists()
