@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.common import ConfigError, write_json_atomic
 
@@ -54,8 +54,10 @@ class ScoreConfig(BaseModel):
     registered_model: str = Field(description="Model Registry name.")
     alias: str | None = Field(None, description="Registry alias (default: champion); not with version.")
     version: int | None = Field(None, description="Registered version; not with alias.")
-    input: str = Field(description="CSV/TSV/JSONL/Parquet file, a folder of them, or a glob.")
-    output: str = Field(description="Output file (Parquet unless output_format says otherwise).")
+    input: str = Field(description="CSV/TSV/JSONL/Parquet file, a folder of them, or a glob; {date} and "
+                                   "{yesterday} become UTC dates (YYYY-MM-DD).")
+    output: str = Field(description="Output file (Parquet unless output_format says otherwise); {date} and "
+                                    "{yesterday} as in input.")
     text_column: str = Field("text", description="Column with the text to score.")
     text_pair_column: str | None = Field(None, description="Second text column, for models that take text pairs.")
     id_columns: list[str] = Field(default_factory=list, description="Columns copied to the output unchanged.")
@@ -77,6 +79,18 @@ class ScoreConfig(BaseModel):
                                                       "ray://head:10001): score there.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray: CPUs per scoring actor.")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray: GPUs per scoring actor.")
+
+    @field_validator("input", "output")
+    @classmethod
+    def _dates(cls, v: str) -> str:
+        """`{date}` / `{yesterday}` (UTC, YYYY-MM-DD) in a path: a nightly schedule's fixed parameters name the
+        day's files."""
+        if "{" not in v:
+            return v
+        import datetime as dt
+
+        today = dt.datetime.now(dt.timezone.utc).date()
+        return v.replace("{date}", today.isoformat()).replace("{yesterday}", (today - dt.timedelta(days=1)).isoformat())
 
     def model_post_init(self, _: Any) -> None:
         if self.alias is not None and self.version is not None:

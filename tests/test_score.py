@@ -228,3 +228,22 @@ def test_bad_input_is_one_error_line(registry, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
     assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_score_flow_progress_and_summary_artifacts(registry, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.score import score_flow
+
+    write_csv(tmp_path / "in.csv", 20, extra={2: ""})
+    s = score_flow(cfg(tmp_path))
+    assert s["rows_out"] == 20 and s["skipped"] == {"empty text": 1} and s["model"]["version"] == "1"
+    with get_client(sync_client=True) as c:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-cls-score")))
+    by_key = {a.key: a for a in arts}
+    assert by_key["tiny-cls-score-progress"].data == 100.0
+    md = by_key["tiny-cls-score-summary"].data
+    assert "version 1" in md and "rows skipped" in md and "empty text" in md and str(tmp_path / "out.parquet") in md
