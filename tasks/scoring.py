@@ -328,14 +328,20 @@ def _with_position(t, ci: int, start: int):
 
 def count_rows(plan: InputPlan) -> list[int]:
     """Rows per file, streaming (Parquet: from its footer). Gives progress its total and each row its position."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     counts = []
     for f, fmt in zip(plan.files, plan.formats):
-        if fmt == "parquet":
-            counts.append(pq.ParquetFile(f).metadata.num_rows)
-        else:
-            counts.append(sum(len(t) for t in _record_batches(f, fmt, plan.text_columns[:1], plan.text_columns[:1])))
+        try:
+            if fmt == "parquet":
+                counts.append(pq.ParquetFile(f).metadata.num_rows)
+            else:
+                counts.append(sum(len(t) for t in _record_batches(f, fmt, plan.text_columns[:1],
+                                                                  plan.text_columns[:1])))
+        except (pa.ArrowException, ValueError, OSError) as e:  # a malformed line anywhere: found before scoring
+            raise ConfigError(f"input {str(f)!r} is unreadable as {fmt}: {str(e).splitlines()[0]}. Fix the file "
+                              "(quote values that contain the delimiter) or remove it.") from None
     plan.rows = counts
     return counts
 

@@ -209,17 +209,20 @@ def test_killed_cli_job_resumes_with_each_row_once(registry, tmp_path):
     assert not parts.exists()
 
 
-@pytest.mark.parametrize("case", ["missing column", "unreadable", "no alias", "no version", "alias and version"])
+@pytest.mark.parametrize("case", ["missing column", "unreadable", "malformed csv", "no alias", "no version",
+                                  "alias and version"])
 def test_bad_input_is_one_error_line(registry, tmp_path, capsys, case):
     from flows import cli
 
     write_csv(tmp_path / "in.csv", 4)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "bad.csv").write_text("id,review\n1,fine\n2,a, b\n")
     base = ["score", "--registered-model", "tiny-cls", "--input", str(tmp_path / "in.csv"), "--output",
             str(tmp_path / "o.parquet"), "--text-column", "review"]
     extra, expect = {
         "missing column": (["--id-columns", "id,nope"], "no column 'nope' (--id-columns)"),
         "unreadable": (["--input", str(tmp_path / "bad.parquet")], "unreadable"),
+        "malformed csv": (["--input", str(tmp_path / "bad.csv")], "unreadable as csv"),
         "no alias": (["--alias", "gold"], "no alias 'gold'"),
         "no version": (["--version", "9"], "no version 9"),
         "alias and version": (["--alias", "champion", "--version", "1"], "mutually exclusive"),
