@@ -250,3 +250,34 @@ def test_score_flow_progress_and_summary_artifacts(registry, tmp_path):
     assert by_key["tiny-cls-score-progress"].data == 100.0
     md = by_key["tiny-cls-score-summary"].data
     assert "version 1" in md and "rows skipped" in md and "empty text" in md and str(tmp_path / "out.parquet") in md
+
+
+def test_heads_by_problem_type():
+    """The predictor follows the model config: single-label, multi-label above the threshold, regression; models
+    of another task are a ConfigError. (No job trains multi-label or regression yet: the heads alone.)"""
+    import torch
+    from transformers import BertConfig
+
+    from tasks.common import ConfigError
+    from tasks.scoring import FillMask, MultiLabel, Regression, SingleLabel, head_class
+
+    names = {0: "a", 1: "b", 2: "c"}
+    assert head_class("text-classification", BertConfig(id2label=names)) is SingleLabel
+    multi_cfg = BertConfig(id2label=names, problem_type="multi_label_classification")
+    assert head_class("text-classification", multi_cfg) is MultiLabel
+    assert head_class("text-classification", BertConfig(num_labels=1)) is Regression
+    assert head_class("fill-mask", BertConfig()) is FillMask
+    with pytest.raises(ConfigError, match="cannot be batch-scored"):
+        head_class("token-classification", BertConfig())
+
+    class M:
+        config = multi_cfg
+
+    logits = torch.tensor([[3.0, -3.0, 1.0], [-3.0, -3.0, -3.0]])
+    rows = MultiLabel(M, None, type("C", (), {"threshold": 0.5})()).rows(logits, {})
+    assert [r["labels"] for r in rows] == [["a", "c"], []] and rows[0]["scores"][0] > rows[0]["scores"][1]
+    M.config = BertConfig(num_labels=1)
+    assert Regression(M, None, None).rows(torch.tensor([[2.5], [-1.0]]), {}) == [{"value": 2.5}, {"value": -1.0}]
+    M.config = BertConfig(id2label=names)
+    r = SingleLabel(M, None, None).rows(torch.tensor([[0.0, 5.0, 0.0]]), {})
+    assert r[0]["label"] == "b" and 0.98 < r[0]["score"] < 1.0
