@@ -372,9 +372,10 @@ def _score_options() -> list[click.Parameter]:
     f = ScoreConfig.model_fields
 
     def opt(flag: str, name: str, **kw) -> click.Option:
-        return click.Option([flag, name], help=(f[name].description or "") + (
-            f"  [default: {f[name].default}]" if f[name].default not in (None, [], False) and not f[name].is_required()
-            else ""), **kw)
+        d = f[name].get_default(call_default_factory=True)
+        shown = f"  [default: {d}]" if d not in (None, [], False) and not f[name].is_required() else ""
+        return click.Option([flag, name], help=(f[name].description or "").replace(
+            "not with alias", "not with --alias").replace("not with version", "not with --version") + shown, **kw)
 
     return [
         _registered_model(),

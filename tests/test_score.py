@@ -69,7 +69,8 @@ def cfg(tmp_path, **kw):
     from tasks.scoring import ScoreConfig
 
     base = dict(registered_model="tiny-cls", input=str(tmp_path / "in.csv"), output=str(tmp_path / "out.parquet"),
-                text_column="review", id_columns=["id"], chunk_rows=7, batch_size=4)
+                text_column="review", id_columns=["id"], chunk_rows=7, batch_size=4,
+                precision="fp32")  # bf16 autocast on a 32-wide model is slow on the CPU; the first test runs auto
     return ScoreConfig(**{**base, **kw})
 
 
@@ -79,7 +80,7 @@ def test_local_csv_scores_every_row_in_order_with_version_metadata(registry, tmp
     from tasks.scoring import META_KEY, score
 
     write_csv(tmp_path / "in.csv", 30, extra={3: "", 4: "   "})
-    s = score(cfg(tmp_path))
+    s = score(cfg(tmp_path, precision="auto"))
     t = pq.read_table(tmp_path / "out.parquet")
     assert t.column_names == ["row", "id", "skipped", "label", "score"]
     assert t.column("row").to_pylist() == list(range(30))
@@ -100,6 +101,7 @@ def test_local_csv_scores_every_row_in_order_with_version_metadata(registry, tmp
     assert list(df["label"]) == [labels[0], labels[10]]
 
 
+@pytest.mark.slow  # a local Ray and two actors: about a minute
 def test_ray_two_actors_match_local_row_for_row(registry, tmp_path):
     """Ray Data with 2 actors on a local Ray: the same rows, ids, labels and skips as the local path; scores equal
     to float tolerance (the actors run 1 thread each, the local path 2: matmul sums in another order)."""
@@ -177,6 +179,7 @@ def test_alias_moved_mid_job_and_resume_keep_the_version_it_started_with(registr
     assert rows == list(range(30))
 
 
+@pytest.mark.slow  # two CLI processes: about 30 s on an idle 2-core machine
 def test_killed_cli_job_resumes_with_each_row_once(registry, tmp_path):
     """`finetune score` killed with SIGKILL mid-file, then `--resume`: one row per input row."""
     import pyarrow.parquet as pq
@@ -187,7 +190,7 @@ def test_killed_cli_job_resumes_with_each_row_once(registry, tmp_path):
     out = tmp_path / "out.parquet"
     argv = [sys.executable, "-m", "flows.cli", "score", "--registered-model", "tiny-cls", "--input",
             str(tmp_path / "in.csv"), "--output", str(out), "--text-column", "review", "--id-columns", "id",
-            "--chunk-rows", "6", "--batch-size", "2"]
+            "--chunk-rows", "6", "--batch-size", "2", "--precision", "fp32"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parts = parts_dir(out)
