@@ -284,3 +284,22 @@ def test_heads_by_problem_type():
     M.config = BertConfig(id2label=names)
     r = SingleLabel(M, None, None).rows(torch.tensor([[0.0, 5.0, 0.0]]), {})
     assert r[0]["label"] == "b" and 0.98 < r[0]["score"] < 1.0
+
+
+def test_parquet_glob_with_text_pairs_keeps_id_types(registry, tmp_path):
+    """Two Parquet files through a glob, a text-pair column, int ids kept as ints; a row whose pair is empty is
+    kept and counted; TSV output with --output-format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.scoring import score
+
+    for k in range(2):
+        pq.write_table(pa.table({"n": [10 * k + i for i in range(5)], "a": texts(5),
+                                 "b": ["so good", "", "meh", "bad", "fine"]}), tmp_path / f"p{k}.parquet")
+    s = score(cfg(tmp_path, input=str(tmp_path / "p*.parquet"), text_column="a", text_pair_column="b",
+                  id_columns=["n"], output=str(tmp_path / "out.tsv"), output_format="tsv"))
+    assert s["rows_out"] == 10 and s["skipped"] == {"empty text": 2}
+    lines = (tmp_path / "out.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:3] == ['"row"', '"n"', '"skipped"']
+    assert [ln.split("\t")[1] for ln in lines[1:]] == ["0", "1", "2", "3", "4", "10", "11", "12", "13", "14"]
