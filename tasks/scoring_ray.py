@@ -99,7 +99,14 @@ def score_on_ray(cfg: ScoreConfig, plan: InputPlan, ref: ModelRef, skip: set,
         ds = ds.repartition(target_num_rows_per_block=cfg.chunk_rows, strict=True)
         # Re-slicing blocks is cheap, but its tasks ask for a CPU by default, which the actors may all hold (a
         # deadlock on a cluster sized for them); repartition() takes no resource arguments, so set them on its op.
-        ds._logical_plan.dag.ray_remote_args.update(num_cpus=0)
+        try:
+            ds._logical_plan.dag.ray_remote_args.update(num_cpus=0)
+        except AttributeError:  # another Ray version: keep its default and say what it needs
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not free Ray Data's repartition step from its CPU request: leave one CPU of the cluster "
+                "beyond the scoring actors (--workers x --cpus-per-worker)")
         ds = ds.map_batches(_ScoreActor, fn_constructor_args=(ref.uri, cfg), batch_size=None,
                             batch_format="pyarrow", concurrency=workers, num_cpus=cfg.cpus_per_worker,
                             num_gpus=cfg.gpus_per_worker or None)
