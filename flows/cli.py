@@ -1,5 +1,5 @@
 """`finetune` command line. One subcommand per registered job; its flags are generated from the job's typed
-config (flows.config.job_configs()): defaults < --config YAML < flags. Plus predict, compare, promote, rollback.
+config (flows.config.job_configs()): defaults < --config YAML < flags. Plus predict, score, compare, promote, rollback.
 
 Built on click. The job flags come from a generic walk over the pydantic model fields (no table of flags):
 - a field of a section in FLAT_SECTIONS (data, train, tracking) and a top-level field: --<field-name-kebab>;
@@ -326,6 +326,83 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
     return 0
 
 
+def _score(as_json: bool, **kwargs: Any) -> int:
+    """`finetune score`: the plain streaming job in this process (no Prefect server to start); the nightly
+    deployment runs the same functions as the `score` flow (flows/score.py)."""
+    from flows.config import ConfigError
+    from tasks import scoring
+    from tasks.tracking import check_remote
+
+    given = {k: v for k, v in kwargs.items() if v is not None and v != ()}
+    if "id_columns" in given:
+        given["id_columns"] = [c.strip() for v in given["id_columns"] for c in v.split(",") if c.strip()]
+    try:
+        cfg = scoring.ScoreConfig(**given)
+    except ConfigError:
+        raise
+    except ValueError as e:  # pydantic: one line per problem
+        errs = getattr(e, "errors", lambda: [])()
+        raise ConfigError([f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}" for er in errs]
+                          or str(e)) from None
+    scoring.plan_input(cfg)  # missing file or column: one error line before the registry is asked
+    check_remote()
+    summary = scoring.score(cfg, progress=_progress_line())
+    print(json.dumps(summary, indent=2, default=str) if as_json else scoring.format_summary(summary))
+    return 0
+
+
+def _progress_line():
+    """rows done / total on stderr, one line per chunk (a few per second at most)."""
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        import time
+
+        now = time.time()
+        if done == total or now - last[0] > 2:
+            last[0] = now
+            print(f"scored {done:,} / {total:,} rows", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _score_options() -> list[click.Parameter]:
+    from tasks.scoring import ScoreConfig
+
+    f = ScoreConfig.model_fields
+
+    def opt(flag: str, name: str, **kw) -> click.Option:
+        d = f[name].get_default(call_default_factory=True)
+        shown = f"  [default: {d}]" if d not in (None, [], False) and not f[name].is_required() else ""
+        return click.Option([flag, name], help=(f[name].description or "").replace(
+            "not with alias", "not with --alias").replace("not with version", "not with --version") + shown, **kw)
+
+    return [
+        _registered_model(),
+        opt("--alias", "alias", metavar="ALIAS"),
+        opt("--version", "version", type=int, metavar="N"),
+        opt("--input", "input", required=True, metavar="PATH"),
+        opt("--output", "output", required=True, metavar="PATH"),
+        opt("--text-column", "text_column", metavar="COLUMN"),
+        opt("--text-pair-column", "text_pair_column", metavar="COLUMN"),
+        opt("--id-columns", "id_columns", multiple=True, metavar="COL[,COL...]"),
+        opt("--output-format", "output_format", type=click.Choice(["parquet", "csv", "tsv", "jsonl", "input"])),
+        opt("--chunk-rows", "chunk_rows", type=int, metavar="N"),
+        opt("--batch-size", "batch_size", type=int, metavar="N"),
+        opt("--max-length", "max_length", type=int, metavar="N"),
+        opt("--top-k", "top_k", type=int, metavar="K"),
+        opt("--threshold", "threshold", type=float, metavar="F"),
+        opt("--precision", "precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"])),
+        opt("--device", "device", type=click.Choice(["auto", "cpu", "cuda", "mps"])),
+        click.Option(["--resume", "resume"], is_flag=True, default=None, help=f["resume"].description),
+        opt("--workers", "workers", type=int, metavar="N"),
+        opt("--ray-address", "ray_address", metavar="ADDRESS"),
+        opt("--cpus-per-worker", "cpus_per_worker", type=float, metavar="F"),
+        opt("--gpus-per-worker", "gpus_per_worker", type=float, metavar="F"),
+        click.Option(["--json", "as_json"], is_flag=True, default=False, help="Print the summary as JSON."),
+    ]
+
+
 def _manage(command: str):
     def run(**kwargs: Any) -> int:
         from flows import manage
@@ -357,6 +434,13 @@ def other_commands() -> list[click.Command]:
                 click.Argument(["texts"], nargs=-1),
             ],
             _predict,
+        ),
+        _command(
+            "score", "Score a file, folder or glob (CSV/TSV/JSONL/Parquet) with a registered model, streaming; "
+                     "on Ray with --workers or --ray-address.",
+            "finetune score --registered-model imdb-sentiment-classifier --input reviews.csv --output scores.parquet",
+            _score_options(),
+            _score,
         ),
         _command(
             "compare", "Table of a registered model's versions, metrics and aliases.",
