@@ -6,7 +6,7 @@
   (`BaseRef`: name, version, run id, logged model id, the URI it was resolved from).
 - `local_dir(uri)` (what `tasks.common.resolve_model` delegates to) gives a plain Hugging Face checkpoint dir
   (config, weights, the version's own tokenizer), downloaded through MLflow once into
-  `<cache>/registry-models/<name>/<version>` and reused by every later run (atomic: a crash leaves none).
+  `<cache>/registry-models/<name>--v<version>` and reused by every later run (atomic: a crash leaves none).
   The transformers flavor stores the weights under `model/` and the tokenizer under `components/tokenizer/`;
   the two are put side by side. A LoRA-logged version (adapter + a reference to its base, see `tasks/adapters.py`)
   is loaded onto that base and merged: the new run starts from the merged weights.
@@ -101,8 +101,19 @@ def _store() -> str:
 
 
 def cache_dir(name: str, version: str) -> Path:
+    """`<cache>/registry-models/<name>--v<version>`: one entry per version, the layout `finetune gc` ages out."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    return cache_root() / "registry-models" / safe / str(version)
+    return cache_root() / "registry-models" / f"{safe}--v{version}"
+
+
+def _used(d: Path) -> str:
+    """A cache hit refreshes the entry's time (`finetune gc` removes entries unused for a while)."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        os.utime(d)
+    return str(d)
 
 
 def _cached_source(d: Path) -> dict | None:
@@ -120,12 +131,12 @@ def local_dir(uri: str, ref: BaseRef | None = None) -> str:
     if ref is None and alias is None:
         d = cache_dir(name, version)
         if _cached_source(d) is not None:
-            return str(d)
+            return _used(d)
     ref = ref or pin(uri)
     d = cache_dir(ref.name, ref.version)
     cached = _cached_source(d)
     if cached is not None and cached.get("run_id") == ref.run_id:
-        return str(d)
+        return _used(d)
     download(ref, d)
     return str(d)
 
@@ -137,7 +148,8 @@ def download(ref: BaseRef, final: Path) -> Path:
     from tasks import tracking
 
     tracking.configure()
-    with tempfile.TemporaryDirectory(prefix="registry-dl-", dir=_tmp_parent(final)) as tmp:
+    # beside the entry, named as an interrupted write (`finetune gc` removes one a crash left behind)
+    with tempfile.TemporaryDirectory(prefix=f".{final.name}.tmp-dl-", dir=_tmp_parent(final)) as tmp:
         with tracking.on_model(ref.name, "READ"):
             src = Path(tracking._retry(mlflow.artifacts.download_artifacts, artifact_uri=ref.uri, dst_path=tmp,
                                        attempts=3))

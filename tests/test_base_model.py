@@ -3,6 +3,8 @@ URIs resolved once and cached by name and version, a tiny mlm version as the bas
 head new), warm start from the job's own champion (labels must match)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.config import ClassifyConfig
@@ -157,3 +159,40 @@ def test_warm_start_without_a_champion_starts_from_train_model(isolated, tiny_mo
     cfg = classify_cfg(sentiment_csv, tiny_model_dir, tmp_path, warm_start="champion")
     pinned, ref, note = starting_point(cfg)
     assert ref is None and pinned.train.model == tiny_model_dir and "has no champion yet" in note
+
+
+def test_lora_version_loads_merged_onto_its_base(isolated, tiny_model_dir, tmp_path):
+    """A LoRA-logged version (adapter + reference to its base) becomes a plain checkpoint: base + adapter merged,
+    the same outputs as the adapter model; without its base on this machine, one line naming the path."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks import adapters, registry, tracking
+    from tasks.base_model import local_dir, pin
+    from tasks.common import ConfigError
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    model = adapters.apply_lora(base, r=2, alpha=4, dropout=0.0)
+    for n, p in model.named_parameters():  # a trained-looking adapter: B is zero-initialised
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapters.save_model(model, tok, tmp_path / "lora")
+    run_id = tracking.start_run("test-bases", "lora", {})
+    version = registry.register_model(adapters.log_model(run_id, tmp_path / "lora", "text-classification"),
+                                      "tiny-lora", run_id)
+    path = local_dir(f"models:/tiny-lora/{version}")
+    merged = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    x = tok(["a great film"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**x).logits, model.eval()(**x).logits, atol=1e-5)
+
+    # the base dir the version was logged with, moved away: one line; no half-written cache entry is left
+    shutil.rmtree(path)
+    shutil.move(tracking.STORE_DIR / "lora-bases", tmp_path / "moved")
+    with pytest.raises(ConfigError, match="LoRA adapter whose base .* is not on this machine"):
+        local_dir(f"models:/tiny-lora/{version}", pin(f"models:/tiny-lora/{version}"))
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == []
