@@ -101,13 +101,19 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
     del model
     tracking.log_params_once(run_id, {**ref.params(), "base.new_weights": ",".join(new) or "none"})
     tracking.set_tags(run_id, {**ref.tags(), **({"finetune.warm_start": warm_start} if warm_start else {})})
+    import contextlib
+
     c = tracking.client()
     if ref.model_id:
-        with tracking.on_run(run_id):
-            tracking._retry(c.log_inputs, run_id, models=[LoggedModelInput(ref.model_id)], attempts=3)
-    if ref.run_id:
-        import contextlib
+        try:
+            with tracking.on_run(run_id):
+                tracking._retry(c.log_inputs, run_id, models=[LoggedModelInput(ref.model_id)], attempts=2)
+        except Exception as e:  # a server without model inputs (MLflow 2): the params and tags above still link
+            from tasks.common import run_logger
 
+            run_logger(__name__).warning("could not record %s as the run's model input (%s): the base.* params and "
+                                         "tags record the lineage", ref.model_id, tracking.redact_uri(e))
+    if ref.run_id:
         with contextlib.suppress(Exception):  # the base run may live where this identity cannot write: best effort
             old = c.get_run(ref.run_id).data.tags.get("finetune.derived_run_ids", "")
             ids = [x for x in old.split(",") if x] + [run_id]

@@ -196,3 +196,24 @@ def test_lora_version_loads_merged_onto_its_base(isolated, tiny_model_dir, tmp_p
     with pytest.raises(ConfigError, match="LoRA adapter whose base .* is not on this machine"):
         local_dir(f"models:/tiny-lora/{version}", pin(f"models:/tiny-lora/{version}"))
     assert sorted(p.name for p in Path(path).parent.iterdir()) == []
+
+
+def test_unknown_registry_base_is_one_error_line_before_prefect(tmp_path):
+    """`finetune classify --model models:/...` with no such model: exit 2, one `error:` line, no traceback, and
+    Prefect's temporary server never started (the precheck treats models:/ as a registry URI, not a Hub id)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_"))}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", FINETUNE_CACHE_DIR=str(tmp_path / "cache"),
+               FINETUNE_MLFLOW_STORE=str(tmp_path / "store"), HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "classify", "--model", "models:/nope@champion"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    out = p.stdout + p.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert "registered model 'nope' has no alias 'champion'" in errors[0]
+    assert "Starting temporary server" not in out
