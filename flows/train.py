@@ -123,9 +123,10 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
 
 def precheck(cfg: JobConfig) -> None:
     """The checks that need no Prefect, for the CLI (and deployments/trigger.py) to run before Prefect starts:
-    the promotion metric, the model (loadable, max_length within its limit, fit for the job) and the data (file,
-    columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs the same checks again, for
-    runs that come from a deployment."""
+    the promotion metric, the model (loadable, max_length within its limit, fit for the job; a registered version
+    as the base: resolved and downloaded, and a classifier version's labels against the data's, which prepares the
+    data) and the data (file, columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs
+    the same checks again, for runs that come from a deployment."""
     import logging
 
     from tasks.common import is_hub_id, offline_unless_hub_reachable
@@ -135,7 +136,7 @@ def precheck(cfg: JobConfig) -> None:
     from flows.promotion import resolve_metric
 
     resolve_metric(cfg)
-    cfg = starting_point(cfg)[0]  # a registry base: resolved, downloaded (cached), fit for the job
+    cfg, base, _ = starting_point(cfg)  # a registry base: resolved, downloaded (cached), fit for the job
     dataset = cfg.data.dataset
     if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
         offline_unless_hub_reachable()  # one connection attempt, not minutes of retries
@@ -147,6 +148,15 @@ def precheck(cfg: JobConfig) -> None:
     finally:
         quiet.setLevel(level)
     check_data(cfg.data, getattr(cfg, "num_labels", None))
+    if base is not None and cfg.recipe.needs_labels:
+        from tasks.base_model import check_labels, local_dir, trained_labels
+
+        path = local_dir(base.uri, base)
+        if trained_labels(path) is not None:  # a classifier version (warm start): its labels against the data's
+            from tasks.data import prepare_dataset  # the flow's load reuses the prepared (cached) data
+
+            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None)).label_names
+            check_labels(path, names, base.requested)
 
 
 def run_training(cfg: JobConfig) -> dict:

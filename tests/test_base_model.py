@@ -149,8 +149,11 @@ def test_mlm_version_as_classify_base_then_warm_start(isolated, tiny_model_dir, 
     # different labels: one line naming the difference (the data's labels are known after loading)
     bad = tmp_path / "other.csv"
     bad.write_text("review,sentiment\n" + "".join(f"text {i},{['good', 'bad'][i % 2]}\n" for i in range(24)))
+    bad_cfg = classify_cfg(str(bad), "bundled-minilm", tmp_path, warm_start="champion")
     with pytest.raises(ConfigError, match=r"other labels: labels \['negative', 'positive'\] vs the data's"):
-        classify_flow(classify_cfg(str(bad), "bundled-minilm", tmp_path, warm_start="champion"))
+        precheck(bad_cfg)  # before Prefect (the CLI's path)
+    with pytest.raises(ConfigError, match=r"other labels: labels \['negative', 'positive'\] vs the data's"):
+        classify_flow(bad_cfg)  # and in the flow (a deployment's run)
 
 
 def test_warm_start_without_a_champion_starts_from_train_model(isolated, tiny_model_dir, sentiment_csv, tmp_path):
