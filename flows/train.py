@@ -90,6 +90,8 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
     """Params, tags and MLflow's model-lineage input of a run that starts from a registered version, the reverse
     link on the base's run (`finetune.derived_run_ids`), and which weights the job's model does not take from the
     version (transformers' loading info: a new head). Returns those weight names."""
+    import contextlib
+
     from mlflow.entities import LoggedModelInput
 
     from tasks import tracking
@@ -99,10 +101,8 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
     model = spec.recipe.load_model(local_dir(ref.uri, ref), spec)
     new = sorted(n for n, p in model.named_parameters() if id(p) in getattr(model, NEW_WEIGHTS, set()))
     del model
-    tracking.log_params_once(run_id, {**ref.params(), "base.new_weights": ",".join(new) or "none"})
+    tracking.log_params_once(run_id, {**ref.params(), "base.new_weights": (",".join(new) or "none")[:5000]})
     tracking.set_tags(run_id, {**ref.tags(), **({"finetune.warm_start": warm_start} if warm_start else {})})
-    import contextlib
-
     c = tracking.client()
     if ref.model_id:
         try:

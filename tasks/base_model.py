@@ -231,9 +231,10 @@ def check_fits(path: str, hf_task: str, shown: str) -> None:
 def trained_labels(path: str) -> list[str] | None:
     """The label names (in id order) of a classifier checkpoint; None for one without a classification head."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(path)
-    if not any("SequenceClassification" in a for a in (config.architectures or [])):
+    if not set(config.architectures or []) & set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
         return None
     return [str(config.id2label[i]) for i in sorted(config.id2label)]
 
