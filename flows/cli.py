@@ -547,6 +547,36 @@ def sweep_command() -> click.Command:
     )
 
 
+def _adapt_then_classify(config: str | None, as_json: bool) -> int:
+    from flows.adapt_then_classify import AdaptThenClassifyConfig, adapt_then_classify_flow, precheck
+    from flows.config import build_config
+    from flows.ephemeral import begin_temporary_server, own_temporary_server
+    from tasks import tracking
+
+    cfg = build_config(AdaptThenClassifyConfig, config)
+    begin_temporary_server()
+    tracking.check_remote()
+    precheck(cfg)  # both steps' models and data, before Prefect starts
+    own_temporary_server()
+    with expected_errors_without_traceback():
+        result = adapt_then_classify_flow(cfg)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def adapt_then_classify_command() -> click.Command:
+    return _command(
+        "adapt-then-classify", "Domain adaptation (mlm) then classification from the adapted version, one flow run.",
+        "finetune adapt-then-classify --config adapt.yaml",
+        [click.Option(["--config"], metavar="FILE.yaml", default=None,
+                      help="YAML with sections `mlm` and `classify` (each a job config, as for `finetune mlm` / "
+                           "`finetune classify`) and `require_floor`; default: both jobs' defaults."),
+         click.Option(["--json", "as_json"], is_flag=True, default=False, help="Print the result as JSON.")],
+        _adapt_then_classify,
+    )
+
+
 def _gc(**kwargs: Any) -> int:
     from flows.gc import gc_cli
 
@@ -645,6 +675,7 @@ def build_cli() -> click.Group:
     commands = [job_command(job, cls) for job, cls in job_configs().items()] + other_commands() + [sweep_command(),
                                                                                                    access_group()]
     commands.append(gc_command())
+    commands.append(adapt_then_classify_command())
     verbose = click.Option(["--verbose", "-v"], is_flag=True, default=False,
                            help="Show the libraries' own logs, and the traceback of an error on the terminal (else "
                                 "it goes to the debug log, .cache/logs/finetune-debug.log). Also FINETUNE_VERBOSE=1.")

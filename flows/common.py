@@ -95,6 +95,8 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
 def job_label(cfg: JobConfig) -> str:
     """`<job>-<model>-<dataset>-<engine>-e<epochs>`: names flow runs, training task runs and MLflow runs."""
     def short(name: str) -> str:
+        if str(name).startswith("models:/"):  # a registered version as the base: NAME@ALIAS or NAME-vVERSION
+            return str(name)[len("models:/"):].replace("/", "-v")
         return str(name).rstrip("/").split("/")[-1] or str(name)
 
     return f"{cfg.job}-{short(cfg.train.model)}-{short(cfg.data.dataset)}-{getattr(cfg, 'engine', '')}-e{cfg.train.epochs}"

@@ -47,6 +47,11 @@ class JobConfig(BaseModel):
         "none", description="none: fine-tune every weight; lora: train LoRA adapters only (the `lora` section)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    warm_start: str | None = Field(
+        None, pattern=r"^([A-Za-z][A-Za-z0-9_-]*|[0-9]+)$",
+        description="Start from this job's own registered model instead of train.model: champion, challenger (any "
+        "alias) or a version number. Its labels must match the data's (same names, same order). With no such alias "
+        "yet (a first run) training starts from train.model and says so.")
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` view, logged as MLflow params so runs compare side by side."""

