@@ -48,7 +48,7 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix). `on_metrics` gets
     each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step)."""
     from tasks.common import run_logger, seed_everything, write_json_atomic
-    from tasks.device import amp_dtype, describe, select_device
+    from tasks.device import amp_dtype, describe, enable_tf32, select_device
 
     from tasks import adapters, distributed
 
@@ -62,8 +62,11 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     run.mkdir(parents=True, exist_ok=True)
     device = select_device(spec.train.device)
     dtype = amp_dtype(device, spec.train.precision)
-    seed_everything(spec.train.seed)
+    enable_tf32(device)
+    seed_everything(spec.train.seed)  # the same on every rank: the same initialisation
     model, tok = model_for_training(spec, tokenized_path, device)
+    if distributed.rank():  # dropout differs between ranks (rank 0 keeps the run's seed: one process as before)
+        seed_everything(distributed.rank_seed(spec.train.seed, distributed.rank()))
     trainable, total = adapters.trainable_parameters(model)
     eval_attention = getattr(model.config, "_attn_implementation", None)
     if loaders is None:

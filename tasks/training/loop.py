@@ -1,15 +1,62 @@
-"""The plain training loop (engine `manual`)."""
+"""The plain training loop (engine `manual`) on `accelerate.Accelerator`, as transformers' `run_glue_no_trainer.py`
+does it: `prepare` (device, DDP under torchrun: gloo on the CPU, nccl on GPUs), `autocast` and the loss scaler
+(mixed precision), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch. One code path for 1 or
+N processes.
+
+Checkpoints stay this project's atomic, checksummed single file (tasks/checkpoint.py), which is what
+`save_state`/`load_state` would otherwise write, plus what they add: EVERY rank's RNG state (gathered to rank 0),
+the loss scaler's state and the masking collator's generator; checkpoints of earlier versions (one RNG state)
+resume as before. No stalls: the loss is summed on the device and read at logging steps, checkpoints and epoch
+ends only. A non-finite loss stops the run (`TrainingDiverged`)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.common import ConfigError
 from tasks.training.config import STEP_LOSS, FitOutput, MetricsFn, loss_log_every
-from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups
+from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes
 from tasks.training.selection import _cpu_copy, track_best
 
 if TYPE_CHECKING:
     from tasks.jobs import JobSpec
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became inf or NaN: the run stops as FAILED with one line (bad settings, not a transient fault:
+    no retry, nothing registered)."""
+
+
+def diverged(step: int, t, dtype) -> TrainingDiverged:
+    tips = [f"a lower --learning-rate (this run: {t.learning_rate:g})"]
+    if dtype is not None:
+        tips.append("--precision fp32")
+    return TrainingDiverged(f"training diverged: the loss is not finite at optimizer step {step}; try "
+                            + " or ".join(tips))
+
+
+def make_accelerator(device, dtype):
+    """An Accelerator for this run's device and precision. accelerate keeps its state per process: it is reset
+    first (as transformers' TrainingArguments does), so runs with other precisions can follow in one process
+    (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss scaler there
+    and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be skipped
+    (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on, which
+    makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
+    overflow). Not covered on the CPU: fp16 kernels' own overflow behaviour on a GPU."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tasks.device import mixed_precision_name
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision_name(dtype),
+                      step_scheduler_with_optimizer=False)
+    if dtype == torch.float16 and acc.scaler is None:
+        acc.scaler = torch.amp.GradScaler(device.type)
+        acc.native_amp = True
+    return acc
 
 
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
@@ -20,27 +67,29 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     import time
 
     import torch
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from tasks import adapters, distributed
-    from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from tasks.checkpoint import (collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
+                                  set_collator_rng_state, set_rng_state)
     from tasks.common import run_logger
-    from tasks.device import autocast
     from tasks.output import progress_bars
 
     log = run_logger(__name__)
     t = spec.train
+    # --- setup: accelerator (device, precision, DDP), optimizer, schedule
+    acc = make_accelerator(device, dtype)
     train_loader = loaders["train"]
     # Single process: the loader's seeded generator orders each epoch. Data-parallel: a DistributedSampler does
-    # (seed + epoch), each rank on its shard, and DDP all-reduces the gradients in backward().
+    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), so steps_per_epoch counts
+    # global batches in both cases.
     gen = train_loader.generator
-    ddp_model = distributed.wrap(model, device)
     recipe_loss = spec.recipe.loss
     steps_per_epoch = len(train_loader)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
+    ddp_model, opt = acc.prepare(model, opt)  # the scheduler steps only when the optimizer did (see below)
     every = loss_log_every(t, total)
-    window = [0.0, 0]  # batch losses since the last train_loss_step point
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history: list[dict] = []
     # Position in training: the epoch under way, batches of it already done, and its running loss.
     start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
@@ -48,6 +97,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     ckpt_root = run_dir / "checkpoints"
     key, higher = spec.selection_metric
     keep_best = t.select == "best"
+    world, rank = acc.num_processes, acc.process_index
     # The best epoch's weights (CPU copy; adapter + head only with LoRA) while later epochs train; None while the
     # model itself is the best (or nothing is best yet).
     best_state: dict | None = None
@@ -56,16 +106,28 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         found = load_latest_checkpoint(ckpt_root)
         if found:
             path, st = found
-            check_optimizer_groups(path, len(st["optimizer"]["param_groups"]), len(opt.param_groups))
+            saved_world = st.get("world_size", world)
+            if saved_world != world:
+                raise ConfigError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}: "
+                                  f"resume with --nproc-per-node/--nnodes giving {saved_world} processes")
+            check_optimizer_groups(path, group_sizes(st["optimizer"]["param_groups"]), group_sizes(opt.param_groups))
             adapters.load_model_state(model, st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
-            set_rng_state(st["rng"])
+            if acc.scaler is not None and st.get("scaler"):
+                acc.scaler.load_state_dict(st["scaler"])
+            by_rank = st.get("rng_by_rank")
+            mine = by_rank[rank] if by_rank else {"rng": st["rng"], "collator": None}
+            if not by_rank and rank:  # a checkpoint of one RNG state (before per-rank states): keep this rank's own
+                log.warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own", path, rank)
+            else:
+                set_rng_state(mine["rng"])
+            set_collator_rng_state(train_loader.collate_fn, mine.get("collator"))
             if gen is not None and st["epoch_start_gen_state"] is not None:
                 gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
             start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
-            if not distributed.is_main():
+            if rank:
                 resumed_loss = (0.0, 0)  # the checkpoint holds the sum over all ranks: counted once, on rank 0
             resumed_from = str(path)
             best_state = st.get("best_state")
@@ -83,67 +145,88 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
 
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
         # The best epoch so far follows from the history; its weights travel with the checkpoint unless they are
-        # the checkpoint's own model (the end of the best epoch), which resume copies aside again.
+        # the checkpoint's own model (the end of the best epoch), which resume copies aside again. Every rank's
+        # RNG (dropout, masks) goes to rank 0, which writes the checkpoint (all ranks hold the same weights).
         epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
-        if not distributed.is_main():
-            return  # rank 0 writes the checkpoint (every rank holds the same weights and optimizer state)
+        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn)}
+        by_rank = gather_object([mine]) if world > 1 else [mine]
+        if rank:
+            return
         at_best = batches_done == 0 and history and track_best(history, key, higher).best_epoch == history[-1]["epoch"]
         save_checkpoint(ckpt_root, step, {
             "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": rng_state(), "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
+            "rng": by_rank[0]["rng"], "rng_by_rank": by_rank, "world_size": world,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
             "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
             "best_state": None if at_best else best_state,
             "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
         })
 
-    world = distributed.world_size()
-    log.info("training: %d examples, %d epochs, batch %d%s, %d optimizer steps, device %s",
+    def read_losses(loss_sum, bad_step) -> float:
+        """The one host sync of a logging step: the summed loss, and the first step whose loss was not finite."""
+        s, bad = torch.stack([loss_sum.double(), bad_step.double()]).tolist()
+        if bad >= 0:
+            raise diverged(int(bad), t, dtype)
+        return s
+
+    log.info("training: %d examples, %d epochs, batch %d%s, %d optimizer steps, device %s, precision %s",
              len(train_loader.dataset), t.epochs, t.batch_size * world,
-             f" (global: {t.batch_size} per process x {world} processes)" if world > 1 else "", total, device)
+             f" (global: {t.batch_size} per process x {world} processes)" if world > 1 else "", total, acc.device,
+             acc.mixed_precision + (" + loss scaling" if acc.scaler is not None else ""))
     model.train()
     seen, t0 = 0, time.perf_counter()
+    dev = acc.device
+    sum_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+    # on-device accumulators: the window since the last train_loss_step point, and the first non-finite step
+    window_sum, window_n = torch.zeros((), device=dev), 0
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     for epoch in range(start_epoch, t.epochs + 1):
         if track_best(history, key, higher).should_stop(t.early_stopping_patience):
             break  # a resumed run that had already stopped early
         distributed.set_epoch(train_loader, epoch)
         epoch_start_gen = gen.get_state() if gen is not None else None
-        loss_sum, loss_n = resumed_loss
+        loss_sum, loss_n = torch.tensor(float(resumed_loss[0]), device=dev, dtype=sum_dtype), resumed_loss[1]
         resumed_loss = (0.0, 0)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch,
-                   disable=not progress_bars() or not distributed.is_main())
-        for i, batch in enumerate(bar):
-            if i < skip_batches:
-                continue  # same permutation as the interrupted run: skip what it already trained on
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, dtype):
+        # a resumed epoch: the same permutation, its first batches skipped at the sampler (not collated)
+        batches = acc.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        bar = tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, initial=skip_batches,
+                   disable=not progress_bars() or rank != 0)
+        for i, batch in enumerate(bar, start=skip_batches):
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            with acc.autocast():  # also around a recipe's own loss, which may not call model.forward
                 loss = recipe_loss(ddp_model, batch) if recipe_loss else ddp_model(**batch).loss
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
+            acc.backward(loss)
+            acc.clip_grad_norm_(ddp_model.parameters(), t.max_grad_norm)
+            opt.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: an overflowing step is skipped, and so is its lr step
+                sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             bs = next(iter(batch.values())).shape[0]
             seen += bs
-            loss_sum += loss.item() * bs
+            l = loss.detach().float()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(l), step, bad_step)
+            loss_sum += l.double() * bs
             loss_n += bs
-            window[0], window[1] = window[0] + loss.item(), window[1] + 1
-            if on_step and step % every == 0:
-                on_step({STEP_LOSS: window[0] / window[1]}, step)
-                window[0], window[1] = 0.0, 0
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            window_sum += l
+            window_n += 1
+            if step % every == 0:
+                w = read_losses(window_sum, bad_step)
+                if on_step:
+                    on_step({STEP_LOSS: w / window_n}, step)
+                bar.set_postfix(loss=f"{w / window_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+                window_sum.zero_()
+                window_n = 0
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
-                checkpoint(epoch, i + 1, epoch_start_gen, (loss_sum, loss_n))
+                checkpoint(epoch, i + 1, epoch_start_gen, (read_losses(loss_sum, bad_step), loss_n))
         skip_batches = 0
-        loss_sum, loss_n = distributed.sum_over_ranks(loss_sum, loss_n)  # the epoch's mean over every rank's shard
+        # a diverged rank stops every rank (each learns whether any diverged); then the epoch's mean over every
+        # rank's shard
+        first_bad = int(bad_step)
+        if distributed.sum_over_ranks(float(first_bad >= 0))[0]:
+            raise diverged(first_bad if first_bad >= 0 else step, t, dtype)
+        loss_sum, loss_n = distributed.sum_over_ranks(read_losses(loss_sum, bad_step), loss_n)
         row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
         history.append(row)
         progress = track_best(history, key, higher)
@@ -161,6 +244,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             break
     elapsed = time.perf_counter() - t0
     (seen,) = distributed.sum_over_ranks(seen)  # samples/s of the whole run
+    acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # the model's own forward again (no autocast wrapper)
     selected = history[-1]["epoch"] if history else None
     best = track_best(history, key, higher).best_epoch
     if keep_best and best is not None and best != selected and best_state is not None:

@@ -71,18 +71,51 @@ def resume_on_retry(spec: "JobSpec") -> "JobSpec":
     return spec
 
 
-def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None) -> dict:
+def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: int = 0) -> dict:
     """Train (seeded shuffle) and eval loaders with the job's collator: the eval loader is the one every
-    evaluation of the job uses (each epoch, both engines, promotion)."""
+    evaluation of the job uses (each epoch, both engines, promotion). Rank r > 0 of a data-parallel run gets a
+    training collator seeded for its rank (its own MLM masks). On CUDA, worker processes and pinned memory
+    (`tasks.distributed.loader_options`); on the CPU none, as before."""
     from transformers import AutoTokenizer
 
     from tasks.common import resolve_model
+    from tasks.distributed import loader_options, world_size
     from tasks.loaders import build_dataloaders
 
     t = spec.train
     tok = tokenizer or AutoTokenizer.from_pretrained(resolve_model(t.model))
-    return build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
-                             collator=spec.recipe.collator(tok, spec), group_by_length=t.group_by_length)
+    loaders = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
+                                collator=spec.recipe.collator(tok, spec), group_by_length=t.group_by_length)
+    if rank:
+        loaders["train"].collate_fn = spec.recipe.collator(tok, spec_for_rank(spec, rank))
+    opts = loader_options(loader_device_type(t), world_size())
+    return {k: with_loader_options(dl, **opts) for k, dl in loaders.items()} if opts else loaders
+
+
+def spec_for_rank(spec: "JobSpec", rank: int) -> "JobSpec":
+    """The spec whose seed is the rank's (`tasks.distributed.rank_seed`): for what must differ between ranks."""
+    from tasks.distributed import rank_seed
+
+    if not rank:
+        return spec
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": rank_seed(spec.train.seed, rank)})})
+
+
+def loader_device_type(t: TrainConfig) -> str:
+    """The device type the run will train on (for DataLoader settings chosen before the model is loaded)."""
+    import torch
+
+    if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def with_loader_options(dl, **opts):
+    """The same DataLoader (dataset, batch size, sampler and its generator, collator) with other settings."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=dl.sampler, generator=dl.generator,
+                      collate_fn=dl.collate_fn, drop_last=dl.drop_last, **opts)
 
 
 NEW_WEIGHTS = "_finetune_new_weights"

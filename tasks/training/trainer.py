@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.training.config import STEP_LOSS, FitOutput, MetricsFn, TrainConfig, loss_log_every
-from tasks.training.optim import check_optimizer_groups, param_groups
+from tasks.training.optim import (build_optimizer, check_optimizer_groups, global_steps_per_epoch, group_sizes,
+                                  warmup_steps)
 from tasks.training.prepare import fused_adamw_supported
 from tasks.training.selection import track_best
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> dict:
+def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, processes: int = 1) -> dict:
     """The TrainingArguments fields TrainConfig maps onto, for every job's Trainer class: evaluate and checkpoint
     once per epoch (checkpoints are what --resume continues from), log the loss every `loss_log_every` steps (and at
     each epoch end, see `fit_hf`); Trainer's bars only on a terminal."""
@@ -30,14 +31,23 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype) -> d
     return dict(
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-        warmup_steps=math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs), lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=warmup_steps(t, steps_per_epoch), lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
         logging_strategy="steps", logging_steps=loss_log_every(t, steps_per_epoch * t.epochs),
         save_strategy="epoch", save_total_limit=2, report_to="none", disable_tqdm=not progress_bars(),
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        dataloader_num_workers=0, train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        **hf_loader_kwargs(device, processes), train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
     )
+
+
+def hf_loader_kwargs(device, processes: int = 1) -> dict:
+    """`tasks.distributed.loader_options` as TrainingArguments fields: workers and pinned memory on CUDA only."""
+    from tasks.distributed import loader_options
+
+    o = loader_options(device.type, processes)
+    return {"dataloader_num_workers": o.get("num_workers", 0), "dataloader_pin_memory": o.get("pin_memory", False),
+            "dataloader_persistent_workers": o.get("persistent_workers", False)}
 
 
 def with_seeded_length_groups(trainer_cls: type, seed: int) -> type:
@@ -159,11 +169,17 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
 
     recipe, t = spec.recipe, spec.train
     dd = load_from_disk(tokenized_path)
-    steps_per_epoch = math.ceil(len(dd["train"]) / t.batch_size)
+    from tasks import distributed
+    from tasks.training.prepare import spec_for_rank
+
+    # optimizer steps of the GLOBAL batch (batch_size x processes): warmup and the loss curve's x-axis are the
+    # plain loop's under torchrun too
+    world = distributed.world_size()
+    steps_per_epoch = global_steps_per_epoch(len(dd["train"]), t, world)
     key, higher = spec.selection_metric
     # Trainer tracks the best epoch by the same metric (and keeps its checkpoint through save_total_limit);
     # with `select: best` it loads those weights at the end.
-    kwargs = {**hf_training_kwargs(t, steps_per_epoch, device, dtype), "metric_for_best_model": trainer_metric_name(key),
+    kwargs = {**hf_training_kwargs(t, steps_per_epoch, device, dtype, world), "metric_for_best_model": trainer_metric_name(key),
               "greater_is_better": higher, "load_best_model_at_end": t.select == "best"}
     args = recipe.trainer_args(spec, str(run / "trainer"), kwargs)
 
@@ -210,16 +226,15 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         trainer_cls = with_seeded_length_groups(trainer_cls, t.seed)
     import torch
 
-    groups = param_groups(model, t)
-    optimizers = (None, None)
-    if len(groups) > 2:  # new weights at their own rate: our groups; Trainer still builds the scheduler
-        optimizers = (torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused_adamw_supported(device)), None)
+    # the plain loop's optimizer (same groups, same no-decay rule); Trainer builds the scheduler on it
+    optimizer = build_optimizer(model, t, device)
     if resume and (Path(resume) / "optimizer.pt").exists():  # mmap: the group list only, no tensor is read
         saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
-        check_optimizer_groups(resume, len(saved["param_groups"]), len(groups) if optimizers[0] is not None else 2)
+        check_optimizer_groups(resume, group_sizes(saved["param_groups"]), group_sizes(optimizer.param_groups))
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
-        data_collator=recipe.collator(tok, spec), processing_class=tok, optimizers=optimizers,
+        data_collator=recipe.collator(tok, spec_for_rank(spec, distributed.rank())), processing_class=tok,
+        optimizers=(optimizer, None),
         callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
     )
     quiet_trainer_output(trainer)
