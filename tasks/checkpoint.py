@@ -140,7 +140,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], kee
 
 def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path, dict] | None:
     """Newest checkpoint whose checksum matches and that loads; corrupt ones are skipped with a warning."""
-    import torch
 
     root = Path(ckpt_root)
     if not root.exists():

@@ -59,6 +59,30 @@ def make_accelerator(device, dtype):
     return acc
 
 
+def step_loss(spec: "JobSpec"):
+    """(model, batch) -> the training loss: the recipe's own (MLM: the head on the masked positions only) or the
+    model's."""
+    return spec.recipe.loss or (lambda m, batch: m(**batch).loss)
+
+
+def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: float):
+    """One optimizer step as a run takes it (bench/bench_gpu.py times this same function): the batch to the device
+    (asynchronously from pinned memory on CUDA), forward under the run's autocast (also around a recipe's own
+    loss, which may not call model.forward), scaled backward, unscale + clip, step, and the scheduler only when the
+    optimizer stepped (fp16 skips a step whose gradients overflowed). Returns the loss as a device tensor (fp32,
+    not read: no host sync) and the batch size."""
+    batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+    with acc.autocast():
+        loss = loss_fn(model, batch)
+    acc.backward(loss)
+    acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    if not acc.optimizer_step_was_skipped:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach().float(), next(iter(batch.values())).shape[0]
+
+
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
                device, dtype, on_step: MetricsFn | None = None) -> FitOutput:
     """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch (and every `logging_steps` to
@@ -85,7 +109,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), so steps_per_epoch counts
     # global batches in both cases.
     gen = train_loader.generator
-    recipe_loss = spec.recipe.loss
+    loss_fn = step_loss(spec)
     steps_per_epoch = len(train_loader)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
     ddp_model, opt = acc.prepare(model, opt)  # the scheduler steps only when the optimizer did (see below)
@@ -193,21 +217,11 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         bar = tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, initial=skip_batches,
                    disable=not progress_bars() or rank != 0)
         for i, batch in enumerate(bar, start=skip_batches):
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            with acc.autocast():  # also around a recipe's own loss, which may not call model.forward
-                loss = recipe_loss(ddp_model, batch) if recipe_loss else ddp_model(**batch).loss
-            acc.backward(loss)
-            acc.clip_grad_norm_(ddp_model.parameters(), t.max_grad_norm)
-            opt.step()
-            if not acc.optimizer_step_was_skipped:  # fp16: an overflowing step is skipped, and so is its lr step
-                sched.step()
-            opt.zero_grad(set_to_none=True)
+            l, bs = train_step(acc, ddp_model, opt, sched, batch, loss_fn, t.max_grad_norm)
             step += 1
-            bs = next(iter(batch.values())).shape[0]
             seen += bs
-            l = loss.detach().float()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(l), step, bad_step)
-            loss_sum += l.double() * bs
+            loss_sum += l.to(sum_dtype) * bs
             loss_n += bs
             window_sum += l
             window_n += 1
