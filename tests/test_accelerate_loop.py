@@ -292,3 +292,39 @@ def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, 
         peak = max(lrs, key=lrs.get)
         assert peak == per_epoch + 1 or peak == per_epoch, lrs  # the lr logged after step s is the next step's
         assert lrs[peak] == pytest.approx(lr, rel=0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["manual", "sft"])
+def test_mlm_under_two_gloo_processes_masks_differently_per_rank(engine, mlm_corpus, tiny_model_dir, tmp_path):
+    """MLM with 2 processes in both engines: it trains (finite losses, an epoch of global batches); in the plain
+    loop's checkpoint every rank's state is there, and the two ranks' masking generators differ."""
+    from datasets import load_from_disk
+
+    from tasks.training import train
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2, epochs=1,
+                                   precision="fp32", batch_size=4)
+    res = train(spec, tokenized, str(tmp_path / "run"))
+    assert res.steps_per_epoch == math.ceil(len(load_from_disk(tokenized)["train"]) / 8) and "2 processes" in res.device
+    assert all(math.isfinite(v) for r in res.history for v in r.values())
+    if engine == "manual":
+        from tasks.checkpoint import load_latest_checkpoint
+
+        _, st = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+        r0, r1 = st["rng_by_rank"]
+        assert st["world_size"] == 2 and r0["collator"] and r1["collator"]
+        assert not bool((r0["collator"][0] == r1["collator"][0]).all())
+        assert not bool((r0["rng"]["torch"] == r1["rng"]["torch"]).all())  # dropout draws differ too
+
+
+def test_a_diverging_trainer_run_stops_with_one_line_too(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    from tasks.training import train
+    from tasks.training.loop import TrainingDiverged
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", "trainer",
+                                                     learning_rate=1e30, max_grad_norm=1e30, epochs=1,
+                                                     logging_steps=1))
+    with pytest.raises(TrainingDiverged, match=r"not finite at optimizer step \d+"):
+        train(spec, tokenized, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "model").exists()

@@ -197,12 +197,17 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
 
     class StepLoss(TrainerCallback):
         """Trainer's loss logs (every `logging_steps`) become `train_loss_step` points at their global step; and a
-        loss log at each epoch end, so that the per-epoch train_loss is exact (see history_from_trainer)."""
+        loss log at each epoch end, so that the per-epoch train_loss is exact (see history_from_trainer). A
+        non-finite logged loss stops the run (`TrainingDiverged`)."""
 
         def on_epoch_end(self, args, state, control, **kw):
             control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
+                from tasks.training.loop import diverged
+
+                raise diverged(state.global_step, t, dtype)  # as the plain loop: FAILED, one line, no retry
             if on_step and logs and "loss" in logs and state.is_world_process_zero:
                 on_step({STEP_LOSS: float(logs["loss"])}, state.global_step)
 
