@@ -35,6 +35,7 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, proc
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
         logging_strategy="steps", logging_steps=loss_log_every(t, steps_per_epoch * t.epochs),
         save_strategy="epoch", save_total_limit=2, report_to="none", disable_tqdm=not progress_bars(),
+        logging_nan_inf_filter=False,  # a diverged loss is logged as such (and stops the run), not averaged away
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         **hf_loader_kwargs(device, processes), train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
