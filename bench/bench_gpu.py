@@ -1,7 +1,9 @@
-"""GPU figures for both jobs, in one prepared run: the training step of each job as the core runs it (the job's own
-model loading and head initialisation, the recipe's loss, the run's precision and training attention, fused AdamW,
-gradient clipping, the scheduler) on real batches of its default data, at the job's batch size and larger ones.
-Prints samples/s, tokens/s, achieved TFLOP/s and model FLOPs utilisation (MFU) side by side.
+"""GPU figures for both jobs, in one prepared run: the function a run calls for each optimizer step
+(`tasks.training.loop.train_step`: the job's own model loading and head initialisation, the recipe's loss, the
+run's precision and loss scaling through accelerate, training attention, fused AdamW, clipping, the scheduler), fed
+by the run's own DataLoader (collated and, for MLM, masked on the fly; worker processes and pinned memory on CUDA),
+with the loss read as often as the run reads it, at the job's batch size and larger ones. Prints samples/s,
+tokens/s, achieved TFLOP/s and model FLOPs utilisation (MFU) side by side.
 
     .venv/bin/python bench/bench_gpu.py                                   # a GPU: both jobs, batch = job's, 64
     .venv/bin/python bench/bench_gpu.py --batch-sizes job,32,128 --steps 60
@@ -11,15 +13,15 @@ Prints samples/s, tokens/s, achieved TFLOP/s and model FLOPs utilisation (MFU) s
 FLOPs are counted, not estimated: torch's FlopCounterMode over the forward and backward pass of every timed batch
 (untimed, in a separate pass; optimizer arithmetic is not model FLOPs). MFU = counted FLOPs / timed seconds / the
 device's peak dense bf16 FLOP/s (known for H200, H100, A100 and L4; else --peak-tflops). The first --warmup steps
-(kernel selection, allocator growth) are not timed; the clock stops after a device synchronize. Tokens are the
-padded positions the model processed (dynamic padding keeps those close to the real ones)."""
+(kernel selection, allocator growth, worker start) are not timed; the clock stops after a device synchronize.
+Tokens are the padded positions the model processed (dynamic padding keeps those close to the real ones)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
-from itertools import cycle, islice
+from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +58,10 @@ def measure(job: str, flags: list[str], batch_size: int | None, steps: int, warm
     from bench import common
     from tasks.common import seed_everything
     from tasks.data import prepare_dataset
-    from tasks.device import amp_dtype, autocast, select_device
-    from tasks.training import (_optimizer_and_scheduler, attention_implementation, build_loaders,
+    from tasks.device import amp_dtype, enable_tf32, select_device
+    from tasks.training import (_optimizer_and_scheduler, attention_implementation, build_loaders, loss_log_every,
                                 model_for_training, training_attention)
+    from tasks.training.loop import make_accelerator, step_loss, train_step
 
     extra = [*(["--batch-size", str(batch_size)] if batch_size else []), *(["--device", device_flag] if device_flag else [])]
     cfg = common.job_config(job, [*flags, *extra])
@@ -69,42 +72,50 @@ def measure(job: str, flags: list[str], batch_size: int | None, steps: int, warm
     tokenized = recipe.tokenize(data.path, t.model, spec)
     device = select_device(t.device)
     dtype = amp_dtype(device, t.precision)
+    enable_tf32(device)
     seed_everything(t.seed)
     model, tok = model_for_training(spec, tokenized, device)
     model.train()
-    loaders = build_loaders(tokenized, spec, tok)
-    opt, sched, _ = _optimizer_and_scheduler(model, t, len(loaders["train"]), device)
-    loss_fn = recipe.loss or (lambda m, b: m(**b).loss)
-    batches = list(islice(cycle(loaders["train"]), warmup + steps))
+    loader = build_loaders(tokenized, spec, tok)["train"]  # the run's loader: collation (and masking) on the fly
+    opt, sched, total = _optimizer_and_scheduler(model, t, len(loader), device)
+    acc = make_accelerator(device, dtype)
+    ddp_model, opt = acc.prepare(model, opt)
+    loss_fn = step_loss(spec)
+    every = loss_log_every(t, total)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(batch: dict, update: bool) -> None:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, dtype):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        if update:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            opt.step()
-            sched.step()
-        opt.zero_grad(set_to_none=True)
+    def batches(n: int):  # pass after pass of the loader, as epochs do (not a cached first pass)
+        def passes():
+            while True:
+                yield from loader
+        return islice(passes(), n)
 
+    samples = tokens = 0
     with attention_implementation(model, training_attention(t, device, dtype)):
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False)  # untimed: forward + backward of as many batches, no update
         with counter:
-            for b in batches[warmup:]:
-                step(b, update=False)
+            for b in batches(steps):
+                b = {k: v.to(acc.device) for k, v in b.items()}
+                with acc.autocast():
+                    loss_fn(ddp_model, b).backward()
+                opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
-        for i, b in enumerate(batches):
+        window = torch.zeros((), device=acc.device)
+        for i, b in enumerate(batches(warmup + steps)):
             if i == warmup:
                 sync()
                 t0 = time.perf_counter()
-            step(b, update=True)
+            if i >= warmup:
+                samples, tokens = samples + len(b["input_ids"]), tokens + b["input_ids"].numel()
+            loss, _ = train_step(acc, ddp_model, opt, sched, b, loss_fn, t.max_grad_norm)
+            window += loss
+            if (i + 1) % every == 0:
+                float(window)  # the run reads its loss window at logging steps: the same host sync
+                window.zero_()
         sync()
         seconds = time.perf_counter() - t0
-    samples = sum(len(b["input_ids"]) for b in batches[warmup:])
-    tokens = sum(b["input_ids"].numel() for b in batches[warmup:])
-    return {"job": job, "engine_step": "core step, recipe loss", "batch_size": t.batch_size, "steps": steps,
+    acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    return {"job": job, "engine_step": "tasks.training.loop.train_step, run DataLoader", "batch_size": t.batch_size, "steps": steps,
             "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "device": device_name(device),
             "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_sample": tokens / samples, "tflops_per_s": flops / seconds / 1e12,

@@ -60,6 +60,33 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _collator_rngs(collate_fn) -> list:
+    """The objects behind a collate function that draw masks from a seeded torch.Generator (transformers' MLM
+    collator, possibly inside a wrapper such as tasks.mlm_data.MLMBatchCollator): those with `seed` and
+    `create_rng`, the collate function itself and the objects it holds."""
+    cands = [collate_fn, *(vars(collate_fn).values() if hasattr(collate_fn, "__dict__") else ())]
+    return [c for c in cands if getattr(c, "seed", None) is not None and hasattr(c, "create_rng")]
+
+
+def collator_rng_state(collate_fn) -> list | None:
+    """The masking collator's generator state(s), so a resumed epoch draws the masks the uninterrupted run draws
+    (its skipped batches are not collated again). None: no seeded collator, or its generator is not made yet."""
+    import torch
+
+    out = [c.generator.get_state() if isinstance(getattr(c, "generator", None), torch.Generator) else None
+           for c in _collator_rngs(collate_fn)]
+    return out if any(s is not None for s in out) else None
+
+
+def set_collator_rng_state(collate_fn, states: list | None) -> None:
+    if not states:
+        return
+    for c, st in zip(_collator_rngs(collate_fn), states):
+        if st is not None:
+            c.create_rng("pt")  # made on first use otherwise (and again in a new process)
+            c.generator.set_state(st)
+
+
 def _numpy_array_globals() -> list:
     """Exactly what unpickling a numpy array needs (checkpoints written before RNG states were plain, or states that
     hold arrays)."""
@@ -113,7 +140,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any], kee
 
 def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path, dict] | None:
     """Newest checkpoint whose checksum matches and that loads; corrupt ones are skipped with a warning."""
-    import torch
 
     root = Path(ckpt_root)
     if not root.exists():

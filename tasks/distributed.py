@@ -11,7 +11,11 @@ set (torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop w
 DistributedDataParallel (gradients all-reduced), the HF Trainer and TRL's SFTTrainer do the same themselves. Only
 rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's
 run, whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the
-per-rank `train.batch_size` times the number of processes. Backend: nccl when CUDA is available, gloo otherwise.
+per-rank `train.batch_size` times the number of processes. Backend: nccl when CUDA is available, gloo otherwise;
+the plain loop runs on accelerate, which joins this process group. The group's timeout
+(FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or
+checkpoints. A rank that stops on bad settings (a ConfigError, e.g. a diverged loss) writes its one-line message
+beside the result; the launcher raises it as a ConfigError (the task fails without a retry).
 """
 from __future__ import annotations
 
@@ -79,15 +83,6 @@ def backend(device_pref: str = "auto") -> str:
 # --- what the training loop needs ------------------------------------------------------------------------------
 
 
-def wrap(model, device):
-    """DistributedDataParallel around the model in a data-parallel run (the model itself otherwise)."""
-    if not active():
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def sum_over_ranks(*values: float) -> tuple[float, ...]:
     """Each value summed over all ranks (e.g. a loss sum and a sample count: the epoch's global mean)."""
     if not active():
@@ -99,6 +94,29 @@ def sum_over_ranks(*values: float) -> tuple[float, ...]:
                      device="cuda" if backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return tuple(t.tolist())
+
+
+def timeout():
+    """The process group's timeout: longer than rank 0's longest evaluation or checkpoint, while the others wait."""
+    from datetime import timedelta
+
+    return timedelta(minutes=float(os.environ.get("FINETUNE_DIST_TIMEOUT_MINUTES") or 120))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of what must differ between ranks (MLM masks, dropout): rank 0 keeps the run's seed, so one
+    process draws as before; initialisation and shuffling keep the run's seed on every rank."""
+    return seed + 1000 * rank
+
+
+def loader_options(device_type: str, processes: int = 1) -> dict:
+    """DataLoader settings for the device: on CUDA, worker processes collate (and the MLM collator masks, seeded
+    per worker) while the GPU runs the step, into pinned memory for asynchronous copies; on the CPU none (workers
+    would compete with the step for the same cores)."""
+    if device_type != "cuda":
+        return {}
+    workers = max(1, min(4, (os.cpu_count() or 2) // max(processes, 1) - 1))
+    return {"num_workers": workers, "pin_memory": True, "persistent_workers": True}
 
 
 def main_then_broadcast(fn: Callable[..., dict]) -> Callable[..., dict]:
@@ -118,7 +136,7 @@ def main_then_broadcast(fn: Callable[..., dict]) -> Callable[..., dict]:
 
 
 def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, num_replicas: int | None = None,
-                       rank: int | None = None) -> dict:
+                       rank: int | None = None, **loader_kwargs) -> dict:
     """The train loader again, over this rank's shard: a seeded DistributedSampler (same collator; batch size per
     rank). The loop calls `sampler.set_epoch(epoch)`, so each epoch reshuffles the same way on every rank and a
     resumed run replays the interrupted epoch's order. `num_replicas=1, rank=0` gives one process the same
@@ -140,7 +158,7 @@ def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, 
         sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                      drop_last=False)
     return {**loaders, "train": DataLoader(train.dataset, batch_size=batch_size or train.batch_size,
-                                           sampler=sampler, collate_fn=train.collate_fn)}
+                                           sampler=sampler, collate_fn=train.collate_fn, **loader_kwargs)}
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -209,7 +227,13 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
              " ".join(cmd[1:]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
+    error_file = work / "error.txt"
+    error_file.unlink(missing_ok=True)
     rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0 and error_file.exists():  # bad settings seen by a rank: one line, no retry
+        from tasks.common import ConfigError
+
+        raise ConfigError(error_file.read_text().strip())
     if rc != 0:
         raise RuntimeError(f"torchrun exited with code {rc} (see the ranks' output above); the last complete "
                            f"checkpoint in {run_dir} is where a retry or --resume continues")
@@ -282,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from tasks.common import write_json_atomic
+    from tasks.common import ConfigError, write_json_atomic
     from tasks.jobs import JobSpec
     from tasks.training import build_loaders, train
+    from tasks.training.prepare import loader_device_type
 
     import logging
 
@@ -296,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = JobSpec.model_validate_json(Path(a.spec).read_text())
     if backend(spec.train.device) == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank: "cuda" means this one
-    dist.init_process_group(backend(spec.train.device))
+    dist.init_process_group(backend(spec.train.device), timeout=timeout())
     try:
         if is_main() and a.run_id:
             from tasks import tracking
@@ -304,9 +329,16 @@ def main(argv: list[str] | None = None) -> int:
             tracking.log_params_once(a.run_id, {
                 "train.global_batch_size": spec.train.batch_size * world_size(),
                 "distributed.world_size": world_size(), "distributed.backend": backend()})
-        loaders = shard_train_loader(build_loaders(a.tokenized, spec), spec.train.seed)
+        loaders = build_loaders(a.tokenized, spec, rank=rank())
+        loaders = shard_train_loader(loaders, spec.train.seed,
+                                     **loader_options(loader_device_type(spec.train), world_size()))
         on_metrics = _RankMetrics(a.run_id, Path(a.result).parent / "metrics.jsonl") if is_main() else None
-        result = train(spec, a.tokenized, a.run_dir, loaders=loaders, on_metrics=on_metrics)
+        try:
+            result = train(spec, a.tokenized, a.run_dir, loaders=loaders, on_metrics=on_metrics)
+        except ConfigError as e:  # every rank that sees it says the same line; the launcher raises it
+            (Path(a.result).parent / "error.txt").write_text(str(e) + "\n")
+            logging.getLogger(__name__).error("%s", e)
+            return 2
         if is_main():
             write_json_atomic(a.result, result.model_dump(mode="json"))
         dist.barrier()

@@ -137,7 +137,7 @@ def test_failed_training_marks_run_failed_and_registers_nothing(sentiment_csv, t
                                                                 monkeypatch):
     from mlflow import MlflowClient
 
-    import tasks.training as tc
+    import tasks.training.core as tc
     from flows.classify import classify_flow
 
     base = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "o")  # 3 epochs: it learns, so it beats the baseline

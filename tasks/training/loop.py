@@ -1,0 +1,269 @@
+"""The plain training loop (engine `manual`) on `accelerate.Accelerator`, as transformers' `run_glue_no_trainer.py`
+does it: `prepare` (device, DDP under torchrun: gloo on the CPU, nccl on GPUs), `autocast` and the loss scaler
+(mixed precision), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch. One code path for 1 or
+N processes.
+
+Checkpoints stay this project's atomic, checksummed single file (tasks/checkpoint.py), which is what
+`save_state`/`load_state` would otherwise write, plus what they add: EVERY rank's RNG state (gathered to rank 0),
+the loss scaler's state and the masking collator's generator; checkpoints of earlier versions (one RNG state)
+resume as before. No stalls: the loss is summed on the device and read at logging steps, checkpoints and epoch
+ends only. A non-finite loss stops the run (`TrainingDiverged`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.common import ConfigError
+from tasks.training.config import STEP_LOSS, FitOutput, MetricsFn, loss_log_every
+from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes
+from tasks.training.selection import _cpu_copy, track_best
+
+if TYPE_CHECKING:
+    from tasks.jobs import JobSpec
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became inf or NaN: the run stops as FAILED with one line (bad settings, not a transient fault:
+    no retry, nothing registered)."""
+
+
+def diverged(step: int, t, dtype) -> TrainingDiverged:
+    tips = [f"a lower --learning-rate (this run: {t.learning_rate:g})"]
+    if dtype is not None:
+        tips.append("--precision fp32")
+    return TrainingDiverged(f"training diverged: the loss is not finite at optimizer step {step}; try "
+                            + " or ".join(tips))
+
+
+def make_accelerator(device, dtype):
+    """An Accelerator for this run's device and precision. accelerate keeps its state per process: it is reset
+    first (as transformers' TrainingArguments does), so runs with other precisions can follow in one process
+    (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss scaler there
+    and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be skipped
+    (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on, which
+    makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
+    overflow). Not covered on the CPU: fp16 kernels' own overflow behaviour on a GPU."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tasks.device import mixed_precision_name
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision_name(dtype),
+                      step_scheduler_with_optimizer=False)
+    if dtype == torch.float16 and acc.scaler is None:
+        acc.scaler = torch.amp.GradScaler(device.type)
+        acc.native_amp = True
+    return acc
+
+
+def step_loss(spec: "JobSpec"):
+    """(model, batch) -> the training loss: the recipe's own (MLM: the head on the masked positions only) or the
+    model's."""
+    return spec.recipe.loss or (lambda m, batch: m(**batch).loss)
+
+
+def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: float):
+    """One optimizer step as a run takes it (bench/bench_gpu.py times this same function): the batch to the device
+    (asynchronously from pinned memory on CUDA), forward under the run's autocast (also around a recipe's own
+    loss, which may not call model.forward), scaled backward, unscale + clip, step, and the scheduler only when the
+    optimizer stepped (fp16 skips a step whose gradients overflowed). Returns the loss as a device tensor (fp32,
+    not read: no host sync) and the batch size."""
+    batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+    with acc.autocast():
+        loss = loss_fn(model, batch)
+    acc.backward(loss)
+    acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    if not acc.optimizer_step_was_skipped:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach().float(), next(iter(batch.values())).shape[0]
+
+
+def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
+               device, dtype, on_step: MetricsFn | None = None) -> FitOutput:
+    """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch (and every `logging_steps` to
+    `on_step`), the job's evaluation each epoch, and an atomic checkpoint each epoch (and every N steps) that a later
+    run resumes from."""
+    import time
+
+    import torch
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from tasks import adapters, distributed
+    from tasks.checkpoint import (collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
+                                  set_collator_rng_state, set_rng_state)
+    from tasks.common import run_logger
+    from tasks.output import progress_bars
+
+    log = run_logger(__name__)
+    t = spec.train
+    # --- setup: accelerator (device, precision, DDP), optimizer, schedule
+    acc = make_accelerator(device, dtype)
+    train_loader = loaders["train"]
+    # Single process: the loader's seeded generator orders each epoch. Data-parallel: a DistributedSampler does
+    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), so steps_per_epoch counts
+    # global batches in both cases.
+    gen = train_loader.generator
+    loss_fn = step_loss(spec)
+    steps_per_epoch = len(train_loader)
+    opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
+    ddp_model, opt = acc.prepare(model, opt)  # the scheduler steps only when the optimizer did (see below)
+    every = loss_log_every(t, total)
+    history: list[dict] = []
+    # Position in training: the epoch under way, batches of it already done, and its running loss.
+    start_epoch, skip_batches, step, resumed_from = 1, 0, 0, None
+    resumed_loss = (0.0, 0)
+    ckpt_root = run_dir / "checkpoints"
+    key, higher = spec.selection_metric
+    keep_best = t.select == "best"
+    world, rank = acc.num_processes, acc.process_index
+    # The best epoch's weights (CPU copy; adapter + head only with LoRA) while later epochs train; None while the
+    # model itself is the best (or nothing is best yet).
+    best_state: dict | None = None
+
+    if t.resume:
+        found = load_latest_checkpoint(ckpt_root)
+        if found:
+            path, st = found
+            saved_world = st.get("world_size", world)
+            if saved_world != world:
+                raise ConfigError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}: "
+                                  f"resume with --nproc-per-node/--nnodes giving {saved_world} processes")
+            check_optimizer_groups(path, group_sizes(st["optimizer"]["param_groups"]), group_sizes(opt.param_groups))
+            adapters.load_model_state(model, st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            if acc.scaler is not None and st.get("scaler"):
+                acc.scaler.load_state_dict(st["scaler"])
+            by_rank = st.get("rng_by_rank")
+            mine = by_rank[rank] if by_rank else {"rng": st["rng"], "collator": None}
+            if not by_rank and rank:  # a checkpoint of one RNG state (before per-rank states): keep this rank's own
+                log.warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own", path, rank)
+            else:
+                set_rng_state(mine["rng"])
+            set_collator_rng_state(train_loader.collate_fn, mine.get("collator"))
+            if gen is not None and st["epoch_start_gen_state"] is not None:
+                gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
+            history, step = st["history"], st["step"]
+            start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
+            if rank:
+                resumed_loss = (0.0, 0)  # the checkpoint holds the sum over all ranks: counted once, on rank 0
+            resumed_from = str(path)
+            best_state = st.get("best_state")
+            best = track_best(history, key, higher)
+            if keep_best and best_state is None and best.best_epoch is not None:
+                if best.best_epoch == history[-1]["epoch"] and not skip_batches:
+                    best_state = _cpu_copy(adapters.model_state(model))  # saved at the end of the best epoch
+                else:  # a checkpoint written before epoch selection existed
+                    log.warning("checkpoint %s does not hold the weights of the best epoch %d: the run will save "
+                                "its last epoch", path, best.best_epoch)
+            log.info("resumed from %s (epoch %d, step %d)", path, start_epoch, step)
+            if on_metrics:  # idempotent: only epochs the interrupted run did not get to log are sent
+                for row in history:
+                    on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
+        # The best epoch so far follows from the history; its weights travel with the checkpoint unless they are
+        # the checkpoint's own model (the end of the best epoch), which resume copies aside again. Every rank's
+        # RNG (dropout, masks) goes to rank 0, which writes the checkpoint (all ranks hold the same weights).
+        epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
+        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn)}
+        by_rank = gather_object([mine]) if world > 1 else [mine]
+        if rank:
+            return
+        at_best = batches_done == 0 and history and track_best(history, key, higher).best_epoch == history[-1]["epoch"]
+        save_checkpoint(ckpt_root, step, {
+            "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": by_rank[0]["rng"], "rng_by_rank": by_rank, "world_size": world,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
+            "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
+            "best_state": None if at_best else best_state,
+            "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
+        })
+
+    def read_losses(loss_sum, bad_step) -> float:
+        """The one host sync of a logging step: the summed loss, and the first step whose loss was not finite."""
+        s, bad = torch.stack([loss_sum.double(), bad_step.double()]).tolist()
+        if bad >= 0:
+            raise diverged(int(bad), t, dtype)
+        return s
+
+    log.info("training: %d examples, %d epochs, batch %d%s, %d optimizer steps, device %s, precision %s",
+             len(train_loader.dataset), t.epochs, t.batch_size * world,
+             f" (global: {t.batch_size} per process x {world} processes)" if world > 1 else "", total, acc.device,
+             acc.mixed_precision + (" + loss scaling" if acc.scaler is not None else ""))
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    dev = acc.device
+    sum_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+    # on-device accumulators: the window since the last train_loss_step point, and the first non-finite step
+    window_sum, window_n = torch.zeros((), device=dev), 0
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+    for epoch in range(start_epoch, t.epochs + 1):
+        if track_best(history, key, higher).should_stop(t.early_stopping_patience):
+            break  # a resumed run that had already stopped early
+        distributed.set_epoch(train_loader, epoch)
+        epoch_start_gen = gen.get_state() if gen is not None else None
+        loss_sum, loss_n = torch.tensor(float(resumed_loss[0]), device=dev, dtype=sum_dtype), resumed_loss[1]
+        resumed_loss = (0.0, 0)
+        # a resumed epoch: the same permutation, its first batches skipped at the sampler (not collated)
+        batches = acc.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        bar = tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, initial=skip_batches,
+                   disable=not progress_bars() or rank != 0)
+        for i, batch in enumerate(bar, start=skip_batches):
+            l, bs = train_step(acc, ddp_model, opt, sched, batch, loss_fn, t.max_grad_norm)
+            step += 1
+            seen += bs
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(l), step, bad_step)
+            loss_sum += l.to(sum_dtype) * bs
+            loss_n += bs
+            window_sum += l
+            window_n += 1
+            if step % every == 0:
+                w = read_losses(window_sum, bad_step)
+                if on_step:
+                    on_step({STEP_LOSS: w / window_n}, step)
+                bar.set_postfix(loss=f"{w / window_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+                window_sum.zero_()
+                window_n = 0
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
+                checkpoint(epoch, i + 1, epoch_start_gen, (read_losses(loss_sum, bad_step), loss_n))
+        skip_batches = 0
+        # a diverged rank stops every rank (each learns whether any diverged); then the epoch's mean over every
+        # rank's shard
+        first_bad = int(bad_step)
+        if distributed.sum_over_ranks(float(first_bad >= 0))[0]:
+            raise diverged(first_bad if first_bad >= 0 else step, t, dtype)
+        loss_sum, loss_n = distributed.sum_over_ranks(read_losses(loss_sum, bad_step), loss_n)
+        row = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), **evaluate_fn(model, f"eval epoch {epoch}")}
+        history.append(row)
+        progress = track_best(history, key, higher)
+        if keep_best and progress.best_epoch == epoch:
+            best_state = _cpu_copy(adapters.model_state(model))  # later epochs train on: keep these weights aside
+        # Checkpoint before logging: a crash in between re-logs nothing (the logger is idempotent per step).
+        checkpoint(epoch + 1, 0, gen.get_state() if gen is not None else None, (0.0, 0))
+        if on_metrics:  # the callback shows the epoch (one line per epoch)
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        else:
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        if progress.should_stop(t.early_stopping_patience):
+            log.info("early stopping after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)",
+                     epoch, key, progress.epochs_without_improvement, progress.best_value, progress.best_epoch)
+            break
+    elapsed = time.perf_counter() - t0
+    (seen,) = distributed.sum_over_ranks(seen)  # samples/s of the whole run
+    acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # the model's own forward again (no autocast wrapper)
+    selected = history[-1]["epoch"] if history else None
+    best = track_best(history, key, higher).best_epoch
+    if keep_best and best is not None and best != selected and best_state is not None:
+        adapters.load_model_state(model, best_state)  # copied onto the model's device
+        selected = best
+        log.info("restored the weights of epoch %d, the best by %s", best, key)
+    return FitOutput(history=history, samples_per_second=seen / elapsed if elapsed and seen else 0.0,
+                     resumed_from=resumed_from, selected_epoch=selected, steps_per_epoch=steps_per_epoch)

@@ -1,0 +1,330 @@
+"""The training step on accelerate (issue 19), as far as a CPU can test it: the precision choice for GPUs that only
+emulate bf16 (capabilities stubbed), TF32; the no-decay rule by module type; masks that differ per rank; the fp16 +
+loss-scaling path and its resume; a resumed MLM run equal to an uninterrupted one (the masking collator's generator
+travels in the checkpoint, done batches are skipped at the sampler); a diverging run stops with one line; and,
+with 2 gloo processes, warmup and steps per epoch from the global batch in both engines."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from flows.config import ClassifyConfig, MLMConfig
+from tasks.common import ConfigError
+
+
+class Boom(RuntimeError):
+    pass
+
+
+# --- precision ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "float16"), ((7, 0), "float16"), ((8, 0), "bfloat16"),
+                                             ((9, 0), "bfloat16")])
+def test_auto_precision_on_cuda_takes_bf16_only_where_native(monkeypatch, capability, want):
+    """T4 (7.5) and V100 (7.0) report bf16 as supported (emulated, slow): they take fp16 with loss scaling."""
+    import torch
+
+    from tasks import device as dev
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what an emulating GPU says
+    assert dev.amp_dtype(torch.device("cuda"), "auto") == getattr(torch, want)
+    assert dev.amp_dtype(torch.device("cuda"), "fp32") is None
+
+
+def test_tf32_only_on_gpus_that_have_it(monkeypatch):
+    import torch
+
+    from tasks import device as dev
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+        assert not dev.enable_tf32(torch.device("cuda")) and not torch.backends.cuda.matmul.allow_tf32
+        assert not dev.enable_tf32(torch.device("cpu"))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+        assert dev.enable_tf32(torch.device("cuda")) and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_fp16_on_the_cpu_scales_and_unscales_before_clipping():
+    """accelerate alone runs no scaler on the CPU; ours does, and clipping sees unscaled gradients."""
+    import torch
+
+    from tasks.training.loop import make_accelerator
+
+    acc = make_accelerator(torch.device("cpu"), torch.float16)
+    assert acc.scaler is not None and acc.mixed_precision == "fp16"
+    m = torch.nn.Linear(4, 2)
+    m, opt = acc.prepare(m, torch.optim.AdamW(m.parameters()))
+    x = torch.randn(8, 4)
+    with acc.autocast():
+        assert (x @ x.T).dtype == torch.float16
+        loss = m(x).float().pow(2).mean()
+    acc.backward(loss)
+    norm = acc.clip_grad_norm_(m.parameters(), 1e9)
+    assert float(norm) < 100  # unscaled (the scale is 65536)
+    opt.step()
+    assert not acc.optimizer_step_was_skipped
+    assert make_accelerator(torch.device("cpu"), None).scaler is None  # the next run's precision, same process
+
+
+# --- the optimizer builder -----------------------------------------------------------------------------------
+
+
+def test_no_decay_by_module_type_not_by_parameter_name():
+    import torch
+
+    from tasks.training import TrainConfig, param_groups
+
+    class ScaleOnlyRMSNorm(torch.nn.Module):  # a family's own norm class, its weight called `scale`
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.ln = torch.nn.LayerNorm(4)  # named neither LayerNorm nor layer_norm
+            self.post = ScaleOnlyRMSNorm()
+            self.layernorm_like = torch.nn.Linear(4, 4, bias=False)  # a name that fooled the old substring rule
+
+    net = Net()
+    decay, no_decay = param_groups(net, TrainConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["layernorm_like.weight", "proj.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["ln.bias", "ln.weight", "post.scale", "proj.bias"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+# --- helpers: tiny classify and MLM runs ---------------------------------------------------------------------
+
+
+def classify_cfg(csv, model, out, engine="manual", **train):
+    return ClassifyConfig.model_validate({
+        "engine": engine,
+        "data": {"dataset": csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
+                 "eval_fraction": 0.25},
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False,
+                  "epochs": 2, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "output_dir": str(out), **train},
+    })
+
+
+def prepared_classify(cfg):
+    from tasks.data import prepare_dataset
+    from tasks.tokenize import tokenize_dataset
+
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    return cfg.spec(data.label_names), tokenize_dataset(data.path, cfg.train.model, cfg.data.max_length)
+
+
+@pytest.fixture
+def mlm_corpus(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(["this is a great movie !", "the cat sat on the mat .", "a dull and long film"] * 40))
+    return str(p)
+
+
+def prepared_mlm(corpus, model, out, engine="manual", **train):
+    from tasks.data import prepare_dataset
+    from tasks.mlm_data import tokenize_for_mlm
+
+    cfg = MLMConfig(engine=engine, group_texts=False,
+                    data={"dataset": corpus, "max_length": 16, "eval_fraction": 0.2, "eval_samples": 16},
+                    train={"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False,
+                           "epochs": 2, "batch_size": 8, "eval_batch_size": 32, "learning_rate": 1e-2,
+                           "output_dir": str(out), "seed": 0, **train})
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    return cfg.spec(), tokenize_for_mlm(data.path, model, 16, False, 0.15, cfg.train.seed)
+
+
+def with_train(spec, **update):
+    return spec.model_copy(update={"train": spec.train.model_copy(update=update)})
+
+
+# --- masks per rank, resume ------------------------------------------------------------------------------------
+
+
+def test_masks_differ_per_rank_and_rank_0_masks_as_one_process(mlm_corpus, tiny_model_dir, tmp_path):
+    """Same examples in the same order on every rank's loader (before sharding), other masks on rank 1; rank 0 draws
+    what a single process draws. The Trainer engine takes its collator from the same `spec_for_rank`."""
+    from tasks.training import build_loaders, spec_for_rank
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o")
+    one, r0, r1 = (next(iter(build_loaders(tokenized, spec, rank=r)["train"])) for r in (None, 0, 1))
+    assert all(bool((one[k] == r0[k]).all()) for k in one)
+    assert bool((one["labels"] != r1["labels"]).any())
+    assert spec_for_rank(spec, 0) is spec and spec_for_rank(spec, 1).train.seed != spec.train.seed
+
+
+def test_resumed_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir, tmp_path):
+    """Killed mid-epoch 2 (after a step checkpoint), resumed: the same losses as without the interruption, which
+    needs the masking collator's generator from the checkpoint (the skipped batches are not collated again)."""
+    from tasks.training import train
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", checkpoint_every_steps=4,
+                                   logging_steps=1)
+    full = train(spec, tokenized, str(tmp_path / "full"))
+    per_epoch = full.steps_per_epoch
+    crash_at = per_epoch + 6  # epoch 2, after the checkpoint at a multiple of 4
+
+    def crash(metrics, step):
+        if step == crash_at:
+            raise Boom(f"killed at step {step}")
+
+    with pytest.raises(Boom):
+        train(spec, tokenized, str(tmp_path / "cut"), on_step=crash)
+    st = json.loads(sorted((tmp_path / "cut" / "checkpoints").glob("step-*/COMPLETE.json"))[-1].read_text())
+    assert st["step"] % 4 == 0 and st["step"] > per_epoch
+    res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from
+    for a, b in zip(full.history, res.history):
+        assert a["epoch"] == b["epoch"]
+        for k in ("train_loss", "eval_loss"):
+            if k in a or k in b:  # epoch 0 (evaluation before training) has no train loss
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
+
+
+def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    """The GPU's fp16 path (autocast fp16, scaled backward, unscale, skipped steps) on the CPU: it trains, the
+    scaler's state is checkpointed, and a run resumed after epoch 1 ends as the uninterrupted one. Not covered here:
+    fp16 kernels' own overflow behaviour on a GPU."""
+    from tasks.checkpoint import load_latest_checkpoint
+    from tasks.training import train
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o",
+                                                     precision="fp16", learning_rate=5e-3))
+    full = train(spec, tokenized, str(tmp_path / "full"))
+    assert "float16" in full.device and all(math.isfinite(r["train_loss"]) for r in full.history)
+    _, st = load_latest_checkpoint(tmp_path / "full" / "checkpoints")
+    assert st["scaler"]["scale"] > 0 and st["world_size"] == 1 and len(st["rng_by_rank"]) == 1
+
+    def crash(metrics, step):
+        if step == 1:
+            raise Boom("killed after epoch 1")
+
+    with pytest.raises(Boom):
+        train(spec, tokenized, str(tmp_path / "cut"), on_metrics=crash)
+    res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from and [r["epoch"] for r in res.history] == [1, 2]
+    assert res.final["eval_loss"] == pytest.approx(full.final["eval_loss"], rel=1e-5)
+
+
+def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    """Checkpoints written before this version (one RNG state, no scaler, no world size) resume."""
+    import torch
+
+    from tasks.checkpoint import MARKER, STATE, _sha256, load_latest_checkpoint
+    from tasks.training import train
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=2))
+
+    def crash(metrics, step):
+        if step == 1:
+            raise Boom("killed after epoch 1")
+
+    with pytest.raises(Boom):
+        train(spec, tokenized, str(tmp_path / "cut"), on_metrics=crash)
+    path, st = load_latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    for k in ("rng_by_rank", "world_size", "scaler"):
+        st.pop(k)
+    torch.save(st, path / STATE)
+    marker = json.loads((path / MARKER).read_text())
+    (path / MARKER).write_text(json.dumps({**marker, "sha256": _sha256(path / STATE)}))
+    res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from == str(path) and [r["epoch"] for r in res.history] == [1, 2]
+
+
+def test_a_diverging_run_stops_with_one_line(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    from tasks.training import train
+    from tasks.training.loop import TrainingDiverged
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o",
+                                                     learning_rate=1e30, max_grad_norm=1e30, epochs=1))
+    with pytest.raises(TrainingDiverged, match=r"not finite at optimizer step \d+; try a lower --learning-rate") as e:
+        train(spec, tokenized, str(tmp_path / "run"))
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+# --- 2 gloo processes: warmup and steps per epoch from the global batch, both engines --------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, sentiment_csv, tiny_model_dir,
+                                                                        tmp_path, isolated):
+    """2 processes x batch 4: an epoch is ceil(rows / 8) optimizer steps in both engines, and warmup (half of all
+    steps here) peaks at the end of epoch 1, not after N times as many steps."""
+    from datasets import load_from_disk
+
+    from tasks.training import train
+
+    spec, tokenized = prepared_classify(classify_cfg(
+        sentiment_csv, tiny_model_dir, tmp_path / "o", engine, warmup_ratio=0.5, nproc_per_node=2, logging_steps=1,
+        precision="fp32"))
+    rows = len(load_from_disk(tokenized)["train"])
+    res = train(spec, tokenized, str(tmp_path / "run"))
+    per_epoch = math.ceil(rows / 8)
+    assert res.steps_per_epoch == per_epoch and "2 processes" in res.device
+    lr = spec.train.learning_rate
+    if engine == "manual":
+        from tasks.checkpoint import safe_load
+
+        ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+        states = [safe_load(c / "state.pt")["scheduler"] for c in ckpts]
+        assert [s["last_epoch"] for s in states] == [per_epoch, 2 * per_epoch]
+        assert states[0]["_last_lr"][0] == pytest.approx(lr) and states[1]["_last_lr"][0] == pytest.approx(0.0)
+    else:
+        last = sorted((tmp_path / "run" / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        state = json.loads((last / "trainer_state.json").read_text())
+        assert state["global_step"] == state["max_steps"] == 2 * per_epoch
+        lrs = {e["step"]: e["learning_rate"] for e in state["log_history"] if "learning_rate" in e}
+        peak = max(lrs, key=lrs.get)
+        assert peak == per_epoch + 1 or peak == per_epoch, lrs  # the lr logged after step s is the next step's
+        assert lrs[peak] == pytest.approx(lr, rel=0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["manual", "sft"])
+def test_mlm_under_two_gloo_processes_masks_differently_per_rank(engine, mlm_corpus, tiny_model_dir, tmp_path):
+    """MLM with 2 processes in both engines: it trains (finite losses, an epoch of global batches); in the plain
+    loop's checkpoint every rank's state is there, and the two ranks' masking generators differ."""
+    from datasets import load_from_disk
+
+    from tasks.training import train
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2, epochs=1,
+                                   precision="fp32", batch_size=4)
+    res = train(spec, tokenized, str(tmp_path / "run"))
+    assert res.steps_per_epoch == math.ceil(len(load_from_disk(tokenized)["train"]) / 8) and "2 processes" in res.device
+    assert all(math.isfinite(v) for r in res.history for v in r.values())
+    if engine == "manual":
+        from tasks.checkpoint import load_latest_checkpoint
+
+        _, st = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+        r0, r1 = st["rng_by_rank"]
+        assert st["world_size"] == 2 and r0["collator"] and r1["collator"]
+        assert not bool((r0["collator"][0] == r1["collator"][0]).all())
+        assert not bool((r0["rng"]["torch"] == r1["rng"]["torch"]).all())  # dropout draws differ too
+
+
+def test_a_diverging_trainer_run_stops_with_one_line_too(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    from tasks.training import train
+    from tasks.training.loop import TrainingDiverged
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", "trainer",
+                                                     learning_rate=1e30, max_grad_norm=1e30, epochs=1,
+                                                     logging_steps=1))
+    with pytest.raises(TrainingDiverged, match=r"not finite at optimizer step \d+"):
+        train(spec, tokenized, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "model").exists()
