@@ -170,3 +170,15 @@ def family_model_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     for fam in FAMILIES[1:]:
         dirs[fam] = build_family(fam, tmp_path_factory.mktemp(f"tiny-{fam}"))
     return dirs
+
+
+@pytest.fixture(scope="session")
+def headless_bert_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny BERT's encoder alone (a `BertModel` checkpoint, like the bundled MiniLM): no MLM head, so
+    `AutoModelForMaskedLM` initialises the head's transform and bias fresh (new weights)."""
+    from transformers import AutoTokenizer, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert-headless")
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
