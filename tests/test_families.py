@@ -36,7 +36,19 @@ def _probe_passed(out: dict) -> None:
 # LoRA targets for the families peft has no default for (peft 0.21): their attention query/value projections
 TARGETS = {"distilbert": ["q_lin", "v_lin"], "modernbert": ["Wqkv"]}
 LORA = {"peft": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-FLOW_FAMILIES = [f if f == "roberta" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES if f != "bert"]
+
+def _cells(engines: tuple[str, str]) -> list:
+    """(family, engine, peft) cells of the flow matrix. Per family: full fine-tuning on one engine, LoRA on the
+    other; RoBERTa also the other two combinations. BERT is tests/test_classify_flow.py, test_mlm_flow.py and
+    test_lora.py. RoBERTa's first two cells run by default, the rest are marked slow (CI runs them)."""
+    first, second = engines
+    cells = []
+    for f in FAMILIES[1:]:
+        combos = [(first, "none"), (second, "lora")] + ([(second, "none"), (first, "lora")] if f == "roberta" else [])
+        for i, (e, peft) in enumerate(combos):
+            marks = () if f == "roberta" and i < 2 else (pytest.mark.slow,)
+            cells.append(pytest.param(f, e, peft, marks=marks, id=f"{f}-{e}-{peft}"))
+    return cells
 
 
 def _lora(family: str) -> dict:
@@ -120,13 +132,12 @@ def test_sparse_head_falls_back_once_when_the_head_is_not_position_wise(family_m
 # --- flow level: train -> register -> promotion probe -> predict from the registry ------------------------------
 
 
-@pytest.mark.parametrize("engine,peft", [("manual", "none"), ("trainer", "lora")])
-@pytest.mark.parametrize("family", FLOW_FAMILIES)
+@pytest.mark.parametrize("family,engine,peft", _cells(("manual", "trainer")))
 def test_classify_family(family, engine, peft, family_model_dirs, sentiment_csv, tmp_path, isolated):
     from flows.classify import classify_flow
     from tasks.predict import predict
 
-    name = f"cls-{family}-{engine}"
+    name = f"cls-{family}-{engine}-{peft}"
     extra = _lora(family) if peft == "lora" else {}
     out = classify_flow(flow_cfg(sentiment_csv, family_model_dirs[family], tmp_path, engine=engine,
                                  train={"epochs": 2}, tracking={"registered_model": name}, **extra))
@@ -137,8 +148,7 @@ def test_classify_family(family, engine, peft, family_model_dirs, sentiment_csv,
     assert [r["label"] in ("positive", "negative") for r in res] == [True, True]
 
 
-@pytest.mark.parametrize("engine,peft", [("sft", "none"), ("manual", "lora")])
-@pytest.mark.parametrize("family", FLOW_FAMILIES)
+@pytest.mark.parametrize("family,engine,peft", _cells(("sft", "manual")))
 def test_mlm_family(family, engine, peft, family_model_dirs, isolated):
     from transformers import AutoTokenizer
 
@@ -147,7 +157,7 @@ def test_mlm_family(family, engine, peft, family_model_dirs, isolated):
 
     corpus = isolated / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 40) + "\n")
-    name = f"mlm-{family}-{engine}"
+    name = f"mlm-{family}-{engine}-{peft}"
     extra = _lora(family) if peft == "lora" else {}
     out = mlm_flow(_mlm_cfg(family_model_dirs[family], str(corpus), str(isolated / "out"), engine, name, **extra))
     _probe_passed(out)
@@ -220,3 +230,24 @@ def test_family_errors_are_one_line_before_prefect(family_model_dirs, sentiment_
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[0].startswith("error: peft has no default LoRA target modules for model type 'distilbert'"), lines
     assert "q_lin" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["manual", "sft"])
+def test_mlm_roberta_two_processes(engine, family_model_dirs, isolated):
+    """Data-parallel (torchrun, 2 gloo processes) on a non-BERT family: the sparse head runs through the DDP
+    wrapper (its encoder hook), the run registers, passes the probe and fills `<mask>` from the registry."""
+    from flows.mlm import mlm_flow
+    from tasks.predict import predict
+
+    corpus = isolated / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 40) + "\n")
+    name = f"mlm-roberta-ddp-{engine}"
+    out = mlm_flow(_mlm_cfg(family_model_dirs["roberta"], str(corpus), str(isolated / "out"), engine, name,
+                            train={"model": family_model_dirs["roberta"], "epochs": 1, "batch_size": 8,
+                                   "learning_rate": 1e-2, "output_dir": str(isolated / "out"), "seed": 0,
+                                   "nproc_per_node": 2, "precision": "fp32"}))
+    _probe_passed(out)
+    assert "2 processes" in out["device"] or out["device"].endswith("(gloo)"), out["device"]
+    assert out["metrics"]["perplexity"] < out["metrics"]["epoch0_perplexity"]
+    assert predict(f"models:/{name}/1", ["this is a [MASK] movie !"], top_k=2)[0]["masks"][0]
