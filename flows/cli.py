@@ -244,8 +244,8 @@ def overrides_from(ctx: click.Context, params: list[click.Option]) -> dict:
         if not isinstance(p, _FieldOption) or ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
             continue
         value = ctx.params[p.name]
-        if p.multiple:
-            value = [v for chunk in value for v in chunk]
+        if p.multiple:  # `null` (an optional list: e.g. --lora-target-modules null = the architecture's default)
+            value = None if any(chunk is None for chunk in value) else [v for chunk in value for v in chunk]
         node = out
         for key in p.path[:-1]:
             node = node.setdefault(key, {})

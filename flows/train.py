@@ -147,6 +147,10 @@ def precheck(cfg: JobConfig) -> None:
         (cfg.recipe.check_model or check_model)(cfg.train.model, cfg.data.max_length)
     finally:
         quiet.setLevel(level)
+    if cfg.peft == "lora":  # targets peft can resolve for this architecture (else get_peft_model fails after data work)
+        from tasks.adapters import check_lora
+
+        check_lora(cfg.train.model, cfg.lora.target_modules, cfg.recipe.hf_task)
     check_data(cfg.data, getattr(cfg, "num_labels", None))
     if base is not None and cfg.recipe.needs_labels:
         from tasks.base_model import check_labels, local_dir, trained_labels

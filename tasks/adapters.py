@@ -2,7 +2,7 @@
 its base.
 
 Model dir of a LoRA run (`save_model`):
-    adapter_config.json, adapter_model.safetensors   LoRA matrices + the `modules_to_save` copies (head)
+    adapter_config.json, adapter_model.safetensors   LoRA matrices + the `modules_to_save` copies (new head)
     tokenizer files
     base/config.json                                  the *task* model's config (num_labels, id2label, class)
     base/model.safetensors -> <base checkpoint>       symlinks to the base weights (copied where links fail)
@@ -41,30 +41,84 @@ BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
-# Modules trained in full and saved with the adapter, besides the LoRA matrices (when the model has them).
-# Anything that `from_pretrained` initialises at random from the base checkpoint MUST be here, or the model
-# rebuilt at load time differs from the trained one:
-# - text-classification: PEFT's SEQ_CLS adds `classifier`/`score` itself. `pooler` is random when the base
-#   checkpoint has none (a BertForMaskedLM checkpoint, like the tests' tiny BERT); `pre_classifier` is
-#   DistilBERT's fresh layer. (MiniLM has a pooler: training it costs 148k params, harmless.)
-# - fill-mask: the MiniLM checkpoint has NO MLM head: `cls.predictions.transform` (dense 384x384 + LayerNorm)
-#   is random at every load, so it must travel with the adapter. NOT `cls` / `cls.predictions` as a whole: that
-#   module holds the decoder, whose weight is tied to the word embeddings (30522x384 = 11.7M params): a
-#   modules_to_save copy would put a second embedding matrix in every adapter and train it apart from the
-#   embeddings. The decoder bias
-#   (`cls.predictions.bias`, tied to `decoder.bias`) stays frozen: it is initialised to zeros, the same at
-#   every load (which is why the mlm recipe's unigram bias init is skipped under LoRA). DistilBERT / RoBERTa
-#   names are listed for their (pretrained) heads.
-HEAD_MODULES = {
-    "text-classification": ("pooler", "pre_classifier"),
-    "fill-mask": ("cls.predictions.transform", "vocab_transform", "vocab_layer_norm", "lm_head.dense",
-                  "lm_head.layer_norm"),
-}
+def new_modules(model) -> tuple[list[str], list[str]]:
+    """(modules, leftover): the outermost modules all of whose weights the checkpoint did not ship (the record of
+    `tasks.training.mark_new_weights`: a new classifier, pooler or MLM-head transform, whatever the family calls
+    it), and the names of new weights outside any such module.
+
+    Under LoRA these modules are trained in full and saved with the adapter (`modules_to_save`): anything
+    `from_pretrained` initialises at random must travel with it, or the model rebuilt at load time differs from
+    the trained one. A module that also holds shipped weights is not taken whole: the MLM decoder, whose weight is
+    tied to the word embeddings (a copy would put a second embedding matrix in every adapter and train it apart
+    from the embeddings). Its new bias is left frozen: transformers initialises it to zeros, the same at every load
+    (why the mlm recipe's unigram bias init is skipped under LoRA)."""
+    from tasks.training import NEW_WEIGHTS
+
+    new = getattr(model, NEW_WEIGHTS, set())
+    if not new:
+        return [], []
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in chosen):
+            continue
+        ids = {id(p) for p in module.parameters()}
+        if ids and ids <= new:
+            chosen.append(name)
+    covered = {id(p) for c in chosen for p in model.get_submodule(c).parameters()}
+    leftover = [n for n, p in model.named_parameters() if id(p) in new and id(p) not in covered]
+    return chosen, leftover
 
 
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"LoRA task must be one of {TASKS}, not {task!r}")
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last names of the model's Linear layers (its encoder's projections: LoRA target candidates)."""
+    import torch
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+def lora_targets(model_type: str, target_modules: list[str] | None, modules: list[str], candidates) -> list[str] | None:
+    """The LoRA target modules: `target_modules` when given, else peft's own per-architecture default
+    (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`). A ConfigError naming the fix when peft has no default
+    for the architecture or a given name matches no module of the model (`modules`: its module names;
+    `candidates()`: the names to suggest)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    from tasks.common import ConfigError
+
+    if not target_modules:
+        if DEFAULTS.get(model_type) is None:
+            raise ConfigError(
+                f"peft has no default LoRA target modules for model type {model_type!r}: pass "
+                f"--lora-target-modules with some of this model's linear layers ({', '.join(candidates())}); the "
+                "attention query and value projections are the usual choice")
+        return None  # peft picks its default for the architecture
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise ConfigError(
+            f"--lora-target-modules {','.join(missing)}: no module of that name in this {model_type} model; its "
+            f"linear layers are {', '.join(candidates())}")
+    return list(target_modules)
+
+
+def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
+    """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
+    Builds the model from its config on the meta device (no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig
+
+    from tasks.common import resolve_model
+
+    _check_task(task)
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    with torch.device("meta"):
+        m = _auto_class(task).from_config(config)
+    lora_targets(config.model_type, target_modules, [n for n, _ in m.named_modules()], lambda: linear_names(m))
 
 
 def apply_lora(
@@ -77,20 +131,26 @@ def apply_lora(
     modules_to_save: list[str] | None = None,
 ):
     """Wraps `model` (loaded with `from_pretrained`, so the base checkpoint is known) in LoRA; returns the
-    PeftModel, with only the LoRA matrices and the head modules (see HEAD_MODULES) trainable.
+    PeftModel, with only the LoRA matrices and the new modules (see `new_modules`) trainable.
 
     text-classification -> task_type SEQ_CLS (PeftModelForSequenceClassification: the classifier head is in
     modules_to_save). fill-mask -> no task_type (PEFT has no masked-LM type; a plain PeftModel forwards every
     argument, `labels` included, to the MaskedLM model). `target_modules=None` takes PEFT's default for the
-    architecture (BERT: query, value). `modules_to_save` replaces the HEAD_MODULES default."""
+    architecture (see `lora_targets`). `modules_to_save` replaces the `new_modules` default."""
     from peft import LoraConfig, TaskType, get_peft_model
+
+    from tasks.common import run_logger
 
     _check_task(task)
     if not model.name_or_path:
         raise ValueError("LoRA needs a model loaded with from_pretrained: its base checkpoint is referenced")
+    target_modules = lora_targets(model.config.model_type, target_modules, [n for n, _ in model.named_modules()],
+                                  lambda: linear_names(model))
     if modules_to_save is None:
-        names = [n for n, _ in model.named_modules()]
-        modules_to_save = [m for m in HEAD_MODULES[task] if any(n == m or n.endswith("." + m) for n in names)]
+        modules_to_save, leftover = new_modules(model)
+        if leftover:
+            run_logger(__name__).info("LoRA: new weights left frozen at their initial values (not in a module of "
+                                      "new weights only): %s", ", ".join(leftover))
     cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS if task == "text-classification" else None,
         r=r,

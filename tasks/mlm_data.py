@@ -88,17 +88,21 @@ def tokenize_for_mlm(
     seed: int = 42,
 ) -> str:
     """Plain function: the prepared DatasetDict (column `text`) -> token blocks saved to disk; returns the path.
-    train: input_ids, token_type_ids?, attention_mask, special_tokens_mask (masked later, per batch).
+    train: input_ids, token_type_ids (when the model takes them), attention_mask, special_tokens_mask (masked later, per batch).
     eval: the same, masked once here, with `labels` (-100 where nothing is to be predicted).
     `mlm_stats.json` beside it holds the counts (blocks, tokens, masked eval tokens)."""
     from datasets import DatasetDict, load_from_disk
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    key = stable_hash(data_path, model, max_length, group_texts, mlm_probability, seed, "mlm-v1")
+    from tasks.tokenize import batch_inputs
+
+    key = stable_hash(data_path, model, max_length, group_texts, mlm_probability, seed, "mlm-v2")
     out = Path(data_path).parent.parent / "mlm_tokenized" / key
     if (out / "dataset_dict.json").exists() and (out / STATS_FILE).exists():
         return str(out)
-    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    path = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    type_ids = "token_type_ids" in batch_inputs(tok, AutoConfig.from_pretrained(path), "AutoModelForMaskedLM")
     dd = load_from_disk(data_path)
 
     # --- tokenize: special tokens kept ([CLS] ... [SEP] per text) and marked, so they are never masked
@@ -108,6 +112,7 @@ def tokenize_for_mlm(
             truncation=not group_texts,
             max_length=None if group_texts else max_length,
             return_special_tokens_mask=True,
+            return_token_type_ids=type_ids,  # only for a model that takes them
             verbose=False,  # grouping cuts long texts into blocks: no "longer than the model's maximum" warning
         )
 

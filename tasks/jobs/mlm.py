@@ -38,15 +38,64 @@ class MLMOptions(BaseModel):
     top_k: int = Field(5, gt=0, description="Candidates returned by fill-mask prediction.")
 
 
-# Masked-LM classes whose prediction head is one module fed the backbone's hidden states (attribute name).
-# For these the head runs only on the masked positions; any other model (or a DDP-wrapped one) runs its own
-# full forward and the masked positions are picked from its logits: same numbers, more work.
-SPARSE_HEADS = {
-    "BertForMaskedLM": "cls",
-    "RobertaForMaskedLM": "lm_head",
-    "XLMRobertaForMaskedLM": "lm_head",
-    "CamembertForMaskedLM": "lm_head",
-}
+def _unwrap(model):
+    """The transformers model inside a DDP/accelerate wrapper and a PeftModel (LoRA layers are injected into it)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+# Per model class: does the sparse head give the full head's logits? Checked once per class and process.
+_SPARSE_OK: dict[type, bool] = {}
+
+
+def _sparse_logits(model, base, features: dict, mask):
+    """Runs `model` with a forward hook on its encoder (`base.base_model`) that keeps only the masked positions'
+    hidden states, as one row of M positions: the masked-LM head, whatever its modules (BERT `cls`, RoBERTa
+    `lm_head`, DistilBERT `vocab_*`, ELECTRA `generator_*`, DeBERTa `lm_predictions`, ModernBERT `head`+`decoder`),
+    then runs on those M positions only. Calling `model` itself keeps DDP's gradient sync and accelerate's
+    autocast."""
+    def keep_masked(module, args, output):
+        output["last_hidden_state"] = output["last_hidden_state"][mask].unsqueeze(0)
+        return output
+
+    handle = base.base_model.register_forward_hook(keep_masked)
+    try:
+        return model(**features).logits.squeeze(0)
+    finally:
+        handle.remove()
+
+
+def _sparse_ok(base, features: dict, mask) -> bool:
+    """Once per model class: the sparse head's logits equal the full forward's at the masked positions (fp32, eval
+    mode, no gradient), i.e. the head is position-wise. A family whose head is not, or whose encoder output does
+    not fit, falls back to the full head, with one warning."""
+    import torch
+
+    cls = type(base)
+    if cls not in _SPARSE_OK:
+        ok, why = False, ""
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.no_grad(), torch.autocast(features["input_ids"].device.type, enabled=False):
+                full = base(**features).logits[mask].float()
+                sparse = _sparse_logits(base, base, features, mask).float()
+            ok = sparse.shape == full.shape and torch.allclose(sparse, full, rtol=1e-4, atol=1e-4)
+            why = "" if ok else f"its logits differ (shape {tuple(sparse.shape)} vs {tuple(full.shape)})"
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the full head
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            base.train(was_training)
+        _SPARSE_OK[cls] = ok
+        if not ok:
+            from tasks.common import run_logger
+
+            run_logger(__name__).warning(
+                "%s: the masked-LM head cannot run on the masked positions alone (%s); using the full head over "
+                "every position (same loss, more work)", cls.__name__, why)
+    return _SPARSE_OK[cls]
 
 
 def masked_lm_logits(model, inputs: dict):
@@ -55,16 +104,14 @@ def masked_lm_logits(model, inputs: dict):
 
     The prediction head is a hidden x vocab matmul (30,522 columns for BERT): on MiniLM it costs about as much as
     the six encoder layers. Only ~15% of positions carry a label, so running the head there alone skips ~85% of
-    that work without changing the loss or its gradients (unmasked positions contribute nothing to either)."""
+    that work without changing the loss or its gradients (unmasked positions contribute nothing to either). Any
+    family: see `_sparse_logits`; a model where that does not reproduce the full head falls back to it."""
     labels = inputs["labels"]
     mask = labels != -100
     features = {k: v for k, v in inputs.items() if k != "labels"}
-    # A LoRA model (PeftModel) injects its adapters into the wrapped model's layers: run that one directly.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = SPARSE_HEADS.get(type(base).__name__)
-    if head is not None:
-        hidden = getattr(base, base.base_model_prefix)(**features).last_hidden_state
-        logits = getattr(base, head)(hidden[mask])
+    base = _unwrap(model)
+    if getattr(base, "base_model", base) is not base and _sparse_ok(base, features, mask):
+        logits = _sparse_logits(model, base, features, mask)
     else:
         logits = model(**features).logits[mask]
     return logits, labels[mask]
@@ -136,9 +183,9 @@ def sft_trainer_class():
         Evaluation is the job's own `evaluate` (the core replaces Trainer.evaluate with it)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Mixed precision: accelerate applies autocast by wrapping `model.forward`, which masked_lm_logits
-            # does not call (it runs the encoder and the head itself), so it is entered here. Without it the step
-            # ran in fp32: 1.0 s a step against 0.59 s in bf16 (MiniLM, batch 16 x 128, AVX512-BF16 CPU).
+            # Mixed precision, entered here explicitly (accelerate's wrapped `forward` does the same; nesting is
+            # harmless). Without it the step ran in fp32: 1.0 s a step against 0.59 s in bf16 (MiniLM, batch 16 x
+            # 128, AVX512-BF16 CPU).
             with self.accelerator.autocast():
                 logits, targets = masked_lm_logits(model, inputs)
             nll = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -245,7 +292,7 @@ def check_model(model: str, max_length: int) -> dict:
     info = check(model, max_length, masked_lm=True)
     if not info["has_mlm_head"]:
         run_logger(__name__).warning(
-            "model %r ships no masked-LM head: its prediction head (cls.predictions.*) is newly initialised, so "
+            "model %r ships no masked-LM head: its prediction head is newly initialised, so "
             "fill-mask output is noise until it is fine-tuned; expect a high epoch-0 loss. A checkpoint trained "
             "for MLM (e.g. bert-base-uncased) starts from a working head.", model,
         )

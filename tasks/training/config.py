@@ -106,8 +106,10 @@ class LoraConfig(BaseModel):
     r: int = Field(8, gt=0, description="Rank of the low-rank update matrices.")
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    target_modules: list[str] = Field(
-        ["query", "value"], description="Names of the modules that get adapters (BERT attention: query, value)."
+    target_modules: list[str] | None = Field(
+        None, description="Names of the modules that get adapters; null = peft's default for the architecture "
+        "(BERT/RoBERTa/ELECTRA: query, value; DeBERTa-v2: query_proj, value_proj). DistilBERT (q_lin, v_lin) and "
+        "ModernBERT (Wqkv) have no peft default: name them."
     )
 
 

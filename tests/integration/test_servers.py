@@ -348,3 +348,22 @@ def test_mlflow_models_serve_fill_mask(mlflow_server, client_env, workdir, tiny_
                             workdir, "serve-fill-mask")
     preds = out["predictions"]
     assert len(preds) == 1 and isinstance(preds[0], str) and preds[0].strip()
+
+
+def test_mlflow_models_serve_fill_mask_roberta(mlflow_server, client_env, workdir, family_model_dirs):
+    """A non-BERT family (tiny RoBERTa, byte-level BPE, mask token `<mask>`) served the same way. The served model
+    takes the model's own mask token: `[MASK]` is mapped only by `finetune predict`."""
+    path = family_model_dirs["roberta"]
+    code = (
+        "from tasks import registry, tracking\n"
+        "rid = tracking.start_run('it-mlm', 'tiny-fill-mask-roberta', {'job': 'mlm'})\n"
+        f"uri = tracking.log_model(rid, {path!r}, 'fill-mask', input_example=['This is a <mask> movie!'])\n"
+        "v = registry.register_model(uri, 'it-fill-mask-roberta', rid)\n"
+        "registry.set_alias('it-fill-mask-roberta', 'champion', v)\n"
+        "tracking.end_run(rid)\n"
+    )
+    run([sys.executable, "-c", code], client_env)
+    out = _serve_and_invoke("models:/it-fill-mask-roberta@champion", {"inputs": ["This is a <mask> movie!"]},
+                            client_env, workdir, "serve-fill-mask-roberta")
+    preds = out["predictions"]
+    assert len(preds) == 1 and isinstance(preds[0], str) and preds[0].strip()
