@@ -175,10 +175,13 @@ def test_lora_version_loads_merged_onto_its_base(isolated, tiny_model_dir, tmp_p
     from tasks import adapters, registry, tracking
     from tasks.base_model import local_dir, pin
     from tasks.common import ConfigError
+    from tasks.training import mark_new_weights
 
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    model = adapters.apply_lora(base, r=2, alpha=4, dropout=0.0)
+    # as the recipes load it: the new-weights record says what LoRA must save whole (a new classifier and pooler)
+    base, info = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2,
+                                                                    output_loading_info=True)
+    model = adapters.apply_lora(mark_new_weights(base, info), r=2, alpha=4, dropout=0.0)
     for n, p in model.named_parameters():  # a trained-looking adapter: B is zero-initialised
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
