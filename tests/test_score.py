@@ -42,7 +42,7 @@ def registry(tmp_path_factory, tiny_model_dir):
         for _ in range(n):
             run = tracking.start_run("score-test", name, {})
             uri = tracking.log_model(run, str(path), task)
-            v = reg.register_model(uri, name, run, tags={"job": "classify" if n == 2 else "mlm"})
+            reg.register_model(uri, name, run, tags={"job": "classify" if n == 2 else "mlm"})
             tracking.end_run(run)
         reg.set_alias(name, "champion", "1")
     yield root

@@ -111,3 +111,20 @@ def api(method: str, url: str, **kwargs):
         time.sleep(0.5 * (attempt + 1))
     assert r.status_code < 300, f"{method} {url}: {r.status_code} {r.text[:2000]}"
     return r.json() if r.content else None
+
+
+def register_tiny_scorer(env: dict, root: Path, tiny_model_dir: str) -> None:
+    """`it-scorer` version 1 as champion in the store `env` names, logged as the classify job logs its models (in a
+    subprocess: the store's URI comes from `env`, as a server's or a worker's would)."""
+    code = f"""
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from tasks import registry, tracking
+m = AutoModelForSequenceClassification.from_pretrained({tiny_model_dir!r}, num_labels=2,
+    id2label={{0: "negative", 1: "positive"}}, label2id={{"negative": 0, "positive": 1}})
+m.save_pretrained({str(root / 'cls')!r}); AutoTokenizer.from_pretrained({tiny_model_dir!r}).save_pretrained({str(root / 'cls')!r})
+run = tracking.start_run("it-score", "it-scorer", {{}})
+v = registry.register_model(tracking.log_model(run, {str(root / 'cls')!r}, "text-classification"), "it-scorer", run)
+tracking.end_run(run); registry.set_alias("it-scorer", "champion", v)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]

@@ -16,7 +16,6 @@ PREFECT_SERVER_API_AUTH_STRING, both on loopback.
 """
 from __future__ import annotations
 
-import os
 import secrets
 import stat
 import subprocess

@@ -7,44 +7,20 @@ from __future__ import annotations
 import csv
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from _servers import VENV_BIN, Proc, api, clean_env, run
+from _servers import ROOT, VENV_BIN, Proc, api, clean_env, register_tiny_scorer, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _register_tiny_classifier(root: Path, tiny_model_dir: str, uri: str) -> None:
-    """`it-scorer` version 1 as champion, logged as the classify job logs its models."""
-    import subprocess
-    import sys
-
-    code = f"""
-import os
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from tasks import registry, tracking
-m = AutoModelForSequenceClassification.from_pretrained({tiny_model_dir!r}, num_labels=2,
-    id2label={{0: "negative", 1: "positive"}}, label2id={{"negative": 0, "positive": 1}})
-m.save_pretrained({str(root / 'cls')!r}); AutoTokenizer.from_pretrained({tiny_model_dir!r}).save_pretrained({str(root / 'cls')!r})
-run = tracking.start_run("it-score", "it-scorer", {{}})
-v = registry.register_model(tracking.log_model(run, {str(root / 'cls')!r}, "text-classification"), "it-scorer", run)
-tracking.end_run(run); registry.set_alias("it-scorer", "champion", v)
-"""
-    from _servers import ROOT
-
-    env = clean_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_score_nightly_deploys_and_a_worker_run_completes(tmp_path, tiny_model_dir):
     from tests.servers import prefect_server
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _register_tiny_classifier(tmp_path, tiny_model_dir, uri)
+    register_tiny_scorer(clean_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)), tmp_path, tiny_model_dir)
     inbox = tmp_path / "incoming"
     inbox.mkdir()
     for part in range(2):

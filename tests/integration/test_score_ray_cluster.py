@@ -13,24 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from _servers import ROOT, VENV_BIN, Proc, clean_env, free_port
+from _servers import ROOT, VENV_BIN, Proc, clean_env, free_port, register_tiny_scorer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _register(env: dict, root: Path, tiny_model_dir: str) -> None:
-    code = f"""
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from tasks import registry, tracking
-m = AutoModelForSequenceClassification.from_pretrained({tiny_model_dir!r}, num_labels=2,
-    id2label={{0: "negative", 1: "positive"}}, label2id={{"negative": 0, "positive": 1}})
-m.save_pretrained({str(root / 'cls')!r}); AutoTokenizer.from_pretrained({tiny_model_dir!r}).save_pretrained({str(root / 'cls')!r})
-run = tracking.start_run("it-score", "it-scorer", {{}})
-v = registry.register_model(tracking.log_model(run, {str(root / 'cls')!r}, "text-classification"), "it-scorer", run)
-tracking.end_run(run); registry.set_alias("it-scorer", "champion", v)
-"""
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_score_on_a_two_node_ray_cluster_matches_local(tmp_path, tiny_model_dir):
@@ -40,7 +25,7 @@ def test_score_on_a_two_node_ray_cluster_matches_local(tmp_path, tiny_model_dir)
 
     env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT),
                     RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
-    _register(env, tmp_path, tiny_model_dir)
+    register_tiny_scorer(env, tmp_path, tiny_model_dir)
     csv = tmp_path / "in.csv"
     pool = POSITIVE + NEGATIVE
     csv.write_text("id,text\n" + "".join(f'{i},"{pool[i % len(pool)]}{" !" * (i % 4)}"\n' for i in range(60)))
