@@ -241,9 +241,7 @@ def _ray_runner(sweep: SweepConfig):
 
     from tasks import output, tracking
 
-    if not output.is_tty():  # a redirected log: no colour codes in Ray's worker-line prefixes, no coloured
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # "[repeated Nx]" notes (read when ray is imported)
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    output.quiet_ray()  # a redirected log: no colour codes, no "[repeated Nx]" notes
     if sweep.ray_address is None:
         # Token authentication stays on: said explicitly, Ray does not warn that it turned it on by default. Ray
         # creates the token (~/.ray/auth_token) if missing; a cluster's nodes need the same one (docs/sweeps.md).

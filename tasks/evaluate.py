@@ -152,8 +152,9 @@ def _registered_for_eval(model_uri: str, spec, data_path: str, tokenized_path: s
     run_tok = AutoTokenizer.from_pretrained(resolve_model(spec.train.model))
     if tokenized_path is None or tokenizer_fingerprint(tok) != tokenizer_fingerprint(run_tok):
         tok_dir = cache_root() / "tokenizers" / tokenizer_fingerprint(tok)  # stable path: a stable cache key
-        if not (tok_dir / "tokenizer_config.json").exists():
+        if not (tok_dir / "config.json").exists():  # the tokenizer, and the config that says what the model takes
             tok.save_pretrained(tok_dir)
+            model.config.save_pretrained(tok_dir)
         tokenized_path = recipe.tokenize(data_path, str(tok_dir), spec)
     t = spec.train
     loader = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,

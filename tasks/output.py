@@ -78,6 +78,23 @@ def configure() -> None:
         _configured = True
 
 
+def quiet_ray() -> None:
+    """Ray's driver output as a redirected log wants it: no colour codes in worker-line prefixes and no coloured
+    "[repeated Nx]" notes (log deduplication off). Ray reads RAY_DEDUP_LOGS when it is imported: a process that
+    imported it already (a second sweep or scoring job in one process) gets the switch on the imported module too."""
+    if is_tty():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if "ray" in sys.modules and os.environ["RAY_DEDUP_LOGS"] == "0":
+        try:
+            import ray._private.ray_logging as ray_logging
+
+            ray_logging.RAY_DEDUP_LOGS = False
+        except (ImportError, AttributeError):  # a Ray without that module: its own default stays
+            pass
+
+
 def _switch_imported() -> None:
     """Progress bars off in libraries imported before `configure` ran (their env variables are read at import)."""
     if "datasets" in sys.modules:

@@ -45,7 +45,7 @@ def _init_ray(cfg: ScoreConfig) -> bool:
     """Connects to `ray_address` or starts a local Ray sized for the actors; True when this call started it."""
     import ray
 
-    from tasks import tracking
+    from tasks import output, tracking
 
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
@@ -53,6 +53,7 @@ def _init_ray(cfg: ScoreConfig) -> bool:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if ray.is_initialized():
         return False
+    output.quiet_ray()
     kw: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False,
                 "configure_logging": False}
     if cfg.ray_address:

@@ -213,7 +213,7 @@ def test_deployments_from_prefect_yaml(lifecycle):
     specs = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
     assert set(lifecycle["deployments"]) == {d["name"] for d in specs} == {"retrain-classify", "retrain-mlm",
                                                                            "housekeeping", "sweep-classify",
-                                                                           "score-nightly"}
+                                                                           "score-nightly", "adapt-then-classify"}
     sweep = lifecycle["deployments"]["sweep-classify"]
     assert sweep["entrypoint"] == "flows/sweep.py:sweep_flow" and sweep["parameters"]["sweep"]["max_trials"] == 6
     mlm = lifecycle["deployments"]["retrain-mlm"]
