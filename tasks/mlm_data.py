@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-
 from tasks.common import ConfigError
 from tasks.common import atomic_dir, resolve_model, stable_hash
 
@@ -62,12 +59,6 @@ def pad_premasked(tokenizer, examples: list[dict]) -> dict:
         [([-100] * (width - len(lab)) + lab) if left else (lab + [-100] * (width - len(lab))) for lab in labels]
     )
     return batch
-
-
-def mlm_collator_for(model: str, mlm_probability: float, seed: int) -> MLMBatchCollator:
-    from transformers import AutoTokenizer
-
-    return MLMBatchCollator(AutoTokenizer.from_pretrained(resolve_model(model)), mlm_probability, seed)
 
 
 def _group(batch: dict, block: int) -> dict:
@@ -164,5 +155,3 @@ def tokenize_for_mlm(
 def mlm_stats(tokenized_path: str) -> dict:
     return json.loads((Path(tokenized_path) / STATS_FILE).read_text())
 
-
-tokenize_mlm_task = task(tokenize_for_mlm, name="tokenize-mlm", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
