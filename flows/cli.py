@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from flows import config as configs
 from flows.commands import CONTEXT, access, adapt, gc, help_text, predict, registry, sweep, train
 from flows.commands.fieldtypes import click_type, metavar_for, show, strip_annotated
-from tasks import output
+from tasks import output, tracking
 from tasks.common import ConfigError
 
 # Sections whose fields get flat flags (the public flag names); fields of any other section are prefixed.
@@ -207,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from tasks import tracking  # imports Prefect: only for an error (see flows/commands/__init__.py)
-
         if not tracking.auth_status(e):  # anything else is a bug: its traceback
             raise
         # a refusal by the tracking server that no command mapped to the permission it needs: still one line

@@ -47,7 +47,7 @@ def example_text(data_path: str | None, recipe, max_words: int = 16) -> str:
     the first eval text of at least 3 words, its first sentence when that is short enough, else its first
     `max_words` words, made into the job's input by its `example_from` hook (MLM masks a word)."""
     try:
-        from datasets import load_from_disk
+        from datasets import load_from_disk  # datasets loads pyarrow: only for the summary's example
 
         texts = load_from_disk(data_path)["eval"]["text"][:50] if data_path else []
     except Exception:

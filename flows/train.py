@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -15,12 +17,14 @@ from prefect.cache_policies import NO_CACHE
 from flows import lifecycle
 from flows.common import flow_run_name_for, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
 from flows.config import JobConfig, config_class
+from flows.ephemeral import own_temporary_server
 from flows.monitoring import summary_artifact
 from tasks import jobs, output, registry, tracking
 from tasks.adapters import check_lora
 from tasks.base_model import check_fits, check_labels, is_registry_uri, local_dir, pin, trained_labels
 from tasks.common import cached_path_result, is_hub_id, offline_unless_hub_reachable, run_logger
 from tasks.data import FILE_BUILDERS, check_data, load_dataset_task, prepare_dataset
+from tasks.liveness import sweep_quietly
 from tasks.tokenize import check_model, tokenize_job_task
 from tasks.training import build_loaders_task
 
@@ -185,8 +189,6 @@ def flow_for(job: str):
     `<job>_flow` of a module `flows/<job>.py` when there is one (a stable deployment entrypoint, as for classify and
     mlm), else one generated here. A generated flow is also an attribute of this module (`flows/train.py:<job>_flow`,
     see `__getattr__`), so a worker that registers the same job can load its deployments by entrypoint."""
-    import importlib.util
-
     if importlib.util.find_spec(f"flows.{job}") is not None:
         own = getattr(importlib.import_module(f"flows.{job}"), f"{job}_flow", None)
         if own is not None:
@@ -214,9 +216,6 @@ def run_job(cfg: JobConfig) -> dict:
     """Runs the training flow of `cfg`'s job and returns its result dict (the CLI's entry). First the housekeeping a
     crash of an earlier command needs: its MLflow runs of this experiment whose process died are marked KILLED, and
     Prefect's temporary server (no PREFECT_API_URL) is started tied to this process, so a kill -9 leaves no orphan."""
-    from flows.ephemeral import own_temporary_server
-    from tasks.liveness import sweep_quietly
-
     sweep_quietly([cfg.experiment])
     own_temporary_server()
     return flow_for(cfg.job)(cfg)

@@ -2,9 +2,9 @@
 beside the click command it backs: predict.py (predict, score), registry.py (compare, promote, rollback),
 sweep.py, adapt.py (adapt-then-classify), gc.py, access.py. flows/cli.py assembles them with the job commands.
 
-A handler imports the flows it drives, and tasks.tracking / tasks.registry, when it runs, not at the top of its
-module: they import Prefect (and the flows MLflow and the jobs' libraries), which `finetune --help` and the
-commands' own checks of their input do without (every command module is loaded to build the CLI). This module holds what the
+A handler that runs a training, sweep or adapt-then-classify flow imports it when it runs, not at the top of its
+module: flows/train.py loads MLflow (about 3 s here), which `finetune --help` and a bad flag's error do without
+(every command module is loaded to build the CLI). This module holds what the
 commands share: click settings, the command builder, and the filter that keeps an expected error's traceback
 out of the terminal."""
 from __future__ import annotations

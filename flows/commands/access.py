@@ -6,11 +6,10 @@ import sys
 import click
 
 from flows.commands import CONTEXT, command
+from tasks import access
 
 
 def _access_create_user(user: str, password_file: str | None) -> int:
-    from tasks import access  # imports tasks.tracking (Prefect): when the command runs
-
     password = access.password_from(password_file)
     if password is None:
         if not sys.stdin.isatty():
@@ -22,8 +21,6 @@ def _access_create_user(user: str, password_file: str | None) -> int:
 
 
 def _access_grant(user: str, registered_model: str | None, experiment: str | None, permission: str) -> int:
-    from tasks import access  # imports tasks.tracking (Prefect): when the command runs
-
     for line in access.grant(user, permission, registered_model=registered_model, experiment=experiment):
         print(f"granted {line}")
     return 0

@@ -7,14 +7,14 @@ import json
 import click
 
 from flows.commands import command, expected_errors_without_traceback
+from flows.config import build_config
+from flows.ephemeral import begin_temporary_server, own_temporary_server
+from tasks import tracking
 
 
 def _adapt_then_classify(config: str | None, as_json: bool) -> int:
-    # the flows and tracking import Prefect: when the command runs (see flows/commands/__init__.py)
+    # the flow loads MLflow and the training flow: when the command runs (see flows/commands/__init__.py)
     from flows.adapt_then_classify import AdaptThenClassifyConfig, adapt_then_classify_flow, precheck
-    from flows.config import build_config
-    from flows.ephemeral import begin_temporary_server, own_temporary_server
-    from tasks import tracking
 
     cfg = build_config(AdaptThenClassifyConfig, config)
     begin_temporary_server()

@@ -7,11 +7,10 @@ from typing import Any
 import click
 
 from flows.commands import command
+from flows.gc import gc_cli
 
 
 def _gc(**kwargs: Any) -> int:
-    from flows.gc import gc_cli  # imports Prefect: when the command runs (see flows/commands/__init__.py)
-
     return gc_cli(**kwargs)
 
 

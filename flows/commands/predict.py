@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from flows.commands import command, registered_model_option
-from tasks import predict, scoring
+from tasks import predict, registry, scoring, tracking
 from tasks.common import ConfigError
 
 
@@ -18,8 +18,6 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
              as_json: bool, texts: tuple[str, ...]) -> int:
     if alias is not None and version is not None:
         raise click.UsageError("--alias and --version are mutually exclusive: pass one of them")
-    from tasks import registry, tracking  # when the command runs (see flows/commands/__init__.py)
-
     texts_ = list(texts)
     if file:
         f = Path(file)
@@ -38,8 +36,6 @@ def _predict(registered_model: str, alias: str | None, version: int | None, file
 def _score(as_json: bool, **kwargs: Any) -> int:
     """`finetune score`: the plain streaming job in this process (no Prefect server to start); the nightly
     deployment runs the same functions as the `score` flow (flows/score.py)."""
-    from tasks import tracking  # when the command runs (see flows/commands/__init__.py)
-
     given = {k: v for k, v in kwargs.items() if v is not None and v != ()}
     if "id_columns" in given:
         given["id_columns"] = [c.strip() for v in given["id_columns"] for c in v.split(",") if c.strip()]

@@ -7,13 +7,12 @@ from typing import Any
 
 import click
 
+from flows import manage
 from flows.commands import command, registered_model_option
 
 
 def _manage(name: str):
     def run(**kwargs: Any) -> int:
-        from flows import manage  # imports Prefect: when the command runs (see flows/commands/__init__.py)
-
         return getattr(manage, f"{name}_cli")(argparse.Namespace(**{"version": None, **kwargs}))
 
     return run

@@ -9,15 +9,15 @@ import click
 import psutil
 
 from flows.commands import command, expected_errors_without_traceback
+from flows.ephemeral import begin_temporary_server, own_temporary_server
+from tasks import tracking
 
 
 def _sweep(config: str, ray_address: str | None, max_concurrent: int | None, max_trials: int | None,
            as_json: bool) -> int:
-    # the flows and tracking import Prefect: when the command runs (see flows/commands/__init__.py)
-    from flows.ephemeral import begin_temporary_server, own_temporary_server
+    # the sweep and training flows load MLflow: when the command runs (see flows/commands/__init__.py)
     from flows.sweep import load_sweep, sweep_flow, trial_configs
     from flows.train import precheck
-    from tasks import tracking
 
     sweep = load_sweep(config, {"ray_address": ray_address, "max_concurrent": max_concurrent,
                                 "max_trials": max_trials})  # every trial's config checked before Ray or Prefect

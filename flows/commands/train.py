@@ -6,13 +6,12 @@ import json
 
 from flows import config as configs
 from flows.commands import expected_errors_without_traceback
+from flows.ephemeral import begin_temporary_server
+from tasks import tracking
 
 
 def run(cls: type[configs.JobConfig], config: str | None, overrides: dict, as_json: bool) -> int:
-    # the training flow and tracking import Prefect: when the command runs (see flows/commands/__init__.py)
-    from flows import train
-    from flows.ephemeral import begin_temporary_server
-    from tasks import tracking
+    from flows import train  # loads MLflow: when the command runs (see flows/commands/__init__.py)
 
     cfg = configs.build_config(cls, config, overrides)
     begin_temporary_server()  # no PREFECT_API_URL: Prefect's temporary server boots while the checks run
