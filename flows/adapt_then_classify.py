@@ -13,6 +13,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import ClassifyConfig, MLMConfig
+from tasks.promotion import higher_is_better
 
 NAME = "adapt-then-classify"
 
@@ -35,8 +36,6 @@ def adapted_base(mlm_out: dict, require_floor: bool = True) -> tuple[str | None,
     """(`models:/NAME/VERSION` of the mlm run's version, or None to fall back) and why, from the mlm run's
     outcome. A version is used when its checks passed and it beat its floor (the model before fine-tuning) by
     the promotion metric; with promotion off the floor was never checked: it is used, and the reason says so."""
-    from flows.promotion import higher_is_better
-
     version, uri = mlm_out.get("version"), mlm_out.get("model_uri")
     if not version or not uri:
         return None, "the mlm run registered no version"

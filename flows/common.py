@@ -1,5 +1,5 @@
-"""Wiring shared by the training flows: the MLflow run's lifetime (honest end states), and the tail every job
-ends with (artifacts, log the model, register it, promote, summary)."""
+"""Wiring shared by the training flows: the MLflow run's lifetime (honest end states, resume), run names, run dirs
+and the summary text. The tail every run ends with (train, log, retention, publish) is flows/lifecycle.py."""
 from __future__ import annotations
 
 import contextlib

@@ -19,9 +19,11 @@ a failed trial is recorded (FAILED nested run, a row in the table) and the sweep
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -29,9 +31,20 @@ from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.config import ConfigError, JobConfig, config_class
+from flows.common import flow_run_info, run_dir_for, unique_run_name
+from flows.config import ConfigError, JobConfig, build_config, config_class, read_yaml
+from flows.lifecycle import register_and_promote, train_log_publish
+from flows.monitoring import publish_table
+from tasks import jobs, liveness, output, tracking
+from tasks.common import run_logger
+from tasks.data import prepare_dataset
+from tasks.disk import delete_logged_model, human_bytes
+from tasks.promotion import error_line
 
 
 class Range(BaseModel):
@@ -70,8 +83,6 @@ class SweepConfig(BaseModel):
 
 def load_sweep(path: str, overrides: dict | None = None) -> SweepConfig:
     """The sweep file, validated, with its trials' configs checked before anything starts."""
-    from flows.config import read_yaml
-
     if not Path(path).is_file():
         raise ConfigError(f"sweep file {path!r} not found: pass an existing YAML file to --config")
     raw = read_yaml(path, "sweep file") or {}
@@ -120,10 +131,6 @@ def trial_overrides(sweep: SweepConfig) -> list[dict[str, Any]]:
 
 def trial_configs(sweep: SweepConfig) -> list[tuple[dict, JobConfig]]:
     """(overrides, validated job config) per trial; bad fields or values are reported together."""
-    import copy
-
-    from flows.config import build_config
-
     cls = config_class(sweep.job)
     out, problems = [], []
     for i, over in enumerate(trial_overrides(sweep)):
@@ -136,9 +143,7 @@ def trial_configs(sweep: SweepConfig) -> list[tuple[dict, JobConfig]]:
             problems += [f"trial {i} ({over}): {p}" for p in e.problems]
     if problems:
         raise ConfigError(sorted(set(problems)))
-    from flows.promotion import resolve_metric
-
-    resolve_metric(sweep.job, sweep.metric)
+    jobs.resolve_metric(sweep.job, sweep.metric)
     return out
 
 
@@ -165,15 +170,10 @@ def trial_name(index: int, overrides: dict[str, Any]) -> str:
 
 def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict, data_path: str,
                 tokenized_path: str, label_names: list[str] | None, name: str | None = None) -> dict:
-    """Trains one trial as a nested run of the sweep's run and logs its model; returns its row (and what the
-    registration of the best trial needs). A failure is recorded (FAILED run, error tag) and returned, not raised:
-    one bad trial must not stop the sweep."""
-    from tasks import liveness, output, tracking
-    from tasks.disk import prune_run_dir
-
-    from flows.promotion import error_line
-    from tasks.training import train
-
+    """Trains one trial as a nested run of the sweep's run, by the training flow's own path (train -> log ->
+    retention, `flows.lifecycle.train_log_publish`) without publishing: only the best trial is registered, by the
+    sweep. Returns its row (and what the registration of the best trial needs). A failure is recorded (FAILED run,
+    error tag) and returned, not raised: one bad trial must not stop the sweep."""
     t0 = time.perf_counter()
     output.configure()  # a Ray worker is a fresh process: as quiet as a training run (no mlflow.transformers notices)
     tracking.configure()
@@ -181,18 +181,17 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     run_id = tracking.start_run(cfg.experiment, name or trial_name(index, overrides), cfg.flat(), tags)
     row = {"trial": index, **overrides, "run_id": run_id}
     try:
-        spec = cfg.spec(label_names)
-        run_dir = Path(cfg.train.output_dir) / cfg.job / run_id
+        run_dir = run_dir_for(cfg, run_id)
         # a trial whose worker dies is closed by the next sweep; its dir records its store and run for `finetune gc`
         with liveness.heartbeat(run_id, tracking.set_tags, run_dir):
-            result = train(spec, tokenized_path, str(run_dir), on_metrics=tracking.MetricsLogger(run_id))
-            model_uri = tracking.log_model(run_id, result.model_dir, cfg.recipe.hf_task, [cfg.recipe.smoke_example])
-        if not cfg.train.keep_checkpoints:  # logged: its checkpoints and model copy can go, as for any finished run
-            prune_run_dir(run_dir)
+            done = train_log_publish(cfg, cfg.spec(label_names), run_id, run_dir, tokenized_path, data_path,
+                                     publish=False, progress=False)
         tracking.end_run(run_id, "FINISHED")
+        result = done.result
         return {**row, "status": "FINISHED", "seconds": round(time.perf_counter() - t0, 1),
                 **{k: v for k, v in result.final.items() if k != "epoch"},
-                "_model_uri": model_uri, "_final": result.final, "_history": result.history, "_probe": result.probe}
+                "_model_uri": done.model_uri, "_final": result.final, "_history": result.history,
+                "_probe": result.probe}
     except Exception as e:
         msg = error_line(e)
         tracking.set_tags(run_id, {"finetune.error": tracking.redact_uri(msg)[:5000]})
@@ -207,8 +206,7 @@ run_trial = task(train_trial, name="trial", cache_policy=NO_CACHE, persist_resul
 @flow(name="sweep-trials", flow_run_name="sweep-trials")
 def trials_flow(trials: list[dict], parent_run_id: str, max_concurrent: int, cpus: float, gpus: float) -> list[dict]:
     """The fan-out, run with a RayTaskRunner: at most `max_concurrent` trials in flight, each with its Ray resources."""
-    from prefect.futures import as_completed
-    from prefect_ray.context import remote_options
+    from prefect_ray.context import remote_options  # imports ray: only when a sweep runs
 
     pending, rows = list(trials), []
     running: list = []
@@ -237,18 +235,13 @@ QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_
 def _ray_runner(sweep: SweepConfig):
     """prefect-ray's task runner; Ray workers get this process's Prefect API and MLflow store, so their task runs
     show in the same flow run and their MLflow runs land in the same store."""
-    import os
-
-    from tasks import output, tracking
-
     output.quiet_ray()  # a redirected log: no colour codes, no "[repeated Nx]" notes
     if sweep.ray_address is None:
         # Token authentication stays on: said explicitly, Ray does not warn that it turned it on by default. Ray
         # creates the token (~/.ray/auth_token) if missing; a cluster's nodes need the same one (docs/sweeps.md).
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-    from prefect.client.orchestration import get_client
-    from prefect_ray import RayTaskRunner
+    from prefect_ray import RayTaskRunner  # imports ray: only when a sweep starts
 
     with get_client(sync_client=True) as c:
         api = str(c.api_url)
@@ -271,14 +264,6 @@ def best_trial(rows: list[dict], key: str, higher: bool) -> dict | None:
 def run_sweep(sweep: SweepConfig) -> dict:
     """Prepare each trial's data once (content-addressed), start the parent MLflow run, fan the trials out on Ray,
     record the table, register the best trial and run its champion/challenger gate."""
-    from tasks import jobs, liveness, tracking
-    from tasks.common import run_logger
-    from tasks.data import prepare_dataset
-
-    from flows.common import flow_run_info
-    from flows.lifecycle import register_and_promote
-    from flows.monitoring import publish_table
-
     t_start = time.perf_counter()
     log = run_logger(__name__)
     tracking.check_tracking_server()
@@ -317,8 +302,6 @@ def run_sweep(sweep: SweepConfig) -> dict:
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     best = best_trial(rows, key, higher)
     # the store stays bounded: only the trial that will be registered keeps its logged model
-    from tasks.disk import delete_logged_model, human_bytes
-
     freed = sum(delete_logged_model(r["_model_uri"]) for r in rows
                 if r["status"] == "FINISHED" and r.get("_model_uri") and r is not best)
     if freed:
@@ -356,11 +339,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
 def sweep_run_name(job: str | None = None) -> str:
     """`sweep-<job>-<YYYYmmdd-HHMMSS>-<4 hex>`: unique and readable; names the flow run and its MLflow parent run
     (the job from the flow run's parameter when not given)."""
-    from flows.common import unique_run_name
-
     if job is None:
-        from prefect.runtime import flow_run
-
         sweep = flow_run.parameters.get("sweep")
         job = sweep.get("job", "classify") if isinstance(sweep, dict) else getattr(sweep, "job", "classify")
     return unique_run_name(f"sweep-{job}")

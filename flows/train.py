@@ -3,45 +3,30 @@
 validates it and renders it as a form); `flows/classify.py` and `flows/mlm.py` are two such flows."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import importlib.util
+import logging
 from pathlib import Path
 
+from mlflow.entities import LoggedModelInput
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import lifecycle
 from flows.common import flow_run_name_for, mlflow_run, run_dir_for, sigterm_as_exception, summary_text
 from flows.config import JobConfig, config_class
-
-
-@task(name="log-evaluation", cache_policy=NO_CACHE)
-def log_evaluation(run_id: str, run_dir: str, model_dir: str, history: list[dict], spec,
-                   steps_per_epoch: int | None = None) -> tuple[list[str], str]:
-    """The job's own artifacts (confusion matrix, fill-mask examples...), the loss curve (per-epoch losses and the
-    run's train_loss_step series, read back from MLflow so a resumed run's curve is whole), metrics.json and the
-    resolved config, under `eval/` in the run. Returns the paths and a text for the summary."""
-    import json
-
-    from tasks import tracking
-    from tasks.evaluate import loss_curve_artifact
-    from tasks.training import STEP_LOSS
-
-    recipe = spec.recipe
-    extras_file = Path(run_dir) / "eval_extras.json"
-    extras = json.loads(extras_file.read_text()) if extras_file.exists() else {}
-    paths, text = recipe.artifacts(run_dir, model_dir, extras, spec) if recipe.artifacts else ([], "")
-    steps = sorted((m.step, m.value) for m in tracking.client().get_metric_history(run_id, STEP_LOSS))
-    paths = [*paths, loss_curve_artifact(history, Path(run_dir) / "eval", steps, steps_per_epoch),
-             str(Path(model_dir) / "metrics.json"), str(Path(model_dir) / "config.yaml")]
-    tracking.log_artifacts(run_id, paths, "eval")
-    return paths, text
-
-
-def selection_tags(result) -> dict:
-    """Which epoch's weights the run logged and registered (its metrics are the run's final ones), the best epoch
-    by the selection metric, and where early stopping ended training. Tags, not params: a resumed run sets them."""
-    tags = {"selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
-            "selection_metric": result.selection_metric, "stopped_early_at": result.stopped_early_at}
-    return {k: v for k, v in tags.items() if v is not None}
+from flows.ephemeral import own_temporary_server
+from flows.monitoring import summary_artifact
+from tasks import jobs, output, registry, tracking
+from tasks.adapters import check_lora
+from tasks.base_model import check_fits, check_labels, is_registry_uri, local_dir, pin, trained_labels
+from tasks.common import cached_path_result, is_hub_id, offline_unless_hub_reachable, run_logger
+from tasks.data import FILE_BUILDERS, check_data, load_dataset_task, prepare_dataset
+from tasks.liveness import sweep_quietly
+from tasks.tokenize import check_model, tokenize_job_task
+from tasks.training import build_loaders_task
 
 
 def selection_note(result, select: str) -> str:
@@ -62,15 +47,11 @@ def starting_point(cfg: JobConfig) -> tuple:
     once: the returned config trains from `models:/NAME/VERSION` (downloaded to the cache now, fit for the job's
     task checked), so an alias moved during the run changes nothing. Returns (config, lineage or None, a note for
     the log and the summary; the lineage is a `tasks.base_model.BaseRef`)."""
-    from tasks.base_model import check_fits, is_registry_uri, local_dir, pin
-
     note = None
     uri = cfg.train.model
     if cfg.warm_start:
         ws = cfg.warm_start
         uri = f"models:/{cfg.registered_model}/{ws}" if ws.isdigit() else f"models:/{cfg.registered_model}@{ws}"
-        from tasks import registry
-
         if not ws.isdigit() and registry.alias_version(cfg.registered_model, ws) is None:
             note = (f"warm start: {cfg.registered_model} has no {ws} yet, so training starts from "
                     f"{cfg.train.model}")
@@ -86,22 +67,11 @@ def starting_point(cfg: JobConfig) -> tuple:
     return pinned, ref, note
 
 
-def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
-    """Params, tags and MLflow's model-lineage input of a run that starts from a registered version, the reverse
-    link on the base's run (`finetune.derived_run_ids`), and which weights the job's model does not take from the
-    version (transformers' loading info: a new head). Returns those weight names."""
-    import contextlib
-
-    from mlflow.entities import LoggedModelInput
-
-    from tasks import tracking
-    from tasks.base_model import local_dir
-    from tasks.training import NEW_WEIGHTS
-
-    model = spec.recipe.load_model(local_dir(ref.uri, ref), spec)
-    new = sorted(n for n, p in model.named_parameters() if id(p) in getattr(model, NEW_WEIGHTS, set()))
-    del model
-    tracking.log_params_once(run_id, {**ref.params(), "base.new_weights": (",".join(new) or "none")[:5000]})
+def record_lineage(run_id: str, ref, warm_start: str | None) -> None:
+    """Params, tags and MLflow's model-lineage input of a run that starts from a registered version, and the reverse
+    link on the base's run (`finetune.derived_run_ids`). Which weights the job's model did not take from the version
+    comes after training (`record_new_weights`)."""
+    tracking.log_params_once(run_id, ref.params())
     tracking.set_tags(run_id, {**ref.tags(), **({"finetune.warm_start": warm_start} if warm_start else {})})
     c = tracking.client()
     if ref.model_id:
@@ -109,8 +79,6 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
             with tracking.on_run(run_id):
                 tracking._retry(c.log_inputs, run_id, models=[LoggedModelInput(ref.model_id)], attempts=2)
         except Exception as e:  # a server without model inputs (MLflow 2): the params and tags above still link
-            from tasks.common import run_logger
-
             run_logger(__name__).warning("could not record %s as the run's model input (%s): the base.* params and "
                                          "tags record the lineage", ref.model_id, tracking.redact_uri(e))
     if ref.run_id:
@@ -118,7 +86,13 @@ def record_lineage(run_id: str, ref, spec, warm_start: str | None) -> list[str]:
             old = c.get_run(ref.run_id).data.tags.get("finetune.derived_run_ids", "")
             ids = [x for x in old.split(",") if x] + [run_id]
             tracking.set_tags(ref.run_id, {"finetune.derived_run_ids": ",".join(dict.fromkeys(ids))[-5000:]})
-    return new
+
+
+def record_new_weights(run_id: str, result) -> list[str]:
+    """The `base.new_weights` param: the weights the job's model did not take from the base version (transformers'
+    loading info, as training recorded it when it loaded the model: a new head). Returns those names."""
+    tracking.log_params_once(run_id, {"base.new_weights": (",".join(result.new_weights) or "none")[:5000]})
+    return list(result.new_weights)
 
 
 def precheck(cfg: JobConfig) -> None:
@@ -127,15 +101,7 @@ def precheck(cfg: JobConfig) -> None:
     as the base: resolved and downloaded, and a classifier version's labels against the data's, which prepares the
     data) and the data (file, columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs
     the same checks again, for runs that come from a deployment."""
-    import logging
-
-    from tasks.common import is_hub_id, offline_unless_hub_reachable
-    from tasks.data import FILE_BUILDERS, check_data
-    from tasks.tokenize import check_model
-
-    from flows.promotion import resolve_metric
-
-    resolve_metric(cfg)
+    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric)
     cfg, base, _ = starting_point(cfg)  # a registry base: resolved, downloaded (cached), fit for the job
     dataset = cfg.data.dataset
     if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
@@ -148,35 +114,18 @@ def precheck(cfg: JobConfig) -> None:
     finally:
         quiet.setLevel(level)
     if cfg.peft == "lora":  # targets peft can resolve for this architecture (else get_peft_model fails after data work)
-        from tasks.adapters import check_lora
-
         check_lora(cfg.train.model, cfg.lora.target_modules, cfg.recipe.hf_task)
     check_data(cfg.data, getattr(cfg, "num_labels", None))
     if base is not None and cfg.recipe.needs_labels:
-        from tasks.base_model import check_labels, local_dir, trained_labels
-
         path = local_dir(base.uri, base)
         if trained_labels(path) is not None:  # a classifier version (warm start): its labels against the data's
-            from tasks.data import prepare_dataset  # the flow's load reuses the prepared (cached) data
-
+            # the flow's load reuses the prepared (cached) data
             names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None)).label_names
             check_labels(path, names, base.requested)
 
 
 def run_training(cfg: JobConfig) -> dict:
     """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
-    from tasks import tracking
-    from tasks.common import cached_path_result, run_logger
-    from tasks.data import load_dataset_task
-    from tasks.tokenize import check_model, tokenize_job_task
-    from tasks.training import build_loaders_task, train_task
-
-    from flows.lifecycle import publish_model
-    from flows.monitoring import MonitoredMetrics, summary_artifact, train_task_run_name
-    from flows.promotion import resolve_metric
-
-    from tasks import output
-
     output.configure()  # a worker's flow run starts here: no bars in its log, no unactionable notices
     recipe = cfg.recipe
     logger = run_logger(__name__)
@@ -188,7 +137,7 @@ def run_training(cfg: JobConfig) -> dict:
         logger.info("%s", base_note)
     check = task(recipe.check_model or check_model, name="check-model", cache_policy=NO_CACHE)
     info = check(cfg.train.model, cfg.data.max_length)
-    resolve_metric(cfg)
+    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric)
     # --- data: load (validated, split, cached by content), tokenize the job's way
     num_labels = getattr(cfg, "num_labels", None)
     data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, path_of=lambda d: d.path)
@@ -196,44 +145,24 @@ def run_training(cfg: JobConfig) -> dict:
                 f", labels {data.label_names}" if data.label_names else "")
     spec = cfg.spec(data.label_names)
     if base is not None and recipe.needs_labels:  # a classifier version keeps its head only for the same labels
-        from tasks.base_model import check_labels, local_dir
-
         check_labels(local_dir(base.uri, base), data.label_names, base.requested)
     tokenized = cached_path_result(tokenize_job_task, data.path, cfg.train.model, spec)
     stats = recipe.data_stats(tokenized) if recipe.data_stats else {}
     if stats:
         logger.info("tokenized: %s", ", ".join(f"{k} {v}" for k, v in stats.items()))
 
+    # --- the run: train -> log -> retention -> publish (flows/lifecycle.py, the path a sweep trial takes too)
     with sigterm_as_exception(), mlflow_run(cfg) as run_id:
         run_dir = run_dir_for(cfg, run_id)
         tracking.log_params_once(run_id, {f"data.{k}": v for k, v in stats.items()})
         if recipe.run_tags:
             tracking.set_tags(run_id, recipe.run_tags(info or {}, data))
-        new_weights = record_lineage(run_id, base, spec, cfg.warm_start) if base is not None else None
-        loaders = build_loaders_task(tokenized, spec)
-        mlflow_metrics = tracking.MetricsLogger(run_id)
-        on_metrics = MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
-                                      label=f"{cfg.registered_model} ({cfg.engine})")
-        result = train_task.with_options(task_run_name=train_task_run_name)(
-            spec, tokenized, str(run_dir), loaders=loaders, on_metrics=on_metrics, on_step=mlflow_metrics
-        )
-        tracking.log_device(run_id, result.device)
-        tracking.set_tags(run_id, selection_tags(result))
-        tracking.log_params_once(run_id, {"trainable_parameters": result.trainable_parameters})
-        if result.train_samples_per_second:
-            mlflow_metrics({"train_samples_per_second": result.train_samples_per_second}, cfg.train.epochs)
-        _, text = log_evaluation(run_id, str(run_dir), result.model_dir, result.history, spec, result.steps_per_epoch)
-        outcome = publish_model(cfg, run_id, result.model_dir, result.final, data_path=data.path,
-                                tokenized_path=tokenized, history=result.history, probe=result.probe)
-    model_dir: str | None = result.model_dir
-    if not cfg.train.keep_checkpoints:
-        # The run finished and its model is logged: nothing can resume it, so its checkpoints and model copy go
-        # (a failed or killed run never gets here and keeps them for --resume and the Prefect retry).
-        from tasks.disk import human_bytes, prune_run_dir
-
-        logger.info("removed the finished run's checkpoints and model copy from %s (%s; --keep-checkpoints keeps "
-                    "them)", run_dir, human_bytes(prune_run_dir(run_dir)))
-        model_dir = None
+        if base is not None:
+            record_lineage(run_id, base, cfg.warm_start)
+        done = lifecycle.train_log_publish(cfg, spec, run_id, run_dir, tokenized, data.path,
+                                           loaders=build_loaders_task(tokenized, spec))
+        result, outcome = done.result, done.outcome
+        new_weights = record_new_weights(run_id, result) if base is not None else None
     metrics = {k: v for k, v in result.final.items() if k != "epoch"}
     if result.history and result.history[0].get("epoch") == 0:
         metrics.update({f"epoch0_{k}": v for k, v in result.history[0].items() if k != "epoch"})
@@ -243,10 +172,10 @@ def run_training(cfg: JobConfig) -> dict:
     print(f"  registered epoch       {selection_note(result, cfg.train.select)}")
     if base_note:
         print(f"  started from           {base_note}")
-    if text:
-        print(text)
+    if done.text:
+        print(done.text)
     return {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, **outcome, "history": result.history,
-            "model_dir": model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
+            "model_dir": done.model_dir, "selected_epoch": result.selected_epoch, "best_epoch": result.best_epoch,
             "stopped_early_at": result.stopped_early_at,
             "device": result.device, "train_samples_per_second": result.train_samples_per_second,
             "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
@@ -260,8 +189,6 @@ def flow_for(job: str):
     `<job>_flow` of a module `flows/<job>.py` when there is one (a stable deployment entrypoint, as for classify and
     mlm), else one generated here. A generated flow is also an attribute of this module (`flows/train.py:<job>_flow`,
     see `__getattr__`), so a worker that registers the same job can load its deployments by entrypoint."""
-    import importlib.util
-
     if importlib.util.find_spec(f"flows.{job}") is not None:
         own = getattr(importlib.import_module(f"flows.{job}"), f"{job}_flow", None)
         if own is not None:
@@ -280,8 +207,6 @@ def flow_for(job: str):
 def __getattr__(name: str):
     """`flows.train.<job>_flow` for any registered job (PEP 562), the entrypoint of a generated flow."""
     if name.endswith("_flow"):
-        from tasks import jobs
-
         if name[: -len("_flow")] in jobs.all_jobs():
             return flow_for(name[: -len("_flow")])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -291,9 +216,6 @@ def run_job(cfg: JobConfig) -> dict:
     """Runs the training flow of `cfg`'s job and returns its result dict (the CLI's entry). First the housekeeping a
     crash of an earlier command needs: its MLflow runs of this experiment whose process died are marked KILLED, and
     Prefect's temporary server (no PREFECT_API_URL) is started tied to this process, so a kill -9 leaves no orphan."""
-    from flows.ephemeral import own_temporary_server
-    from tasks.liveness import sweep_quietly
-
     sweep_quietly([cfg.experiment])
     own_temporary_server()
     return flow_for(cfg.job)(cfg)

@@ -36,6 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks import tracking
+
 TASKS = ("text-classification", "fill-mask")
 BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -297,8 +299,6 @@ def requirements_with_peft(base: list[str] | None = None) -> list[str]:
     requirements add torchvision."""
     from importlib.metadata import version
 
-    from tasks import tracking
-
     reqs = list(base if base is not None else tracking.pip_requirements())
     if not any(r.split("=")[0].strip().lower() == "peft" for r in reqs):
         reqs.append(f"peft=={version('peft')}")
@@ -345,8 +345,6 @@ def log_model(
     A dir without an adapter goes to `tasks.tracking.log_model` unchanged."""
     import mlflow
     from transformers import AutoTokenizer
-
-    from tasks import tracking
 
     if not is_adapter_dir(model_dir):
         return tracking.log_model(run_id, str(model_dir), hf_task, input_example)

@@ -1,4 +1,5 @@
-"""Evaluation: loss, accuracy and macro-F1 for classifiers; the confusion matrix for the final model."""
+"""Evaluation: loss, accuracy and macro-F1 for classifiers, the majority-class baseline, the confusion matrix and loss
+curve of the final model, and the probe scores a registered model is checked against (`tasks.promotion`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -123,56 +124,6 @@ def loss_curve_artifact(history: list[dict], out_dir: str | Path, step_losses: l
     return str(out / "loss_curve.png")
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """Identifies what a tokenizer produces (vocabulary, normalisation, special tokens), not where it lives."""
-    import hashlib
-    import json
-
-    backend = getattr(tok, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
-    return hashlib.sha256((blob + tok.padding_side + type(tok).__name__).encode()).hexdigest()[:16]
-
-
-def _registered_for_eval(model_uri: str, spec, data_path: str, tokenized_path: str | None):
-    """A registry model ready for its job's evaluation: (model, eval loader, device, dtype, tokenized path). When
-    the model's tokenizer produces what the run's did, the run's tokenized eval split is used as is (same batches,
-    same masks); otherwise the eval texts are tokenized again with the model's tokenizer."""
-    import mlflow
-    from transformers import AutoTokenizer
-
-    from tasks import tracking
-    from tasks.common import cache_root, resolve_model
-    from tasks.device import amp_dtype, select_device
-    from tasks.loaders import build_dataloaders
-
-    recipe = spec.recipe
-    tracking.configure()
-    pipe = mlflow.transformers.load_model(model_uri)
-    model, tok = pipe.model, pipe.tokenizer
-    run_tok = AutoTokenizer.from_pretrained(resolve_model(spec.train.model))
-    if tokenized_path is None or tokenizer_fingerprint(tok) != tokenizer_fingerprint(run_tok):
-        tok_dir = cache_root() / "tokenizers" / tokenizer_fingerprint(tok)  # stable path: a stable cache key
-        if not (tok_dir / "config.json").exists():  # the tokenizer, and the config that says what the model takes
-            tok.save_pretrained(tok_dir)
-            model.config.save_pretrained(tok_dir)
-        tokenized_path = recipe.tokenize(data_path, str(tok_dir), spec)
-    t = spec.train
-    loader = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
-                               collator=recipe.collator(tok, spec))["eval"]
-    remap = recipe.align_eval(model, spec) if recipe.align_eval else None
-    device = select_device(t.device)
-    model.to(device)
-    return model, (_Mapped(loader, remap) if remap else loader), device, amp_dtype(device, t.precision), tokenized_path
-
-
-def evaluate_registered(model_uri: str, spec, data_path: str, tokenized_path: str | None = None) -> dict[str, float]:
-    """A registry model scored by its job's own evaluation on the run's eval split (see `_registered_for_eval`):
-    on the run's own tokenized data the score equals the run's final metric."""
-    model, loader, device, dtype, _ = _registered_for_eval(model_uri, spec, data_path, tokenized_path)
-    r = spec.recipe.evaluate(model, loader, device, dtype, desc="promotion eval")
-    return {k: v for k, v in r.items() if isinstance(v, float)}
-
-
 PROBE_ROWS = 8
 
 
@@ -183,33 +134,3 @@ def probe_scores(model, loader, spec, device, dtype, rows: int = PROBE_ROWS) -> 
     probe = {k: v[:rows] for k, v in first.items()}
     r = spec.recipe.evaluate(model, [probe], device, dtype, desc="probe")
     return {k: v for k, v in r.items() if isinstance(v, float)}
-
-
-def check_registered(model_uri: str, spec, data_path: str, tokenized_path: str, expected: dict[str, float],
-                     rel_tol: float = 1e-3, abs_tol: float = 1e-5) -> str | None:
-    """None when the registry model scores what the trained model scored on the probe batches (`expected`, from
-    `probe_scores` at the end of training), else what differs. Same weights give the same numbers up to float
-    noise; another epoch's or a corrupted model's differ by far more than 0.1%."""
-    import math
-
-    model, loader, device, dtype, used = _registered_for_eval(model_uri, spec, data_path, tokenized_path)
-    if used != tokenized_path:
-        return "the registered model's tokenizer differs from the one it was trained with"
-    got = probe_scores(model, loader, spec, device, dtype)
-    bad = [f"{k} {got.get(k)} vs {v} trained" for k, v in expected.items()
-           if not math.isclose(got.get(k, math.nan), v, rel_tol=rel_tol, abs_tol=abs_tol)]
-    return ("the registered model does not reproduce the trained one on the probe batch: " + ", ".join(bad)
-            if bad else None)
-
-
-class _Mapped:
-    """A loader whose batches go through `fn` (e.g. labels renumbered to a model's own label ids)."""
-
-    def __init__(self, loader, fn):
-        self.loader, self.fn = loader, fn
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return (self.fn(b) for b in self.loader)

@@ -359,16 +359,15 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = None) -> str:
-    """Logs the saved checkpoint with MLflow's transformers flavor; returns the logged model's URI. A LoRA model dir
-    is logged as its adapter plus a reference to its base (`tasks.adapters.log_model`)."""
+    """Logs a saved full model dir with MLflow's transformers flavor; returns the logged model's URI. Any model dir,
+    a LoRA one too (logged as its adapter plus a reference to its base): `tasks.adapters.log_model`, which comes
+    here for a full model."""
+    # mlflow.transformers and transformers pull in torch: loaded when a model is logged, not at import
     import mlflow
     from transformers import pipeline
 
-    from tasks import adapters
-
-    if adapters.is_adapter_dir(model_dir):
-        return adapters.log_model(run_id, model_dir, hf_task, input_example)
-
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"{model_dir} holds a LoRA adapter: log it with tasks.adapters.log_model")
     configure()
     with on_run(run_id):
         # MLflow files a logged model under the *active* experiment (else "Default"), not the run's: point it there.

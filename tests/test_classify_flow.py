@@ -55,17 +55,18 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     assert str(mv.version) == "1" and mv.run_id == run.info.run_id and out["version"] == "1"
     # one evaluation per job: promotion took the run's final metrics and only checked the registered model on the
     # probe batch; a full evaluation of the registered model gives the same numbers (what makes the reuse sound)
-    from flows.promotion import eval_data_for_version, eval_fingerprint, evaluate_registered
+    from flows.promotion import eval_data_for_version
+    from tasks.promotion import eval_fingerprint, evaluate_registered
 
     assert out["promotion"]["challenger_error"] is None
     scores = out["promotion"]["challenger_scores"]
     v1_cfg, data_path, tokenized_path = eval_data_for_version("tiny-sentiment", "1")
-    full = evaluate_registered("models:/tiny-sentiment/1", v1_cfg, data_path, tokenized_path)
+    full = evaluate_registered("models:/tiny-sentiment/1", v1_cfg.spec(), data_path, tokenized_path)
     for name, key in (("f1", "eval_f1"), ("accuracy", "eval_accuracy"), ("loss", "eval_loss")):
         assert scores[name] == pytest.approx(out["metrics"][key], abs=1e-6), name
         assert full[name] == pytest.approx(out["metrics"][key], abs=1e-6), name
     # ... and recorded on the version under the eval set's fingerprint, for when it is the champion
-    fp = eval_fingerprint(v1_cfg, tokenized_path)
+    fp = eval_fingerprint(v1_cfg.spec(), tokenized_path)
     tags = c.get_model_version("tiny-sentiment", "1").tags
     assert json.loads(tags["eval.scores"])[fp]["f1"] == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
 
@@ -97,7 +98,7 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
 
     # a second run registers version 2 without losing version 1; the champion is not evaluated again (its scores
     # on this eval set are on its version), and nothing else is evaluated in full either
-    import flows.promotion as promotion
+    import tasks.promotion as promotion
 
     full_evals = []
     real = promotion._evaluate
@@ -109,7 +110,7 @@ def test_classify_flow_tracks_registers_and_predicts(sentiment_csv, tiny_model_d
     assert out2["version"] == "2" and full_evals == []
     assert out2["promotion"]["champion_scores"]["f1"] == pytest.approx(out["metrics"]["eval_f1"], abs=1e-9)
     # the probe check tells models apart: version 2 does not reproduce version 1's trained weights
-    from tasks.evaluate import check_registered
+    from tasks.promotion import check_registered
 
     spec = v1_cfg.spec(["negative", "positive"])
     assert check_registered("models:/tiny-sentiment/1", spec, data_path, tokenized_path, out["probe"]) is None

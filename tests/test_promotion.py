@@ -9,7 +9,7 @@ import math
 import pytest
 
 from flows.config import ClassifyConfig, ConfigError, MLMConfig
-from flows.promotion import decide, resolve_metric
+from tasks.promotion import decide, resolve_metric
 
 
 # --- the rule ------------------------------------------------------------------------------------------------
@@ -146,12 +146,12 @@ def test_champion_that_cannot_be_evaluated_blocks_automatic_promotion():
 
 
 def test_metric_names_defaults_and_synonyms():
-    assert resolve_metric(ClassifyConfig()) == "f1"
-    assert resolve_metric(MLMConfig()) == "perplexity"
+    assert resolve_metric(ClassifyConfig().spec()) == "f1"
+    assert resolve_metric(MLMConfig().spec()) == "perplexity"
     assert resolve_metric("classify", "macro-F1") == "f1"
     assert resolve_metric("classify", "eval_loss") == "loss"
     assert resolve_metric("mlm", "eval_perplexity") == "perplexity"
-    assert resolve_metric(ClassifyConfig(tracking={"promotion_metric": "accuracy"})) == "accuracy"
+    assert resolve_metric(ClassifyConfig(tracking={"promotion_metric": "accuracy"}).spec()) == "accuracy"
     with pytest.raises(ConfigError, match="perplexity"):
         resolve_metric("classify", "perplexity")
     with pytest.raises(ConfigError, match="one of"):
@@ -189,7 +189,7 @@ def fake_versions(store):
 
 def _patch_scores(monkeypatch, scores: dict[str, float | Exception], smoke: dict[str, str | None] | None = None,
                   baseline: float = 0.1):
-    import flows.promotion as p
+    import tasks.promotion as p
 
     monkeypatch.setattr(p, "baseline_scores", lambda cfg, name, version, data_path, history: (
         {"f1": baseline, "accuracy": baseline, "loss": 1 - baseline}, None))
@@ -205,7 +205,7 @@ def _patch_scores(monkeypatch, scores: dict[str, float | Exception], smoke: dict
 
 
 def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch):
-    from flows.promotion import champion_challenger
+    from tasks.promotion import champion_challenger
     from tasks import registry
 
     name, add = fake_versions
@@ -213,12 +213,12 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
     _patch_scores(monkeypatch, {"1": 0.60, "2": 0.63, "3": 0.70})
 
     v1 = add()
-    r1 = champion_challenger(cfg, name, v1, data_path="unused")
+    r1 = champion_challenger(cfg.spec(), name, v1, margin=cfg.tracking.promotion_margin, data_path="unused")
     assert r1["promoted"] and registry.alias_version(name, "champion") == "1"
 
     v2 = add()
     registry.set_alias(name, "challenger", v2)
-    r2 = champion_challenger(cfg, name, v2, data_path="unused")
+    r2 = champion_challenger(cfg.spec(), name, v2, margin=cfg.tracking.promotion_margin, data_path="unused")
     assert not r2["promoted"] and registry.alias_version(name, "champion") == "1"
     assert registry.alias_version(name, "challenger") == "2"
     tags = registry.get_version(name, "2").tags
@@ -232,7 +232,7 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
 
     v3 = add()
     registry.set_alias(name, "challenger", v3)
-    r3 = champion_challenger(cfg, name, v3, data_path="unused")
+    r3 = champion_challenger(cfg.spec(), name, v3, margin=cfg.tracking.promotion_margin, data_path="unused")
     assert r3["promoted"] and r3["champion_score"] == pytest.approx(0.60) and r3["challenger_score"] == pytest.approx(0.70)
     assert registry.aliases(name) == {"champion": "3", "previous-champion": "1"}  # the winner no longer `challenger`
     assert registry.get_version(name, "3").tags["promotion.decision"] == "promoted"
@@ -241,7 +241,7 @@ def test_champion_moves_only_when_the_challenger_wins(fake_versions, monkeypatch
 
 @pytest.mark.parametrize("failure", ["evaluation", "smoke"])
 def test_failed_challenger_keeps_the_champion(fake_versions, monkeypatch, failure):
-    from flows.promotion import champion_challenger
+    from tasks.promotion import champion_challenger
     from tasks import registry
 
     name, add = fake_versions
@@ -252,32 +252,32 @@ def test_failed_challenger_keeps_the_champion(fake_versions, monkeypatch, failur
         _patch_scores(monkeypatch, {"1": 0.5, "2": OSError("weights missing")})
     else:
         _patch_scores(monkeypatch, {"1": 0.5, "2": 0.99}, smoke={"2": "KeyError: 'label'"})
-    r = champion_challenger(ClassifyConfig(), name, v2, data_path="unused")
+    r = champion_challenger(ClassifyConfig().spec(), name, v2, data_path="unused")
     assert not r["promoted"] and registry.alias_version(name, "champion") == "1"
     assert r["challenger_error"] and registry.get_version(name, "2").tags["promotion.decision"] == "rejected"
 
 
 def test_first_version_that_fails_smoke_is_not_champion(fake_versions, monkeypatch):
-    from flows.promotion import champion_challenger
+    from tasks.promotion import champion_challenger
     from tasks import registry
 
     name, add = fake_versions
     _patch_scores(monkeypatch, {"1": 0.9}, smoke={"1": "RuntimeError: boom"})
-    r = champion_challenger(ClassifyConfig(), name, add(), data_path="unused")
+    r = champion_challenger(ClassifyConfig().spec(), name, add(), data_path="unused")
     assert not r["promoted"] and registry.alias_version(name, "champion") is None
 
 
 def test_version_below_the_floor_gets_no_alias(fake_versions, monkeypatch):
     """The quality floor decides whether a version gets an alias at all: below it (or with non-finite metrics),
     no alias and a reason tag; `challenger` keeps pointing at the last candidate above it."""
-    from flows.promotion import champion_challenger
+    from tasks.promotion import champion_challenger
     from tasks import registry
 
     name, add = fake_versions
     _patch_scores(monkeypatch, {"1": 0.5, "2": 0.8, "3": 0.7, "4": 0.5, "5": float("nan")}, baseline=0.5)
     cfg = ClassifyConfig(tracking={"promotion_margin": 0.05})
     v1 = add()
-    r = champion_challenger(cfg, name, v1, data_path="unused")
+    r = champion_challenger(cfg.spec(), name, v1, margin=cfg.tracking.promotion_margin, data_path="unused")
     assert not r["promoted"] and not r["qualified"] and registry.aliases(name) == {}
     assert "does not beat the majority-class baseline: f1 0.5000 vs baseline 0.5000" in r["decision"]
     assert "gets no alias (no challenger)" in r["decision"]
@@ -285,11 +285,11 @@ def test_version_below_the_floor_gets_no_alias(fake_versions, monkeypatch):
     tags = registry.get_version(name, "1").tags
     assert tags["promotion.decision"] == "rejected" and float(tags["promotion.baseline_score"]) == pytest.approx(0.5)
     assert tags["promotion.reason"].startswith("no alias: does not beat the majority-class baseline")
-    assert champion_challenger(cfg, name, add(), data_path="unused")["promoted"]  # v2: champion
-    r3 = champion_challenger(cfg, name, add(), data_path="unused")  # v3: above the floor, loses: challenger
+    assert champion_challenger(cfg.spec(), name, add(), margin=cfg.tracking.promotion_margin, data_path="unused")["promoted"]  # v2: champion
+    r3 = champion_challenger(cfg.spec(), name, add(), margin=cfg.tracking.promotion_margin, data_path="unused")  # v3: above the floor, loses: challenger
     assert r3["qualified"] and not r3["promoted"] and registry.alias_version(name, "challenger") == "3"
     for bad in ("4", "5"):  # at the floor, then non-finite: challenger stays on v3
-        r = champion_challenger(cfg, name, add(), data_path="unused")
+        r = champion_challenger(cfg.spec(), name, add(), margin=cfg.tracking.promotion_margin, data_path="unused")
         assert not r["qualified"] and f"gets no alias (challenger stays v3)" in r["decision"], r["decision"]
         assert registry.aliases(name) == {"champion": "2", "challenger": "3"}
         assert registry.get_version(name, bad).tags["promotion.reason"].startswith("no alias: ")
@@ -297,7 +297,7 @@ def test_version_below_the_floor_gets_no_alias(fake_versions, monkeypatch):
 
 
 def test_score_cache_is_one_json_tag_and_old_tags_still_read(fake_versions):
-    from flows.promotion import stored_scores, store_scores
+    from tasks.promotion import stored_scores, store_scores
     from tasks import registry
 
     name, add = fake_versions
@@ -315,7 +315,7 @@ def test_score_cache_is_one_json_tag_and_old_tags_still_read(fake_versions):
 
 def test_baseline_from_the_version_run_when_no_history_is_given(store, monkeypatch):
     """Outside the training flow (no history passed) the MLM floor is read back from the version's run metrics."""
-    import flows.promotion as p
+    import tasks.promotion as p
     from tasks import registry, tracking
 
     run_id = tracking.start_run("cc", "r", {"job": "mlm"})
@@ -323,9 +323,9 @@ def test_baseline_from_the_version_run_when_no_history_is_given(store, monkeypat
     log({"eval_loss": 6.0, "perplexity": 403.0, "eval_masked_accuracy": 0.05}, 0)
     log({"train_loss": 5.5, "eval_loss": 5.0, "perplexity": 148.0, "eval_masked_accuracy": 0.1}, 1)
     v = registry.register_model(f"runs:/{run_id}/model", "cc-mlm", run_id)
-    scores, err = p.baseline_scores(MLMConfig(), "cc-mlm", v, "unused", None)
+    scores, err = p.baseline_scores(MLMConfig().spec(), "cc-mlm", v, "unused", None)
     assert err is None and scores == {"loss": 6.0, "perplexity": 403.0, "accuracy": 0.05}
-    scores, err = p.baseline_scores(ClassifyConfig(), "cc-mlm", v, "/no/such/data", None)
+    scores, err = p.baseline_scores(ClassifyConfig().spec(), "cc-mlm", v, "/no/such/data", None)
     assert scores is None and err  # the classification floor needs the eval data
 
 
@@ -359,18 +359,18 @@ def tiny_registered(store, tiny_model_dir, sentiment_csv):
 
 @pytest.mark.slow
 def test_evaluate_registered_models(tiny_registered):
-    from flows.promotion import evaluate_registered, smoke_test
+    from tasks.promotion import evaluate_registered, smoke_test
 
     uris, clf_data, mlm_data = tiny_registered
     # no tokenized split given: the eval texts are tokenized (and, for MLM, masked once) with the model's tokenizer
     clf_cfg = ClassifyConfig(data={"max_length": 32})
-    clf = evaluate_registered(uris["clf"], clf_cfg, clf_data)
+    clf = evaluate_registered(uris["clf"], clf_cfg.spec(), clf_data)
     assert set(clf) == {"loss", "accuracy", "f1"} and 0 <= clf["accuracy"] <= 1
     assert clf["loss"] == pytest.approx(math.log(2), abs=0.1)  # an untrained 2-class head: near chance
     mlm_cfg = MLMConfig(data={"max_length": 32})
-    mlm = evaluate_registered(uris["mlm"], mlm_cfg, mlm_data)
+    mlm = evaluate_registered(uris["mlm"], mlm_cfg.spec(), mlm_data)
     assert mlm["perplexity"] == pytest.approx(math.exp(mlm["loss"])) and mlm["perplexity"] > 100  # random weights
-    assert evaluate_registered(uris["mlm"], mlm_cfg, mlm_data) == mlm  # masks fixed once: same score twice
+    assert evaluate_registered(uris["mlm"], mlm_cfg.spec(), mlm_data) == mlm  # masks fixed once: same score twice
     assert smoke_test(uris["clf"], "classify") is None
     assert smoke_test(uris["mlm"], "mlm") is None
     assert smoke_test("models:/no-such-model/1", "classify")

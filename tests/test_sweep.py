@@ -2,6 +2,7 @@
 on a local Ray through prefect-ray's RayTaskRunner, under the Prefect test server with MLflow on sqlite."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,51 @@ def test_sweep_cli_bad_input_is_one_line_before_prefect(tmp_path):
         "error: dataset file '/no/such/file.csv' not found: pass an existing CSV/JSON/JSONL/Parquet/TXT file, or a Hub "
         "dataset id"]
     assert "temporary server" not in out  # found before Prefect (or Ray) started
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_trial_and_a_run_log_the_same(tmp_path, isolated):
+    """One path from a config to a logged model: a sweep trial (no Ray: its plain function, nested under a parent
+    run) and the training flow's run of the same config log the same evaluation artifacts, the same model files and
+    the same input example, written in the model's own mask token (`<mask>` for this tiny RoBERTa); only the run
+    registers its model."""
+    import mlflow
+
+    from conftest import build_family
+    from flows.config import MLMConfig
+    from flows.mlm import mlm_flow
+    from flows.sweep import train_trial
+    from tasks import tracking
+    from tasks.data import prepare_dataset
+
+    model = build_family("roberta", tmp_path / "roberta")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("this is a great movie !\nthe cat sat on the mat .\n" * 20)
+    cfg = MLMConfig(engine="manual", group_texts=False,
+                    data={"dataset": str(corpus), "max_length": 16, "eval_fraction": 0.25},
+                    train={"model": model, "epochs": 1, "batch_size": 8, "output_dir": str(tmp_path / "out")},
+                    tracking={"registered_model": "tiny-roberta-mlm"})
+    run = mlm_flow(cfg)
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    spec = cfg.spec(data.label_names)
+    parent = tracking.start_run(cfg.experiment, "sweep-parent", {}, {"finetune.sweep": "true"})
+    trial = train_trial(cfg, parent, 0, {}, data.path, cfg.recipe.tokenize(data.path, model, spec), data.label_names)
+    assert trial["status"] == "FINISHED", trial.get("error")
+
+    c = tracking.client()
+    assert c.get_run(trial["run_id"]).data.tags["mlflow.parentRunId"] == parent
+
+    def logged(run_id: str, model_uri: str) -> tuple[set, set, list]:
+        evals = {a.path.split("/")[-1] for a in c.list_artifacts(run_id, "eval")}
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / run_id))
+        files = {str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file()}
+        return evals, files, json.loads((Path(local) / "input_example.json").read_text())
+
+    run_evals, run_files, run_example = logged(run["run_id"], run["logged_model_uri"])
+    trial_evals, trial_files, trial_example = logged(trial["run_id"], trial["_model_uri"])
+    assert run_evals == trial_evals and {"loss_curve.png", "metrics.json", "fill_mask_examples.json"} <= run_evals
+    assert run_files == trial_files
+    assert run_example == trial_example and "<mask>" in json.dumps(run_example) and "[MASK]" not in json.dumps(run_example)
+    assert run["version"] == "1" and "version" not in trial  # only the run registered its model
+    assert [mv.run_id for mv in c.search_model_versions("name = 'tiny-roberta-mlm'")] == [run["run_id"]]

@@ -111,7 +111,7 @@ class Recipe:
     example_from: Callable[[str], str | None] | None = None
     # The quality floor: (prepared data path, the run's history, spec) -> the trivial baseline's scores on the same
     # eval data, by canonical promotion metric name. No version becomes champion, not even the first, unless it
-    # beats it (flows/promotion.py). None, or a metric the hook does not score: no floor for that metric.
+    # beats it (tasks/promotion.py). None, or a metric the hook does not score: no floor for that metric.
     baseline: Callable[[str, list[dict], JobSpec], dict[str, float]] | None = None
     baseline_name: str = "trivial"                                  # named in the decision: "the <name> baseline"
     needs_labels: bool = True                                       # labelled data (label names, num_labels)
@@ -150,7 +150,7 @@ SYNONYMS = {
 
 def resolve_metric(job: str, metric: str | None = None) -> str:
     """Canonical promotion metric name of a job (its default when None); an unknown or unfitting name is a
-    ConfigError. `flows.promotion.resolve_metric` is the public entry (it also takes a job config)."""
+    ConfigError. `tasks.promotion.resolve_metric` also takes a JobSpec."""
     p = get(job).promotion
     if metric is None:
         return p.default

@@ -133,6 +133,7 @@ class TrainResult(BaseModel):
     probe: dict[str, float] = {}  # the saved weights' scores on the first eval batch (see tasks.evaluate.probe_scores)
     total_parameters: int | None = None
     steps_per_epoch: int | None = None  # optimizer steps: places the train_loss_step points on the epoch axis
+    new_weights: list[str] = []  # weights the starting checkpoint did not ship (`mark_new_weights`: a new head)
 
 
 class FitOutput(BaseModel):

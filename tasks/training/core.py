@@ -12,8 +12,8 @@ import yaml
 
 from tasks.training.config import MetricsFn, TrainResult
 from tasks.training.loop import fit_manual
-from tasks.training.prepare import (attention_implementation, build_loaders, model_for_training, resume_on_retry,
-                                    training_attention)
+from tasks.training.prepare import (NEW_WEIGHT_NAMES, attention_implementation, build_loaders, model_for_training,
+                                    resume_on_retry, training_attention)
 from tasks.training.selection import track_best
 from tasks.training.trainer import fit_hf
 
@@ -150,5 +150,5 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
         selected_epoch=selected, best_epoch=progress.best_epoch, selection_metric=key, stopped_early_at=stopped_early_at,
         train_samples_per_second=out.samples_per_second, resumed_from=out.resumed_from,
         trainable_parameters=trainable, total_parameters=total, probe=probe,
-        steps_per_epoch=out.steps_per_epoch,
+        steps_per_epoch=out.steps_per_epoch, new_weights=list(getattr(model, NEW_WEIGHT_NAMES, [])),
     )

@@ -119,6 +119,7 @@ def with_loader_options(dl, **opts):
 
 
 NEW_WEIGHTS = "_finetune_new_weights"
+NEW_WEIGHT_NAMES = "_finetune_new_weight_names"  # the same record by name, as loaded (before any adapter)
 
 
 def mark_new_weights(model, loading_info: dict):
@@ -126,6 +127,7 @@ def mark_new_weights(model, loading_info: dict):
     `missing_keys`: a new head), so that `head_learning_rate_scale` can find them; returns the model."""
     missing = set(loading_info.get("missing_keys", ()))
     setattr(model, NEW_WEIGHTS, {id(p) for n, p in model.named_parameters() if n in missing})
+    setattr(model, NEW_WEIGHT_NAMES, sorted(n for n, _ in model.named_parameters() if n in missing))
     return model
 
 def model_for_training(spec: "JobSpec", tokenized_path: str, device):
