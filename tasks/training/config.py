@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT
 
 MetricsFn = Callable[[dict, int], None]
+# Called after each evaluation during training with (epoch, that evaluation's metrics); it may stop the run by
+# raising (a sweep's pruner: tasks.search.TrialPruned), which propagates out of `train` as it is.
+EvalHook = Callable[[int, dict], None]
 STEP_LOSS = "train_loss_step"  # the step-level series; `train_loss` stays the per-epoch mean (step = epoch)
 
 
