@@ -306,7 +306,6 @@ def prepare_trial(sweep: SweepConfig, index: int, overrides: dict[str, Any]) -> 
             "tokenized_path": cfg.recipe.tokenize(data.path, cfg.train.model, spec), "label_names": data.label_names}
 
 
-MAX_REPEATS = 50  # proposals in a row that repeat a trial already run: the sampler has converged, the run ends
 
 
 @flow(name="sweep-trials", flow_run_name="sweep-trials")
@@ -315,7 +314,8 @@ def trials_flow(sweep: SweepConfig, parent_run_id: str, study_name: str, metric_
     """The ask/tell loop, run with a RayTaskRunner: at most `max_concurrent` trials in flight, each with its Ray
     resources; a freed slot asks the study for the next trial (grid/random: the next of `plan`, enqueued; an
     Optuna sampler: chosen from every trial told so far), and each trial's end is told to the study. A proposal
-    that repeats a finished or running trial is not trained (closed as FAIL, marked as a duplicate)."""
+    that repeats a finished or running trial is not trained (closed as FAIL, marked as a duplicate) and an untried
+    point, drawn at random (seeded), runs in its place."""
     import optuna
     from prefect.futures import as_completed
     from prefect_ray.context import remote_options
@@ -332,32 +332,33 @@ def trials_flow(sweep: SweepConfig, parent_run_id: str, study_name: str, metric_
                               pruner=search.make_pruner(sweep.pruner, startup))
     params = space(sweep)
     dists = search.distributions(params, int_fields(sweep))
-    size = search.space_size(dists)
     queue = list(plan) if plan is not None else None
     rows: list[dict] = []
     running: dict = {}  # future -> trial number
-    started, repeats = 0, 0
+    started = 0
 
     def ask():
-        nonlocal repeats
-        while True:
-            if queue is not None:
-                if not queue:
-                    return None
-                study.enqueue_trial(search.encode(params, queue.pop(0)))
-            elif len(search.finished(study)) + len(running) >= size:
-                log.info("sweep: every point of the search space has been tried")
+        if queue is not None:
+            if not queue:
                 return None
-            elif repeats >= MAX_REPEATS:
-                log.info("sweep: the sampler proposed %d trials in a row that were already run: stopping", repeats)
-                return None
-            trial = study.ask(dists)
-            other = search.duplicate_of(study, trial) if queue is None else None
-            if other is None:
-                repeats = 0
-                return trial
-            search.reject_duplicate(study, trial, other)
-            repeats += 1
+            study.enqueue_trial(search.encode(params, queue.pop(0)))
+            return study.ask(dists)
+        trial = study.ask(dists)
+        other = search.duplicate_of(study, trial)
+        if other is None:
+            return trial
+        search.reject_duplicate(study, trial, other)
+        from optuna.trial import TrialState
+
+        tried = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                            TrialState.RUNNING))]
+        point = search.untried_point(dists, tried, sweep.seed + trial.number)
+        if point is None:
+            log.info("sweep: every point of the search space has been tried")
+            return None
+        log.info("sweep: the sampler proposed trial %d's parameters again: an untried point instead", other)
+        study.enqueue_trial(point)
+        return study.ask(dists)
 
     with remote_options(num_cpus=sweep.resources.cpus, num_gpus=sweep.resources.gpus):
         while True:

@@ -242,6 +242,40 @@ def duplicate_of(study, trial) -> int | None:
     return None
 
 
+def untried_point(dists: dict[str, Any], tried: list[dict[str, Any]], seed: int) -> dict[str, Any] | None:
+    """A point of a finite space that no trial in `tried` (Optuna params) has, drawn at random (seeded); None when
+    every point has been tried. What replaces a repeated proposal: TPE's choice over categories is an argmax, so in
+    a small space it proposes the same point again and again once it has settled."""
+    import itertools
+    import random
+
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    def values(d):
+        if isinstance(d, CategoricalDistribution):
+            return list(d.choices)
+        return list(range(d.low, d.high + 1, d.step))
+
+    rng = random.Random(seed)
+    names = list(dists)
+    seen = {tuple(t.get(n) for n in names) for t in tried}
+    if space_size(dists) <= 100_000:
+        rest = [p for p in itertools.product(*(values(dists[n]) for n in names)) if p not in seen]
+        return dict(zip(names, rng.choice(rest))) if rest else None
+    for _ in range(1000):
+        p = []
+        for n in names:
+            d = dists[n]
+            if isinstance(d, (CategoricalDistribution, IntDistribution)):
+                p.append(rng.choice(values(d)) if isinstance(d, CategoricalDistribution) else
+                         rng.randrange(d.low, d.high + 1, d.step))
+            else:  # an infinite space: any draw is new
+                p.append(rng.uniform(d.low, d.high))
+        if tuple(p) not in seen:
+            return dict(zip(names, p))
+    return None
+
+
 def reject_duplicate(study, trial, other: int) -> None:
     """A repeated proposal is closed as FAIL (ignored by the samplers), marked as a duplicate of `other`."""
     from optuna.trial import TrialState
