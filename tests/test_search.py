@@ -134,3 +134,36 @@ def test_sweep_plan_resumes_where_it_stopped_and_checks_model_based_spaces(tmp_p
     ddp = tpe.model_copy(update={"base": {"train": {"nproc_per_node": 2}}})
     with pytest.raises(search.ConfigError, match="single-process trials"):
         trial_configs(ddp)
+
+
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_the_evaluation_hook_sees_each_epoch_and_stops_training(engine, sentiment_csv, tiny_model_dir, tmp_path,
+                                                                isolated):
+    """`train(on_evaluation=...)`, both engines: called after each epoch's evaluation with its metrics (after
+    on_metrics logged them); what it raises stops the run there and comes out of `train` as it is."""
+    from flows.config import ClassifyConfig
+    from tasks.data import prepare_dataset
+    from tasks.tokenize import tokenize_dataset
+    from tasks.training import train
+
+    cfg = ClassifyConfig.model_validate({
+        "engine": engine,
+        "data": {"dataset": sentiment_csv, "text_column": "review", "label_column": "sentiment", "max_length": 16,
+                 "eval_fraction": 0.25},
+        "train": {"model": tiny_model_dir, "dropout": None, "group_by_length": False, "epochs": 3, "batch_size": 8,
+                  "learning_rate": 1e-2, "warmup_ratio": 0.0, "output_dir": str(tmp_path / "out")}})
+    data = prepare_dataset(cfg.data, cfg.train.seed)
+    tok = tokenize_dataset(data.path, cfg.train.model, cfg.data.max_length)
+    seen, logged = [], []
+
+    def hook(epoch, metrics):
+        seen.append((epoch, metrics))
+        if epoch == 2:
+            raise TrialPruned(epoch, "eval_f1", metrics["eval_f1"], "test", metrics)
+
+    with pytest.raises(TrialPruned) as e:
+        train(cfg.spec(data.label_names), tok, str(tmp_path / "run"), on_metrics=lambda m, s: logged.append(s),
+              on_evaluation=hook)
+    assert [s for s, _ in seen] == [1, 2] and e.value.epoch == 2
+    assert {"eval_f1", "eval_loss", "train_loss"} <= set(seen[0][1]) and logged == [1, 2]
+    assert not (tmp_path / "run" / "model").exists()  # stopped before anything was saved
