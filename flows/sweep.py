@@ -1,6 +1,7 @@
 """Hyper-parameter sweeps on Ray: `finetune sweep --config sweep.yaml`. A grid, random or model-based (Optuna's
-TPE, ...) search over config fields, with pruning of trials that fall behind; each trial is a Prefect task run on prefect-ray's RayTaskRunner (a local Ray started for you, or `--ray-address`
-for a cluster) with its own CPU/GPU resources, at most `max_concurrent` at a time. Each trial is a nested MLflow
+TPE, ...) search over config fields, with pruning of trials that fall behind; each trial is a Prefect task run on
+prefect-ray's RayTaskRunner (a local Ray started for you, or `--ray-address` for a cluster) with its own CPU/GPU
+resources, at most `max_concurrent` at a time. Each trial is a nested MLflow
 run under one parent run, which holds the sweep's table (params, metric, seconds, status) as an MLflow artifact and
 a Prefect table artifact. Only the best trial's model is registered and goes through the champion/challenger gate;
 a failed trial is recorded (FAILED nested run, a row in the table) and the sweep goes on; a pruned one is a KILLED
