@@ -167,3 +167,20 @@ def test_the_evaluation_hook_sees_each_epoch_and_stops_training(engine, sentimen
     assert [s for s, _ in seen] == [1, 2] and e.value.epoch == 2
     assert {"eval_f1", "eval_loss", "train_loss"} <= set(seen[0][1]) and logged == [1, 2]
     assert not (tmp_path / "run" / "model").exists()  # stopped before anything was saved
+
+
+def test_asha_stops_a_trial_outside_the_top_third_of_its_rung(tmp_path):
+    study = _study(tmp_path, pruner="asha")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+
+    def hook(trial):  # the pruner records each trial's rung as it reports, through the hook
+        return search.PruningReporter(f"sqlite:///{tmp_path}/optuna.db", study.study_name, trial._trial_id, "asha",
+                                      2, "eval_f1")
+
+    first = study.ask(dist)
+    hook(first)(1, {"eval_f1": 0.9})  # alone at its rung: promoted
+    slow = study.ask(dist)
+    with pytest.raises(TrialPruned, match="asha pruner: eval_f1 0.5000 at epoch 1; the other 1 trial"):
+        hook(slow)(1, {"eval_f1": 0.5})  # not in the top third of the rung's 2 trials
+    fast = study.ask(dist)
+    hook(fast)(1, {"eval_f1": 0.95})  # the best at its rung: promoted, goes on
