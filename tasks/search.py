@@ -64,8 +64,9 @@ def open_storage(url: str):
 
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):].split("?", 1)[0])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from tasks.tracking import _prepare_sqlite
+
+        _prepare_sqlite(url)  # its folder, and WAL: trials report while the driver reads
         engine["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
         import sqlalchemy
