@@ -112,20 +112,21 @@ class Trained(NamedTuple):
 
 def train_log_publish(cfg: JobConfig, spec, run_id: str, run_dir: str | Path, tokenized_path: str,
                       data_path: str | None = None, *, loaders: dict | None = None, publish: bool = True,
-                      progress: bool = True) -> Trained:
+                      progress: bool = True, on_evaluation=None) -> Trained:
     """One path from a config to a registered model, inside the run `run_id`: train -> log (device, selection tags,
     evaluation artifacts, the model) -> retention (unless `train.keep_checkpoints`, the finished run's checkpoints
     and model copy go: it is logged, nothing can resume it) -> publish (register and promote, `publish_model`).
     A sweep trial passes `publish=False` (the sweep registers its best trial) and `progress=False` (no per-run
-    Prefect progress cards: trials run side by side). A failure raises before retention: a failed run keeps its
-    checkpoints for --resume and the Prefect retry."""
+    Prefect progress cards: trials run side by side) and may pass `on_evaluation` (its pruner's hook, which stops
+    the run by raising). A failure raises before retention: a failed run keeps its checkpoints for --resume and the
+    Prefect retry."""
     recipe = spec.recipe
     mlflow_metrics = tracking.MetricsLogger(run_id)
     on_metrics = (MonitoredMetrics(mlflow_metrics, cfg.train.epochs, key=cfg.registered_model,
                                    label=f"{cfg.registered_model} ({cfg.engine})") if progress else mlflow_metrics)
     result = train_task.with_options(task_run_name=train_task_run_name)(
-        spec, tokenized_path, str(run_dir), loaders=loaders, on_metrics=on_metrics, on_step=mlflow_metrics
-    )
+        spec, tokenized_path, str(run_dir), loaders=loaders, on_metrics=on_metrics, on_step=mlflow_metrics,
+        on_evaluation=on_evaluation)
     tracking.log_device(run_id, result.device)
     tracking.set_tags(run_id, selection_tags(result))
     tracking.log_params_once(run_id, {"trainable_parameters": result.trainable_parameters})

@@ -19,6 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 # auth: MLflow's basic-auth server app; postgres: the drivers for a PostgreSQL store (both for mlflow/server.sh);
-# ray: prefect-ray and Ray for `finetune sweep`
+# ray: prefect-ray, Ray and Optuna for `finetune sweep`
 .venv/bin/pip install -q -e ".[dev,auth,postgres,ray]"
 echo "installed: $(.venv/bin/python -c 'import torch, transformers, trl, mlflow, prefect; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, mlflow {mlflow.__version__}, prefect {prefect.__version__}")')"

@@ -189,3 +189,68 @@ def test_a_trial_and_a_run_log_the_same(tmp_path, isolated):
     assert run_example == trial_example and "<mask>" in json.dumps(run_example) and "[MASK]" not in json.dumps(run_example)
     assert run["version"] == "1" and "version" not in trial  # only the run registered its model
     assert [mv.run_id for mv in c.search_model_versions("name = 'tiny-roberta-mlm'")] == [run["run_id"]]
+
+
+def _tiny_sweep(sentiment_csv, tiny_model_dir, tmp_path, **over) -> SweepConfig:
+    return SweepConfig.model_validate({
+        "job": "classify",
+        "base": {
+            "data": {"dataset": sentiment_csv, "text_column": "review", "label_column": "sentiment",
+                     "max_length": 16, "eval_fraction": 0.25},
+            "train": {"model": tiny_model_dir, "freeze_embeddings": False, "dropout": None, "group_by_length": False,
+                      "epochs": 3, "batch_size": 8, "warmup_ratio": 0.0, "output_dir": str(tmp_path / "out")},
+            "tracking": {"registered_model": "tiny-sweep", "experiment": "test-sweep"},
+        },
+        "max_concurrent": 1, "resources": {"cpus": 1}, "promote": False, **over,
+    })
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_tpe_sweep_prunes_a_learning_rate_that_cannot_learn_and_resumes(tiny_model_dir, tmp_path, isolated):
+    """TPE with the median pruner over a learning rate that learns (1e-2) and one that cannot (1e-9): a trial of
+    the one that cannot is stopped after an epoch (a KILLED nested run with its pruned.* tags, no model, no
+    checkpoint); `resume` adds trials to the same study and never trains a finished trial again."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from flows.sweep import sweep_flow
+    from tasks import search
+    from tests.conftest import write_sentiment_csv
+
+    sentiment_csv = write_sentiment_csv(tmp_path, repeat=8)  # 12 steps an epoch: 1e-2 learns in the first epoch
+    space = {"train.learning_rate": [1e-2, 1e-9], "train.weight_decay": [0.0, 0.01, 0.1]}
+    sweep = _tiny_sweep(sentiment_csv, tiny_model_dir, tmp_path, method="tpe", pruner="median", startup_trials=1,
+                        seed=0, parameters=space, max_trials=4)
+    first = sweep_flow(sweep)
+    second = sweep_flow(sweep.model_copy(update={"resume": True, "max_trials": 3}))
+    rows = first["trials"] + second["trials"]
+    print([(r["trial"], r["train.learning_rate"], r["train.weight_decay"], r["status"], r.get("eval_f1"),
+            r.get("epochs_trained")) for r in rows])
+    # resume: the same study; new trials after the first run's; the space has 6 points and none ran twice
+    assert second["study"] == first["study"] and second["study_finished_trials"] == len(rows) == 6
+    assert min(r["trial"] for r in second["trials"]) > max(r["trial"] for r in first["trials"])
+    storage = search.open_storage(search.storage_url())
+    assert search.storage_url().endswith(str(isolated / "optuna.db"))  # beside the tracking store
+    study = optuna.load_study(study_name=first["study"], storage=storage)
+    done = search.finished(study)
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done) == 6
+    # the learning rate that cannot learn is pruned, and only it
+    pruned = [r for r in rows if r["status"] == "PRUNED"]
+    assert pruned and all(r["train.learning_rate"] == 1e-9 for r in pruned)
+    assert all(r["epochs_trained"] < 3 and r["pruned_at_epoch"] == r["epochs_trained"] for r in pruned)
+    assert first["pruned"] + second["pruned"] == len(pruned) and not first["failed"] and not second["failed"]
+    c = MlflowClient()
+    for r in pruned:
+        run = c.get_run(r["run_id"])
+        assert run.info.status == "KILLED", run.info.status
+        tags = run.data.tags
+        assert tags["pruned.at_epoch"] == str(r["pruned_at_epoch"]) and tags["pruned.metric"] == "eval_f1"
+        assert float(tags["pruned.eval_f1"]) == pytest.approx(r["eval_f1"], abs=1e-5)
+        assert tags["pruned.reason"].startswith(f"median pruner: eval_f1 {r['eval_f1']:.4f} at epoch")
+        assert [m.step for m in c.get_metric_history(r["run_id"], "eval_f1")] == list(range(1, r["epochs_trained"] + 1))
+        run_dir = tmp_path / "out" / "classify" / r["run_id"]
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "model").exists()
+        assert not c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{r['run_id']}'")
+    best = max((r for r in rows if r["status"] == "FINISHED"), key=lambda r: r["eval_f1"])
+    assert best["train.learning_rate"] == 1e-2

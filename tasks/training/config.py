@@ -10,6 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.common import EMBEDDED_MODEL, PROJECT_ROOT
 
 MetricsFn = Callable[[dict, int], None]
+# Called after each evaluation during training with (epoch, that evaluation's metrics); it may stop the run by
+# raising (a sweep's pruner: tasks.search.TrialPruned), which propagates out of `train` as it is.
+EvalHook = Callable[[int, dict], None]
+
+
+class StopTraining(Exception):
+    """What an `EvalHook` raises to stop a run on purpose (a pruned sweep trial): not a failure to retry."""
+
 STEP_LOSS = "train_loss_step"  # the step-level series; `train_loss` stays the per-epoch mean (step = epoch)
 
 

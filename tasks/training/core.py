@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from tasks.training.config import MetricsFn, TrainResult
+from tasks.training.config import EvalHook, MetricsFn, TrainResult
 from tasks.training.loop import fit_manual
 from tasks.training.prepare import (NEW_WEIGHT_NAMES, attention_implementation, build_loaders, model_for_training,
                                     resume_on_retry, training_attention)
@@ -42,11 +42,13 @@ def write_run_files(model_dir: Path, spec: "JobSpec", history: list[dict], final
 # --- the core --------------------------------------------------------------------------------------------------
 
 def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | None = None,
-          on_metrics: MetricsFn | None = None, on_step: MetricsFn | None = None) -> TrainResult:
+          on_metrics: MetricsFn | None = None, on_step: MetricsFn | None = None,
+          on_evaluation: EvalHook | None = None) -> TrainResult:
     """setup -> fit (the plain loop for engine `manual`, else the job's Trainer class) -> atomic save, for any job.
     Writes `run_dir/model` (weights or adapter, tokenizer, config.yaml, metrics.json) and `run_dir/eval_extras.json`
     (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix). `on_metrics` gets
-    each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step)."""
+    each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step), `on_evaluation`
+    (epoch, metrics) after each epoch's evaluation, and may stop the run by raising (single-process runs only)."""
     from tasks.common import run_logger, seed_everything, write_json_atomic
     from tasks.device import amp_dtype, describe, enable_tf32, select_device
 
@@ -97,9 +99,10 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     # --- fit (with the attention kernels that train fastest here; evaluation switches back to the model's own)
     with attention_implementation(model, training_attention(spec.train, device, dtype)):
         if spec.engine == "manual":
-            out = fit_manual(spec, model, loaders, run, evaluate_fn, on_metrics, device, dtype, on_step)
+            out = fit_manual(spec, model, loaders, run, evaluate_fn, on_metrics, device, dtype, on_step, on_evaluation)
         else:
-            out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype, on_step)
+            out = fit_hf(spec, model, tok, tokenized_path, run, evaluate_fn, on_metrics, device, dtype, on_step,
+                         on_evaluation)
     history += out.history
     key, higher = spec.selection_metric
     progress = track_best(out.history, key, higher)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.common import ConfigError
-from tasks.training.config import STEP_LOSS, FitOutput, MetricsFn, loss_log_every
+from tasks.training.config import STEP_LOSS, EvalHook, FitOutput, MetricsFn, loss_log_every
 from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes
 from tasks.training.selection import _cpu_copy, track_best
 
@@ -84,7 +84,7 @@ def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: floa
 
 
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
-               device, dtype, on_step: MetricsFn | None = None) -> FitOutput:
+               device, dtype, on_step: MetricsFn | None = None, on_evaluation: EvalHook | None = None) -> FitOutput:
     """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch (and every `logging_steps` to
     `on_step`), the job's evaluation each epoch, and an atomic checkpoint each epoch (and every N steps) that a later
     run resumes from."""
@@ -252,6 +252,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         else:
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        if on_evaluation:  # may stop the run by raising (a sweep's pruner)
+            on_evaluation(epoch, {k: v for k, v in row.items() if k != "epoch"})
         if progress.should_stop(t.early_stopping_patience):
             log.info("early stopping after epoch %d: %s has not improved for %d epochs (best %s at epoch %s)",
                      epoch, key, progress.epochs_without_improvement, progress.best_value, progress.best_epoch)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.training.config import STEP_LOSS, FitOutput, MetricsFn, TrainConfig, loss_log_every
+from tasks.training.config import STEP_LOSS, EvalHook, FitOutput, MetricsFn, TrainConfig, loss_log_every
 from tasks.training.optim import (build_optimizer, check_optimizer_groups, global_steps_per_epoch, group_sizes,
                                   warmup_steps)
 from tasks.training.prepare import fused_adamw_supported
@@ -162,7 +162,7 @@ def quiet_trainer_output(trainer) -> None:
 
 
 def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate_fn, on_metrics, device, dtype,
-           on_step: MetricsFn | None = None) -> FitOutput:
+           on_step: MetricsFn | None = None, on_evaluation: EvalHook | None = None) -> FitOutput:
     """The job's Trainer class (transformers.Trainer, TRL's SFTTrainer subclass, ...) on the same data, collator
     and evaluation as the plain loop; its per-epoch logs map onto the same metric names."""
     from datasets import load_from_disk
@@ -221,6 +221,14 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
             if progress.should_stop(t.early_stopping_patience):
                 control.should_training_stop = True
 
+    class OnEvaluation(TrainerCallback):
+        """`on_evaluation` after each evaluation (after ToMetrics logged it); it may stop the run by raising."""
+
+        def on_evaluate(self, args, state, control, **kw):
+            rows = history_from_trainer(state.log_history, recipe.metrics)
+            if rows:
+                on_evaluation(rows[-1]["epoch"], {k: v for k, v in rows[-1].items() if k != "epoch"})
+
     resume = last_complete_trainer_checkpoint(args.output_dir) if t.resume else None
     if resume and t.early_stopping_patience:
         done = history_from_trainer(json.loads((Path(resume) / "trainer_state.json").read_text())["log_history"],
@@ -241,7 +249,8 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=recipe.collator(tok, spec_for_rank(spec, distributed.rank())), processing_class=tok,
         optimizers=(optimizer, None),
-        callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
+        callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else []),
+                   *([OnEvaluation()] if on_evaluation else [])],
     )
     quiet_trainer_output(trainer)
     out = trainer.train(resume_from_checkpoint=resume)
