@@ -151,6 +151,61 @@ def with_train(spec, **update):
     return spec.model_copy(update={"train": spec.train.model_copy(update=update)})
 
 
+# --- gradient accumulation -------------------------------------------------------------------------------------
+
+
+def test_steps_per_epoch_and_warmup_count_global_batches_with_accumulation():
+    """36 rows, batch 4, 2 accumulated batches: 9 batches make 5 optimizer steps (the last group is one batch);
+    with 2 processes each takes 5 batches, 3 steps. Warmup is a share of those steps, and the Trainer engine gets
+    the same accumulation and warmup."""
+    import torch
+
+    from tasks.training import TrainConfig, global_steps_per_epoch, hf_training_kwargs, optimizer_steps, warmup_steps
+
+    t = TrainConfig(batch_size=4, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.1)
+    assert global_steps_per_epoch(36, t, 1) == optimizer_steps(9, 2) == 5
+    assert global_steps_per_epoch(36, t, 2) == 3
+    assert global_steps_per_epoch(36, t.model_copy(update={"gradient_accumulation_steps": 1}), 2) == 5
+    assert warmup_steps(t, 5) == 1 and warmup_steps(t.model_copy(update={"warmup_ratio": 0.5}), 3) == 3
+    kw = hf_training_kwargs(t, 5, torch.device("cpu"), None)
+    assert kw["gradient_accumulation_steps"] == 2 and kw["warmup_steps"] == 1
+    assert kw["per_device_train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_two_accumulated_batches_of_4_train_the_weights_of_batches_of_8(engine, sentiment_csv, tiny_model_dir,
+                                                                      tmp_path, isolated):
+    """fp32, no dropout, the same sample order: batch 4 x 2 accumulated batches ends with the weights of batch 8 x
+    1, in both engines (36 rows: the epoch's last group is one batch of 4, as batch 8's last batch is 4 rows), and
+    both count 5 optimizer steps an epoch."""
+    from safetensors.torch import load_file
+
+    from tasks.training import train
+
+    common = dict(precision="fp32", dropout=0.0, select="last", warmup_ratio=0.2, learning_rate=5e-3)
+    spec4, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", engine,
+                                                      batch_size=4, gradient_accumulation_steps=2, **common))
+    spec8 = with_train(spec4, batch_size=8, gradient_accumulation_steps=1)
+    r4 = train(spec4, tokenized, str(tmp_path / "acc"))
+    r8 = train(spec8, tokenized, str(tmp_path / "big"))
+    assert r4.steps_per_epoch == r8.steps_per_epoch == 5
+    w4, w8 = (load_file(f"{r.model_dir}/model.safetensors") for r in (r4, r8))
+    w0 = load_file(f"{tiny_model_dir}/model.safetensors")
+    assert w4.keys() == w8.keys()
+    for k in w4:
+        assert torch_allclose(w4[k], w8[k]), k
+    moved = [k for k in w4 if k in w0 and not torch_allclose(w4[k], w0[k])]
+    assert moved  # it trained: the comparison is not between two untouched models
+    for a, b in zip(r4.history, r8.history):
+        assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-4), (a, b)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
 # --- masks per rank, resume ------------------------------------------------------------------------------------
 
 
@@ -166,16 +221,19 @@ def test_masks_differ_per_rank_and_rank_0_masks_as_one_process(mlm_corpus, tiny_
     assert spec_for_rank(spec, 0) is spec and spec_for_rank(spec, 1).train.seed != spec.train.seed
 
 
-def test_resumed_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resumed_mlm_run_equals_the_uninterrupted_one(accumulation, mlm_corpus, tiny_model_dir, tmp_path):
     """Killed mid-epoch 2 (after a step checkpoint), resumed: the same losses as without the interruption, which
-    needs the masking collator's generator from the checkpoint (the skipped batches are not collated again)."""
+    needs the masking collator's generator from the checkpoint (the skipped batches are not collated again). With
+    gradient accumulation the checkpoint lands after an optimizer step, mid-epoch, and the resumed epoch starts at
+    the next group's first batch."""
     from tasks.training import train
 
     spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", checkpoint_every_steps=4,
-                                   logging_steps=1)
+                                   logging_steps=1, gradient_accumulation_steps=accumulation)
     full = train(spec, tokenized, str(tmp_path / "full"))
     per_epoch = full.steps_per_epoch
-    crash_at = per_epoch + 6  # epoch 2, after the checkpoint at a multiple of 4
+    crash_at = per_epoch + per_epoch // 2 + 1  # epoch 2, after the checkpoint at a multiple of 4
 
     def crash(metrics, step):
         if step == crash_at:
@@ -183,8 +241,11 @@ def test_resumed_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir
 
     with pytest.raises(Boom):
         train(spec, tokenized, str(tmp_path / "cut"), on_step=crash)
-    st = json.loads(sorted((tmp_path / "cut" / "checkpoints").glob("step-*/COMPLETE.json"))[-1].read_text())
-    assert st["step"] % 4 == 0 and st["step"] > per_epoch
+    from tasks.checkpoint import load_latest_checkpoint
+
+    _, st = load_latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert st["step"] % 4 == 0 and st["step"] > per_epoch and st["epoch"] == 2
+    assert st["batches_done"] == (st["step"] - per_epoch) * accumulation  # mid-epoch, after a group's last batch
     res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
     assert res.resumed_from
     for a, b in zip(full.history, res.history):

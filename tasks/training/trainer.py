@@ -30,6 +30,7 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, proc
 
     return dict(
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_steps=warmup_steps(t, steps_per_epoch), lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
@@ -145,6 +146,20 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def model_loss_per_batch(trainer) -> None:
+    """Gradient accumulation with the model's own loss (Trainer's stock `compute_loss`): the loss is each batch's
+    mean and Trainer divides it by the group's batch count, as the plain loop does. Trainer otherwise passes
+    `num_items_in_batch` to any model whose forward takes **kwargs and then counts the loss as already divided by
+    it, which a model that ignores it (BertForSequenceClassification and most heads but the LM ones) is not: the
+    accumulated gradient came out k times too large (measured: 4 x 2 accumulated batches no longer matched batches
+    of 8). A job class with its own `compute_loss` (the MLM SFTTrainer: masked tokens over the whole group) keeps
+    Trainer's count."""
+    from transformers import Trainer
+
+    if type(trainer).compute_loss is Trainer.compute_loss and trainer.compute_loss_func is None:
+        trainer.model_accepts_loss_kwargs = False
+
+
 def quiet_trainer_output(trainer) -> None:
     """Trainer prints each log dict (PrinterCallback without bars, ProgressCallback's `write` with them): the
     epoch's line comes from `on_metrics` instead, and the training summary dict is not printed at all. Bars stay
@@ -173,8 +188,8 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     from tasks import distributed
     from tasks.training.prepare import spec_for_rank
 
-    # optimizer steps of the GLOBAL batch (batch_size x processes): warmup and the loss curve's x-axis are the
-    # plain loop's under torchrun too
+    # optimizer steps of the GLOBAL batch (batch_size x processes x gradient_accumulation_steps), counted as Trainer
+    # counts them: warmup and the loss curve's x-axis are the plain loop's under torchrun and accumulation too
     world = distributed.world_size()
     steps_per_epoch = global_steps_per_epoch(len(dd["train"]), t, world)
     key, higher = spec.selection_metric
@@ -244,6 +259,7 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
     )
     quiet_trainer_output(trainer)
+    model_loss_per_batch(trainer)
     out = trainer.train(resume_from_checkpoint=resume)
     history = history_from_trainer(trainer.state.log_history, recipe.metrics)
     if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
