@@ -83,7 +83,7 @@ def publish_model(cfg: JobConfig, run_id: str, model_dir: str, final: dict, data
                   probe: dict[str, float] | None = None) -> dict:
     """Log the model to the run (the job's transformers task), register it, set aliases; returns version, aliases,
     model URI and the predict command."""
-    from tasks.tracking import log_model_task
+    from tasks.prefect_tasks import log_model_task
 
     recipe = cfg.recipe
     example = recipe.smoke_example

@@ -167,8 +167,8 @@ def run_training(cfg: JobConfig) -> dict:
     """The body of every training flow (plain function: the flow wrapper only names and validates the run)."""
     from tasks import tracking
     from tasks.common import cached_path_result, run_logger
-    from tasks.data import load_dataset_task
-    from tasks.tokenize import check_model, tokenize_job_task
+    from tasks.prefect_tasks import load_dataset_task, tokenize_job_task
+    from tasks.tokenize import check_model
     from tasks.training import build_loaders_task, train_task
 
     from flows.lifecycle import publish_model

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from prefect import task
 
-from tasks.common import ConfigError, atomic_dir, cache_root, prepared_cache_policy, stable_hash, write_json_atomic
+from tasks.common import ConfigError, atomic_dir, cache_root, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -354,13 +353,11 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     return info
 
 
-load_dataset_task = task(
-    prepare_dataset,
-    name="load-dataset",
-    cache_policy=prepared_cache_policy(),
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    # Only I/O is retried; a ConfigError will not get better by itself.
-    retry_condition_fn=lambda t, tr, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
-)
+def __getattr__(name: str):
+    """`load_dataset_task`, the Prefect wrapper, lives in tasks/prefect_tasks.py: this module imports no Prefect (the
+    training ranks load it). The old import path still resolves, loading Prefect only then."""
+    if name == "load_dataset_task":
+        from tasks import prefect_tasks
+
+        return prefect_tasks.load_dataset_task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
 from tasks.common import ConfigError
-from tasks.common import atomic_dir, prepared_cache_policy, resolve_model, stable_hash
+from tasks.common import atomic_dir, resolve_model, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
@@ -147,4 +145,11 @@ def tokenize_job(data_path: str, model: str, spec) -> str:
     return spec.recipe.tokenize(data_path, model, spec)
 
 
-tokenize_job_task = task(tokenize_job, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)
+def __getattr__(name: str):
+    """`tokenize_job_task`, the Prefect wrapper, lives in tasks/prefect_tasks.py: this module imports no Prefect (the
+    training ranks load it). The old import path still resolves, loading Prefect only then."""
+    if name == "tokenize_job_task":
+        from tasks import prefect_tasks
+
+        return prefect_tasks.tokenize_job_task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

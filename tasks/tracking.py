@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.common import PROJECT_ROOT, ConfigError
 
@@ -391,4 +389,11 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
     return info.model_uri
 
 
-log_model_task = task(log_model, name="log-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+def __getattr__(name: str):
+    """`log_model_task`, the Prefect wrapper, lives in tasks/prefect_tasks.py: this module imports no Prefect (the
+    training ranks load it). The old import path still resolves, loading Prefect only then."""
+    if name == "log_model_task":
+        from tasks import prefect_tasks
+
+        return prefect_tasks.log_model_task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

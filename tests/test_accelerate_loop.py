@@ -317,6 +317,45 @@ def test_a_diverging_run_stops_with_one_line(sentiment_csv, tiny_model_dir, tmp_
     assert not (tmp_path / "run" / "model").exists()
 
 
+# --- the ranks import no Prefect ------------------------------------------------------------------------------
+
+
+def test_a_rank_trains_without_importing_prefect(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    """The rank entry point (`python -m tasks.distributed`, what torchrun starts) run as a rank of a 1-process group
+    in a fresh interpreter: it trains, writes its result, and neither it nor the modules a rank uses to read data
+    and log metrics (tasks.data, tasks.tokenize, tasks.tracking, the job recipes) load Prefect."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=1))
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    run, result = tmp_path / "run", tmp_path / "run" / "distributed" / "result.json"
+    result.parent.mkdir(parents=True)
+    code = "\n".join([
+        "import runpy, sys",
+        "sys.argv = ['tasks.distributed', *sys.argv[1:]]",
+        "try:",
+        "    runpy.run_module('tasks.distributed', run_name='__main__', alter_sys=True)",
+        "except SystemExit as e:",
+        "    assert not e.code, e.code",
+        "import tasks.data, tasks.tokenize, tasks.tracking, tasks.jobs.classify, tasks.jobs.mlm, tasks.training",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')[:3])",
+    ])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", code, "--spec", str(tmp_path / "spec.json"), "--tokenized", tokenized,
+                          "--run-dir", str(run), "--result", str(result)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
+    assert (run / "model" / "model.safetensors").exists() and json.loads(result.read_text())["history"]
+
+
 # --- 2 gloo processes: warmup and steps per epoch from the global batch, both engines --------------------------
 
 
