@@ -157,8 +157,17 @@ def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, 
     else:
         sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                      drop_last=False)
+    # The loader's own generator: each epoch's iterator draws its worker base seed from it, not from the global RNG
+    # (dropout's), so a resumed epoch (the generator restored to the epoch's start, see fit_manual) leaves dropout
+    # where the uninterrupted run had it (measured: without it a resumed 2-process MLM run drifted from the
+    # uninterrupted one).
+    import torch
+
+    r = rank if rank is not None else dist.get_rank()
+    gen = torch.Generator().manual_seed(rank_seed(seed, r))
     return {**loaders, "train": DataLoader(train.dataset, batch_size=batch_size or train.batch_size,
-                                           sampler=sampler, collate_fn=train.collate_fn, **loader_kwargs)}
+                                           sampler=sampler, collate_fn=train.collate_fn, generator=gen,
+                                           **loader_kwargs)}
 
 
 def set_epoch(loader, epoch: int) -> None:

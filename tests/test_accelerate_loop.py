@@ -255,6 +255,29 @@ def test_resumed_mlm_run_equals_the_uninterrupted_one(accumulation, mlm_corpus, 
                 assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
 
 
+def test_a_resumed_sft_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir, tmp_path):
+    """The SFTTrainer engine resumes at an epoch's checkpoint (Trainer's own): the run's state at epoch 1's
+    checkpoint (copied from an uninterrupted run, as a run killed after it leaves it) resumed ends as the
+    uninterrupted run, which needs the masking collator's generator saved with Trainer's checkpoint (Trainer saves
+    the global RNGs only)."""
+    import shutil
+
+    from tasks.training import train
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", "sft", select="last")
+    full = train(spec, tokenized, str(tmp_path / "full"))
+    first = tmp_path / "full" / "trainer" / f"checkpoint-{full.steps_per_epoch}"
+    assert (first / "collator_rng_0.pt").exists()
+    shutil.copytree(first, tmp_path / "cut" / "trainer" / first.name)
+    shutil.copy(tmp_path / "full" / "epoch0_metrics.json", tmp_path / "cut")
+    res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from and [r["epoch"] for r in res.history] == [r["epoch"] for r in full.history] == [0, 1, 2]
+    for a, b in zip(full.history, res.history):
+        for k in ("train_loss", "eval_loss"):
+            if k in a or k in b:
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
+
+
 def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_model_dir, tmp_path, isolated):
     """The GPU's fp16 path (autocast fp16, scaled backward, unscale, skipped steps) on the CPU: it trains, the
     scaler's state is checkpointed, and a run resumed after epoch 1 ends as the uninterrupted one. Not covered here:
@@ -396,26 +419,51 @@ def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["manual", "sft"])
-def test_mlm_under_two_gloo_processes_masks_differently_per_rank(engine, mlm_corpus, tiny_model_dir, tmp_path):
-    """MLM with 2 processes in both engines: it trains (finite losses, an epoch of global batches); in the plain
-    loop's checkpoint every rank's state is there, and the two ranks' masking generators differ."""
+def test_mlm_under_two_gloo_processes_masks_per_rank_and_resumes(engine, mlm_corpus, tiny_model_dir, tmp_path):
+    """MLM with 2 processes x batch 4 x 2 accumulated batches (global batch 16) in both engines: it trains (finite
+    losses, an epoch of global batches); every rank's masking generator is checkpointed and the two ranks' differ
+    (dropout's too, in the plain loop); and the run's state at a checkpoint (copied from the uninterrupted run, as a
+    run killed after it leaves it) resumed under 2 processes ends as the uninterrupted run. Plain loop: the
+    checkpoint is mid-epoch 2, after an optimizer step; SFTTrainer checkpoints per epoch: epoch 1's."""
+    import shutil
+
+    import torch
     from datasets import load_from_disk
 
+    from tasks.checkpoint import load_latest_checkpoint, safe_load
     from tasks.training import train
 
-    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2, epochs=1,
-                                   precision="fp32", batch_size=4)
-    res = train(spec, tokenized, str(tmp_path / "run"))
-    assert res.steps_per_epoch == math.ceil(len(load_from_disk(tokenized)["train"]) / 8) and "2 processes" in res.device
-    assert all(math.isfinite(v) for r in res.history for v in r.values())
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2,
+                                   precision="fp32", batch_size=4, gradient_accumulation_steps=2,
+                                   checkpoint_every_steps=4, select="last")
+    full_dir, cut = tmp_path / "full", tmp_path / "cut"
+    full = train(spec, tokenized, str(full_dir))
+    per_epoch = math.ceil(math.ceil(len(load_from_disk(tokenized)["train"]) / 8) / 2)
+    assert full.steps_per_epoch == per_epoch and "2 processes" in full.device
+    assert all(math.isfinite(v) for r in full.history for v in r.values())
+    cut.mkdir()
+    shutil.copy(full_dir / "epoch0_metrics.json", cut)
     if engine == "manual":
-        from tasks.checkpoint import load_latest_checkpoint
-
-        _, st = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+        _, st = load_latest_checkpoint(full_dir / "checkpoints")
         r0, r1 = st["rng_by_rank"]
         assert st["world_size"] == 2 and r0["collator"] and r1["collator"]
         assert not bool((r0["collator"][0] == r1["collator"][0]).all())
         assert not bool((r0["rng"]["torch"] == r1["rng"]["torch"]).all())  # dropout draws differ too
+        mid = sorted((full_dir / "checkpoints").glob("step-*"))[-2]
+        at = safe_load(mid / "state.pt")
+        assert at["epoch"] == 2 and at["batches_done"] == (at["step"] - per_epoch) * 2 > 0
+        shutil.copytree(mid, cut / "checkpoints" / mid.name)
+    else:
+        first = full_dir / "trainer" / f"checkpoint-{per_epoch}"
+        g0, g1 = (torch.load(first / f"collator_rng_{r}.pt", weights_only=True)[0] for r in (0, 1))
+        assert not bool((g0 == g1).all())
+        shutil.copytree(first, cut / "trainer" / first.name)
+    res = train(with_train(spec, resume=True), tokenized, str(cut))
+    assert res.resumed_from and [r["epoch"] for r in res.history] == [r["epoch"] for r in full.history] == [0, 1, 2]
+    for a, b in zip(full.history, res.history):
+        for k in ("train_loss", "eval_loss"):
+            if k in a or k in b:
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
 
 
 def test_a_diverging_trainer_run_stops_with_one_line_too(sentiment_csv, tiny_model_dir, tmp_path, isolated):

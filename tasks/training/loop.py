@@ -129,8 +129,9 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     acc = make_accelerator(device, dtype, accumulation)
     train_loader = loaders["train"]
     # Single process: the loader's seeded generator orders each epoch. Data-parallel: a DistributedSampler does
-    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), so steps_per_epoch counts
-    # global batches (batch_size x processes x gradient_accumulation_steps) in both cases.
+    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), and the loader's generator (one
+    # per rank) only seeds its iterators; so steps_per_epoch counts global batches (batch_size x processes x
+    # gradient_accumulation_steps) in both cases, and each rank checkpoints its generator's state at the epoch start.
     gen = train_loader.generator
     loss_fn = step_loss(spec)
     batches_per_epoch = len(train_loader)  # this process's batches; every `accumulation` of them make a step
@@ -176,8 +177,9 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             else:
                 set_rng_state(mine["rng"])
             set_collator_rng_state(train_loader.collate_fn, mine.get("collator"))
-            if gen is not None and st["epoch_start_gen_state"] is not None:
-                gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
+            gen_state = mine.get("loader_gen", st["epoch_start_gen_state"])  # this rank's; before: rank 0's
+            if gen is not None and gen_state is not None:
+                gen.set_state(gen_state)  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
             start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
             if rank:
@@ -201,7 +203,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         # the checkpoint's own model (the end of the best epoch), which resume copies aside again. Every rank's
         # RNG (dropout, masks) goes to rank 0, which writes the checkpoint (all ranks hold the same weights).
         epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
-        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn)}
+        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn),
+                "loader_gen": epoch_start_gen}
         by_rank = gather_object([mine]) if world > 1 else [mine]
         if rank:
             return

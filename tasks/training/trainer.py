@@ -146,6 +146,45 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+COLLATOR_RNG = "collator_rng_{rank}.pt"
+
+
+def CollatorRNG(collator, rank: int):
+    """A TrainerCallback that saves the masking collator's generator (`tasks.checkpoint.collator_rng_state`) into
+    each Trainer checkpoint, one file per rank, beside Trainer's own RNG files: Trainer restores the global RNGs
+    on resume, not a collator's seeded generator, so a resumed MLM run drew the masks of a fresh generator (tested:
+    its losses left the uninterrupted run's). Nothing for a collator without one (classification)."""
+    from transformers import TrainerCallback
+
+    from tasks.checkpoint import collator_rng_state
+
+    class _CollatorRNG(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            import torch
+
+            st = collator_rng_state(collator)
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if st is not None and ckpt.is_dir():
+                torch.save(st, ckpt / COLLATOR_RNG.format(rank=rank))
+
+    return _CollatorRNG()
+
+
+def load_collator_rng(collator, checkpoint: str, rank: int) -> None:
+    """The masking collator's generator as the checkpoint's run left it (see `CollatorRNG`); a checkpoint without it
+    (written before it was saved) resumes with a fresh generator, and says so."""
+    import torch
+
+    from tasks.checkpoint import _collator_rngs, set_collator_rng_state
+
+    f = Path(checkpoint) / COLLATOR_RNG.format(rank=rank)
+    if f.exists():
+        set_collator_rng_state(collator, torch.load(f, map_location="cpu", weights_only=True))
+    elif _collator_rngs(collator):
+        log.warning("checkpoint %s holds no masking-collator state: the resumed epochs draw other masks than an "
+                    "uninterrupted run would", checkpoint)
+
+
 def model_loss_per_batch(trainer) -> None:
     """Gradient accumulation with the model's own loss (Trainer's stock `compute_loss`): the loss is each batch's
     mean and Trainer divides it by the group's batch count, as the plain loop does. Trainer otherwise passes
@@ -252,11 +291,15 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     if resume and (Path(resume) / "optimizer.pt").exists():  # mmap: the group list only, no tensor is read
         saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
         check_optimizer_groups(resume, group_sizes(saved["param_groups"]), group_sizes(optimizer.param_groups))
+    collator = recipe.collator(tok, spec_for_rank(spec, distributed.rank()))  # rank r > 0: its own masks
+    if resume:
+        load_collator_rng(collator, resume, distributed.rank())
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
-        data_collator=recipe.collator(tok, spec_for_rank(spec, distributed.rank())), processing_class=tok,
+        data_collator=collator, processing_class=tok,
         optimizers=(optimizer, None),
-        callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else [])],
+        callbacks=[StepLoss(), ToMetrics(), CollatorRNG(collator, distributed.rank()),
+                   *([StopEarly()] if t.early_stopping_patience else [])],
     )
     quiet_trainer_output(trainer)
     model_loss_per_batch(trainer)
