@@ -1,8 +1,10 @@
 """The training step on accelerate (issue 19), as far as a CPU can test it: the precision choice for GPUs that only
-emulate bf16 (capabilities stubbed), TF32; the no-decay rule by module type; masks that differ per rank; the fp16 +
-loss-scaling path and its resume; a resumed MLM run equal to an uninterrupted one (the masking collator's generator
-travels in the checkpoint, done batches are skipped at the sampler); a diverging run stops with one line; and,
-with 2 gloo processes, warmup and steps per epoch from the global batch in both engines."""
+emulate bf16 (capabilities stubbed), TF32; the no-decay rule by module type; gradient accumulation (the weights of
+one batch of the group's size, in both engines); masks that differ per rank; the fp16 + loss-scaling path and its
+resume; a resumed MLM run equal to an uninterrupted one in both engines (the masking collator's generator travels
+in the checkpoint, done batches are skipped at the sampler); a rank imports no Prefect; a diverging run stops with
+one line; and, with 2 gloo processes, warmup and steps per epoch from the global batch in both engines and MLM
+masks per rank and resume (slow)."""
 from __future__ import annotations
 
 import json
@@ -386,19 +388,20 @@ def test_a_rank_trains_without_importing_prefect(sentiment_csv, tiny_model_dir, 
 @pytest.mark.parametrize("engine", ["manual", "trainer"])
 def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, sentiment_csv, tiny_model_dir,
                                                                         tmp_path, isolated):
-    """2 processes x batch 4: an epoch is ceil(rows / 8) optimizer steps in both engines, and warmup (half of all
-    steps here) peaks at the end of epoch 1, not after N times as many steps."""
+    """2 processes x batch 4 x 2 accumulated batches: an epoch is ceil(ceil(rows / 8) / 2) optimizer steps in both
+    engines (each rank's ceil(rows / 8) batches, two to a step), and warmup (half of all steps here) peaks at the
+    end of epoch 1, not after N (or k) times as many steps."""
     from datasets import load_from_disk
 
     from tasks.training import train
 
     spec, tokenized = prepared_classify(classify_cfg(
         sentiment_csv, tiny_model_dir, tmp_path / "o", engine, warmup_ratio=0.5, nproc_per_node=2, logging_steps=1,
-        precision="fp32"))
+        precision="fp32", gradient_accumulation_steps=2))
     rows = len(load_from_disk(tokenized)["train"])
     res = train(spec, tokenized, str(tmp_path / "run"))
-    per_epoch = math.ceil(rows / 8)
-    assert res.steps_per_epoch == per_epoch and "2 processes" in res.device
+    per_epoch = math.ceil(math.ceil(rows / 8) / 2)
+    assert res.steps_per_epoch == per_epoch == 3 and "2 processes" in res.device
     lr = spec.train.learning_rate
     if engine == "manual":
         from tasks.checkpoint import safe_load
