@@ -306,7 +306,9 @@ def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_
 
 
 def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_dir, tmp_path, isolated):
-    """Checkpoints written before this version (one RNG state, no scaler, no world size) resume."""
+    """Checkpoints written before this version (one RNG state, no scaler, no world size: the keys of the
+    pre-accelerate loop's checkpoints, commit 3ae0c12) resume; with another gradient accumulation they are refused
+    in one line that names the setting to use."""
     import torch
 
     from tasks.checkpoint import MARKER, STATE, _sha256, load_latest_checkpoint
@@ -326,6 +328,9 @@ def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_d
     torch.save(st, path / STATE)
     marker = json.loads((path / MARKER).read_text())
     (path / MARKER).write_text(json.dumps({**marker, "sha256": _sha256(path / STATE)}))
+    # its config has no gradient_accumulation_steps: it counted single batches, and says so to a run that would not
+    with pytest.raises(ConfigError, match=r"resume with --gradient-accumulation-steps 1 \(or start afresh"):
+        train(with_train(spec, resume=True, gradient_accumulation_steps=2), tokenized, str(tmp_path / "cut"))
     res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
     assert res.resumed_from == str(path) and [r["epoch"] for r in res.history] == [1, 2]
 

@@ -117,8 +117,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     from tqdm.auto import tqdm
 
     from tasks import adapters, distributed
-    from tasks.checkpoint import (collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
-                                  set_collator_rng_state, set_rng_state)
+    from tasks.checkpoint import (_collator_rngs, collator_rng_state, load_latest_checkpoint, rng_state,
+                                  save_checkpoint, set_collator_rng_state, set_rng_state)
     from tasks.common import run_logger
     from tasks.output import progress_bars
 
@@ -176,7 +176,11 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                 log.warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own", path, rank)
             else:
                 set_rng_state(mine["rng"])
-            set_collator_rng_state(train_loader.collate_fn, mine.get("collator"))
+            if mine.get("collator"):
+                set_collator_rng_state(train_loader.collate_fn, mine["collator"])
+            elif _collator_rngs(train_loader.collate_fn):
+                log.warning("checkpoint %s holds no masking-collator state (written before it was saved): the "
+                            "resumed run draws other masks than the interrupted one would have", path)
             gen_state = mine.get("loader_gen", st["epoch_start_gen_state"])  # this rank's; before: rank 0's
             if gen is not None and gen_state is not None:
                 gen.set_state(gen_state)  # replays the epoch's shuffle; done batches are skipped
