@@ -6,14 +6,14 @@ The flow's process does not train itself when `train.nproc_per_node > 1` (or `tr
         -m tasks.distributed --spec spec.json --tokenized DIR --run-dir DIR [--run-id ID] --result result.json
 
 as a subprocess, and the exit code decides the task's state (non-zero: the task fails, and its Prefect retry resumes
-from the last checkpoint). Ranks get paths and ids, never objects. Each rank reads its own shard of the training
-set (torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
+from the last checkpoint). Ranks get paths and ids, never objects. Each rank reads its own shard of the training set
+(torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
 DistributedDataParallel (gradients all-reduced), the HF Trainer and TRL's SFTTrainer do the same themselves. Only
-rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's
-run, whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the
-per-rank `train.batch_size` times the number of processes (times `train.gradient_accumulation_steps`). Backend: nccl when CUDA is available, gloo otherwise;
-the plain loop runs on accelerate, which joins this process group. The group's timeout
-(FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or
+rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's run,
+whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the per-rank
+`train.batch_size` times the number of processes (times `train.gradient_accumulation_steps`). Backend: nccl when
+CUDA is available, gloo otherwise; the plain loop runs on accelerate, which joins this process group. The group's
+timeout (FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or
 checkpoints. A rank that stops on bad settings (a ConfigError, e.g. a diverged loss) writes its one-line message
 beside the result; the launcher raises it as a ConfigError (the task fails without a retry).
 """
@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             from tasks import tracking
 
             tracking.log_params_once(a.run_id, {
-                "train.global_batch_size": spec.train.batch_size * world_size() * spec.train.gradient_accumulation_steps,
+                "train.global_batch_size":
+                    spec.train.batch_size * world_size() * spec.train.gradient_accumulation_steps,
                 "distributed.world_size": world_size(), "distributed.backend": backend()})
         loaders = build_loaders(a.tokenized, spec, rank=rank())
         loaders = shard_train_loader(loaders, spec.train.seed,

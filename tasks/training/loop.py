@@ -37,12 +37,12 @@ def diverged(step: int, t, dtype) -> TrainingDiverged:
 
 
 def make_accelerator(device, dtype, gradient_accumulation_steps: int = 1):
-    """An Accelerator for this run's device, precision and gradient accumulation. accelerate keeps its state per process: it is reset
-    first (as transformers' TrainingArguments does), so runs with other precisions can follow in one process
-    (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss scaler there
-    and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be skipped
-    (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on, which
-    makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
+    """An Accelerator for this run's device, precision and gradient accumulation. accelerate keeps its state per
+    process: it is reset first (as transformers' TrainingArguments does), so runs with other precisions can follow
+    in one process (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss
+    scaler there and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be
+    skipped (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on,
+    which makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
     overflow). Not covered on the CPU: fp16 kernels' own overflow behaviour on a GPU."""
     import torch
     from accelerate import Accelerator
