@@ -149,7 +149,7 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
 COLLATOR_RNG = "collator_rng_{rank}.pt"
 
 
-def CollatorRNG(collator, rank: int):
+def collator_rng_callback(collator, rank: int):
     """A TrainerCallback that saves the masking collator's generator (`tasks.checkpoint.collator_rng_state`) into
     each Trainer checkpoint, one file per rank, beside Trainer's own RNG files: Trainer restores the global RNGs
     on resume, not a collator's seeded generator, so a resumed MLM run drew the masks of a fresh generator (tested:
@@ -171,8 +171,9 @@ def CollatorRNG(collator, rank: int):
 
 
 def load_collator_rng(collator, checkpoint: str, rank: int) -> None:
-    """The masking collator's generator as the checkpoint's run left it (see `CollatorRNG`); a checkpoint without it
-    (written before it was saved) resumes with a fresh generator, and says so."""
+    """The masking collator's generator as the checkpoint's run left it (see `collator_rng_callback`); a checkpoint
+    without it (written before it was saved, or with DataLoader workers) resumes with a fresh generator, and says
+    so."""
     import torch
 
     from tasks.checkpoint import _collator_rngs, set_collator_rng_state
@@ -298,7 +299,7 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
         data_collator=collator, processing_class=tok,
         optimizers=(optimizer, None),
-        callbacks=[StepLoss(), ToMetrics(), CollatorRNG(collator, distributed.rank()),
+        callbacks=[StepLoss(), ToMetrics(), collator_rng_callback(collator, distributed.rank()),
                    *([StopEarly()] if t.early_stopping_patience else [])],
     )
     quiet_trainer_output(trainer)
