@@ -35,8 +35,9 @@ def main() -> None:
     from prefect import flow
 
     from tasks.common import cached_path_result
-    from tasks.data import load_dataset_task, prepare_dataset
-    from tasks.tokenize import tokenize_job, tokenize_job_task
+    from tasks.data import prepare_dataset
+    from tasks.prefect_tasks import load_dataset_task, tokenize_job_task
+    from tasks.tokenize import tokenize_job
 
     rows = []
     # plain functions: the content-addressed directories alone

@@ -24,16 +24,13 @@ from flows.config import JobConfig
 from flows.manage import publish_compare_artifact
 from flows.monitoring import MonitoredMetrics, register_task_run_name, train_task_run_name
 from flows.promotion import champion_challenger
-from tasks import adapters, registry, tracking
+from tasks import registry, tracking
 from tasks.common import run_logger
 from tasks.disk import human_bytes, prune_run_dir
 from tasks.evaluate import loss_curve_artifact
 from tasks.locks import registry_lock
+from tasks.prefect_tasks import log_model_task
 from tasks.training import STEP_LOSS, TrainResult, train_task
-
-# A LoRA model dir is logged as its adapter plus a reference to its base, any other as a full model
-# (`tasks.adapters.log_model` tells them apart).
-log_model_task = task(adapters.log_model, name="log-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 
 
 def predict_command(name: str, alias: str | None = None, version: str | None = None, example: str = "This movie was great!") -> str:

@@ -23,9 +23,10 @@ from tasks import jobs, output, registry, tracking
 from tasks.adapters import check_lora
 from tasks.base_model import check_fits, check_labels, is_registry_uri, local_dir, pin, trained_labels
 from tasks.common import cached_path_result, is_hub_id, offline_unless_hub_reachable, run_logger
-from tasks.data import FILE_BUILDERS, check_data, load_dataset_task, prepare_dataset
+from tasks.data import FILE_BUILDERS, check_data, prepare_dataset
 from tasks.liveness import sweep_quietly
-from tasks.tokenize import check_model, tokenize_job_task
+from tasks.prefect_tasks import load_dataset_task, tokenize_job_task
+from tasks.tokenize import check_model
 from tasks.training import build_loaders_task
 
 

@@ -119,9 +119,14 @@ def resolve_model(name: str) -> str:
 
 
 def run_logger(name: str):
-    """Prefect's run logger inside a flow/task (lines show in the Prefect UI), a plain logger elsewhere."""
+    """Prefect's run logger inside a flow/task (lines show in the Prefect UI), a plain logger elsewhere. A process
+    that has not imported Prefect (a training rank, a script) is never inside a flow: it gets the plain logger
+    without loading Prefect for it."""
     import logging
+    import sys
 
+    if "prefect" not in sys.modules:
+        return logging.getLogger(name)
     try:
         from prefect.logging import get_run_logger
 

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from prefect import task
 
-from tasks.common import ConfigError, atomic_dir, cache_root, prepared_cache_policy, stable_hash, write_json_atomic
+from tasks.common import ConfigError, atomic_dir, cache_root, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -352,15 +351,3 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     )
     write_json_atomic(out / "prepared.json", info.model_dump())
     return info
-
-
-load_dataset_task = task(
-    prepare_dataset,
-    name="load-dataset",
-    cache_policy=prepared_cache_policy(),
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    # Only I/O is retried; a ConfigError will not get better by itself.
-    retry_condition_fn=lambda t, tr, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
-)

@@ -6,14 +6,14 @@ The flow's process does not train itself when `train.nproc_per_node > 1` (or `tr
         -m tasks.distributed --spec spec.json --tokenized DIR --run-dir DIR [--run-id ID] --result result.json
 
 as a subprocess, and the exit code decides the task's state (non-zero: the task fails, and its Prefect retry resumes
-from the last checkpoint). Ranks get paths and ids, never objects. Each rank reads its own shard of the training
-set (torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
+from the last checkpoint). Ranks get paths and ids, never objects. Each rank reads its own shard of the training set
+(torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
 DistributedDataParallel (gradients all-reduced), the HF Trainer and TRL's SFTTrainer do the same themselves. Only
-rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's
-run, whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the
-per-rank `train.batch_size` times the number of processes. Backend: nccl when CUDA is available, gloo otherwise;
-the plain loop runs on accelerate, which joins this process group. The group's timeout
-(FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or
+rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's run,
+whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the per-rank
+`train.batch_size` times the number of processes (times `train.gradient_accumulation_steps`). Backend: nccl when
+CUDA is available, gloo otherwise; the plain loop runs on accelerate, which joins this process group. The group's
+timeout (FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or
 checkpoints. A rank that stops on bad settings (a ConfigError, e.g. a diverged loss) writes its one-line message
 beside the result; the launcher raises it as a ConfigError (the task fails without a retry).
 """
@@ -157,8 +157,17 @@ def shard_train_loader(loaders: dict, seed: int, batch_size: int | None = None, 
     else:
         sampler = DistributedSampler(train.dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                      drop_last=False)
+    # The loader's own generator: each epoch's iterator draws its worker base seed from it, not from the global RNG
+    # (dropout's), so a resumed epoch (the generator restored to the epoch's start, see fit_manual) leaves dropout
+    # where the uninterrupted run had it (measured: without it a resumed 2-process MLM run drifted from the
+    # uninterrupted one).
+    import torch
+
+    r = rank if rank is not None else dist.get_rank()
+    gen = torch.Generator().manual_seed(rank_seed(seed, r))
     return {**loaders, "train": DataLoader(train.dataset, batch_size=batch_size or train.batch_size,
-                                           sampler=sampler, collate_fn=train.collate_fn, **loader_kwargs)}
+                                           sampler=sampler, collate_fn=train.collate_fn, generator=gen,
+                                           **loader_kwargs)}
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -222,9 +231,10 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
     cmd = torchrun_command(t, args, rdzv_id=run_id or Path(run_dir).name)
     # the command, for the record (and, multi-node, what every other node runs: same paths on shared storage)
     write_json_atomic(work / "command.json", {"command": cmd, "tokenized": str(tokenized_path)})
-    log.info("data-parallel training: %d process(es) per node x %d node(s), per-rank batch %d, global batch %d: %s",
-             t.nproc_per_node, t.nnodes, t.batch_size, t.batch_size * t.nproc_per_node * t.nnodes,
-             " ".join(cmd[1:]))
+    log.info("data-parallel training: %d process(es) per node x %d node(s), per-rank batch %d%s, global batch %d: %s",
+             t.nproc_per_node, t.nnodes, t.batch_size,
+             f" x {t.gradient_accumulation_steps} accumulated" if t.gradient_accumulation_steps > 1 else "",
+             t.batch_size * t.nproc_per_node * t.nnodes * t.gradient_accumulation_steps, " ".join(cmd[1:]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
     error_file = work / "error.txt"
@@ -327,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             from tasks import tracking
 
             tracking.log_params_once(a.run_id, {
-                "train.global_batch_size": spec.train.batch_size * world_size(),
+                "train.global_batch_size":
+                    spec.train.batch_size * world_size() * spec.train.gradient_accumulation_steps,
                 "distributed.world_size": world_size(), "distributed.backend": backend()})
         loaders = build_loaders(a.tokenized, spec, rank=rank())
         loaders = shard_train_loader(loaders, spec.train.seed,

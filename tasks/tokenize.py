@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
 from tasks.common import ConfigError
-from tasks.common import atomic_dir, prepared_cache_policy, resolve_model, stable_hash
+from tasks.common import atomic_dir, resolve_model, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
@@ -145,6 +143,3 @@ def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_len
 def tokenize_job(data_path: str, model: str, spec) -> str:
     """The job's own tokenize step (its recipe's): returns the tokenized dataset dir."""
     return spec.recipe.tokenize(data_path, model, spec)
-
-
-tokenize_job_task = task(tokenize_job, name="tokenize", cache_policy=prepared_cache_policy(), persist_result=True)

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.common import PROJECT_ROOT, ConfigError
 
@@ -388,6 +386,3 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
             attempts=3,
         )
     return info.model_uri
-
-
-log_model_task = task(log_model, name="log-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)

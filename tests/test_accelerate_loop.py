@@ -1,8 +1,10 @@
 """The training step on accelerate (issue 19), as far as a CPU can test it: the precision choice for GPUs that only
-emulate bf16 (capabilities stubbed), TF32; the no-decay rule by module type; masks that differ per rank; the fp16 +
-loss-scaling path and its resume; a resumed MLM run equal to an uninterrupted one (the masking collator's generator
-travels in the checkpoint, done batches are skipped at the sampler); a diverging run stops with one line; and,
-with 2 gloo processes, warmup and steps per epoch from the global batch in both engines."""
+emulate bf16 (capabilities stubbed), TF32; the no-decay rule by module type; gradient accumulation (the weights of
+one batch of the group's size, in both engines); masks that differ per rank; the fp16 + loss-scaling path and its
+resume; a resumed MLM run equal to an uninterrupted one in both engines (the masking collator's generator travels
+in the checkpoint, done batches are skipped at the sampler); a rank imports no Prefect; a diverging run stops with
+one line; and, with 2 gloo processes, warmup and steps per epoch from the global batch in both engines and MLM
+masks per rank and resume (slow)."""
 from __future__ import annotations
 
 import json
@@ -151,6 +153,61 @@ def with_train(spec, **update):
     return spec.model_copy(update={"train": spec.train.model_copy(update=update)})
 
 
+# --- gradient accumulation -------------------------------------------------------------------------------------
+
+
+def test_steps_per_epoch_and_warmup_count_global_batches_with_accumulation():
+    """36 rows, batch 4, 2 accumulated batches: 9 batches make 5 optimizer steps (the last group is one batch);
+    with 2 processes each takes 5 batches, 3 steps. Warmup is a share of those steps, and the Trainer engine gets
+    the same accumulation and warmup."""
+    import torch
+
+    from tasks.training import TrainConfig, global_steps_per_epoch, hf_training_kwargs, optimizer_steps, warmup_steps
+
+    t = TrainConfig(batch_size=4, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.1)
+    assert global_steps_per_epoch(36, t, 1) == optimizer_steps(9, 2) == 5
+    assert global_steps_per_epoch(36, t, 2) == 3
+    assert global_steps_per_epoch(36, t.model_copy(update={"gradient_accumulation_steps": 1}), 2) == 5
+    assert warmup_steps(t, 5) == 1 and warmup_steps(t.model_copy(update={"warmup_ratio": 0.5}), 3) == 3
+    kw = hf_training_kwargs(t, 5, torch.device("cpu"), None)
+    assert kw["gradient_accumulation_steps"] == 2 and kw["warmup_steps"] == 1
+    assert kw["per_device_train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("engine", ["manual", "trainer"])
+def test_two_accumulated_batches_of_4_train_the_weights_of_batches_of_8(engine, sentiment_csv, tiny_model_dir,
+                                                                      tmp_path, isolated):
+    """fp32, no dropout, the same sample order: batch 4 x 2 accumulated batches ends with the weights of batch 8 x
+    1, in both engines (36 rows: the epoch's last group is one batch of 4, as batch 8's last batch is 4 rows), and
+    both count 5 optimizer steps an epoch."""
+    from safetensors.torch import load_file
+
+    from tasks.training import train
+
+    common = dict(precision="fp32", dropout=0.0, select="last", warmup_ratio=0.2, learning_rate=5e-3)
+    spec4, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", engine,
+                                                      batch_size=4, gradient_accumulation_steps=2, **common))
+    spec8 = with_train(spec4, batch_size=8, gradient_accumulation_steps=1)
+    r4 = train(spec4, tokenized, str(tmp_path / "acc"))
+    r8 = train(spec8, tokenized, str(tmp_path / "big"))
+    assert r4.steps_per_epoch == r8.steps_per_epoch == 5
+    w4, w8 = (load_file(f"{r.model_dir}/model.safetensors") for r in (r4, r8))
+    w0 = load_file(f"{tiny_model_dir}/model.safetensors")
+    assert w4.keys() == w8.keys()
+    for k in w4:
+        assert torch_allclose(w4[k], w8[k]), k
+    moved = [k for k in w4 if k in w0 and not torch_allclose(w4[k], w0[k])]
+    assert moved  # it trained: the comparison is not between two untouched models
+    for a, b in zip(r4.history, r8.history):
+        assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-4), (a, b)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
 # --- masks per rank, resume ------------------------------------------------------------------------------------
 
 
@@ -166,16 +223,19 @@ def test_masks_differ_per_rank_and_rank_0_masks_as_one_process(mlm_corpus, tiny_
     assert spec_for_rank(spec, 0) is spec and spec_for_rank(spec, 1).train.seed != spec.train.seed
 
 
-def test_resumed_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resumed_mlm_run_equals_the_uninterrupted_one(accumulation, mlm_corpus, tiny_model_dir, tmp_path):
     """Killed mid-epoch 2 (after a step checkpoint), resumed: the same losses as without the interruption, which
-    needs the masking collator's generator from the checkpoint (the skipped batches are not collated again)."""
+    needs the masking collator's generator from the checkpoint (the skipped batches are not collated again). With
+    gradient accumulation the checkpoint lands after an optimizer step, mid-epoch, and the resumed epoch starts at
+    the next group's first batch."""
     from tasks.training import train
 
     spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", checkpoint_every_steps=4,
-                                   logging_steps=1)
+                                   logging_steps=1, gradient_accumulation_steps=accumulation)
     full = train(spec, tokenized, str(tmp_path / "full"))
     per_epoch = full.steps_per_epoch
-    crash_at = per_epoch + 6  # epoch 2, after the checkpoint at a multiple of 4
+    crash_at = per_epoch + per_epoch // 2 + 1  # epoch 2, after the checkpoint at a multiple of 4
 
     def crash(metrics, step):
         if step == crash_at:
@@ -183,14 +243,40 @@ def test_resumed_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir
 
     with pytest.raises(Boom):
         train(spec, tokenized, str(tmp_path / "cut"), on_step=crash)
-    st = json.loads(sorted((tmp_path / "cut" / "checkpoints").glob("step-*/COMPLETE.json"))[-1].read_text())
-    assert st["step"] % 4 == 0 and st["step"] > per_epoch
+    from tasks.checkpoint import load_latest_checkpoint
+
+    _, st = load_latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert st["step"] % 4 == 0 and st["step"] > per_epoch and st["epoch"] == 2
+    assert st["batches_done"] == (st["step"] - per_epoch) * accumulation  # mid-epoch, after a group's last batch
     res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
     assert res.resumed_from
     for a, b in zip(full.history, res.history):
         assert a["epoch"] == b["epoch"]
         for k in ("train_loss", "eval_loss"):
             if k in a or k in b:  # epoch 0 (evaluation before training) has no train loss
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
+
+
+def test_a_resumed_sft_mlm_run_equals_the_uninterrupted_one(mlm_corpus, tiny_model_dir, tmp_path):
+    """The SFTTrainer engine resumes at an epoch's checkpoint (Trainer's own): the run's state at epoch 1's
+    checkpoint (copied from an uninterrupted run, as a run killed after it leaves it) resumed ends as the
+    uninterrupted run, which needs the masking collator's generator saved with Trainer's checkpoint (Trainer saves
+    the global RNGs only)."""
+    import shutil
+
+    from tasks.training import train
+
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", "sft", select="last")
+    full = train(spec, tokenized, str(tmp_path / "full"))
+    first = tmp_path / "full" / "trainer" / f"checkpoint-{full.steps_per_epoch}"
+    assert (first / "collator_rng_0.pt").exists()
+    shutil.copytree(first, tmp_path / "cut" / "trainer" / first.name)
+    shutil.copy(tmp_path / "full" / "epoch0_metrics.json", tmp_path / "cut")
+    res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from and [r["epoch"] for r in res.history] == [r["epoch"] for r in full.history] == [0, 1, 2]
+    for a, b in zip(full.history, res.history):
+        for k in ("train_loss", "eval_loss"):
+            if k in a or k in b:
                 assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
 
 
@@ -220,7 +306,9 @@ def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_
 
 
 def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_dir, tmp_path, isolated):
-    """Checkpoints written before this version (one RNG state, no scaler, no world size) resume."""
+    """Checkpoints written before this version (one RNG state, no scaler, no world size: the keys of the
+    pre-accelerate loop's checkpoints, commit 3ae0c12) resume; with another gradient accumulation they are refused
+    in one line that names the setting to use."""
     import torch
 
     from tasks.checkpoint import MARKER, STATE, _sha256, load_latest_checkpoint
@@ -240,6 +328,9 @@ def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_d
     torch.save(st, path / STATE)
     marker = json.loads((path / MARKER).read_text())
     (path / MARKER).write_text(json.dumps({**marker, "sha256": _sha256(path / STATE)}))
+    # its config has no gradient_accumulation_steps: it counted single batches, and says so to a run that would not
+    with pytest.raises(ConfigError, match=r"resume with --gradient-accumulation-steps 1 \(or start afresh"):
+        train(with_train(spec, resume=True, gradient_accumulation_steps=2), tokenized, str(tmp_path / "cut"))
     res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
     assert res.resumed_from == str(path) and [r["epoch"] for r in res.history] == [1, 2]
 
@@ -256,6 +347,45 @@ def test_a_diverging_run_stops_with_one_line(sentiment_csv, tiny_model_dir, tmp_
     assert not (tmp_path / "run" / "model").exists()
 
 
+# --- the ranks import no Prefect ------------------------------------------------------------------------------
+
+
+def test_a_rank_trains_without_importing_prefect(sentiment_csv, tiny_model_dir, tmp_path, isolated):
+    """The rank entry point (`python -m tasks.distributed`, what torchrun starts) run as a rank of a 1-process group
+    in a fresh interpreter: it trains, writes its result, and neither it nor the modules a rank uses to read data
+    and log metrics (tasks.data, tasks.tokenize, tasks.tracking, the job recipes) load Prefect."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=1))
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    run, result = tmp_path / "run", tmp_path / "run" / "distributed" / "result.json"
+    result.parent.mkdir(parents=True)
+    code = "\n".join([
+        "import runpy, sys",
+        "sys.argv = ['tasks.distributed', *sys.argv[1:]]",
+        "try:",
+        "    runpy.run_module('tasks.distributed', run_name='__main__', alter_sys=True)",
+        "except SystemExit as e:",
+        "    assert not e.code, e.code",
+        "import tasks.data, tasks.tokenize, tasks.tracking, tasks.jobs.classify, tasks.jobs.mlm, tasks.training",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')[:3])",
+    ])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", code, "--spec", str(tmp_path / "spec.json"), "--tokenized", tokenized,
+                          "--run-dir", str(run), "--result", str(result)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
+    assert (run / "model" / "model.safetensors").exists() and json.loads(result.read_text())["history"]
+
+
 # --- 2 gloo processes: warmup and steps per epoch from the global batch, both engines --------------------------
 
 
@@ -263,19 +393,20 @@ def test_a_diverging_run_stops_with_one_line(sentiment_csv, tiny_model_dir, tmp_
 @pytest.mark.parametrize("engine", ["manual", "trainer"])
 def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, sentiment_csv, tiny_model_dir,
                                                                         tmp_path, isolated):
-    """2 processes x batch 4: an epoch is ceil(rows / 8) optimizer steps in both engines, and warmup (half of all
-    steps here) peaks at the end of epoch 1, not after N times as many steps."""
+    """2 processes x batch 4 x 2 accumulated batches: an epoch is ceil(ceil(rows / 8) / 2) optimizer steps in both
+    engines (each rank's ceil(rows / 8) batches, two to a step), and warmup (half of all steps here) peaks at the
+    end of epoch 1, not after N (or k) times as many steps."""
     from datasets import load_from_disk
 
     from tasks.training import train
 
     spec, tokenized = prepared_classify(classify_cfg(
         sentiment_csv, tiny_model_dir, tmp_path / "o", engine, warmup_ratio=0.5, nproc_per_node=2, logging_steps=1,
-        precision="fp32"))
+        precision="fp32", gradient_accumulation_steps=2))
     rows = len(load_from_disk(tokenized)["train"])
     res = train(spec, tokenized, str(tmp_path / "run"))
-    per_epoch = math.ceil(rows / 8)
-    assert res.steps_per_epoch == per_epoch and "2 processes" in res.device
+    per_epoch = math.ceil(math.ceil(rows / 8) / 2)
+    assert res.steps_per_epoch == per_epoch == 3 and "2 processes" in res.device
     lr = spec.train.learning_rate
     if engine == "manual":
         from tasks.checkpoint import safe_load
@@ -296,26 +427,51 @@ def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["manual", "sft"])
-def test_mlm_under_two_gloo_processes_masks_differently_per_rank(engine, mlm_corpus, tiny_model_dir, tmp_path):
-    """MLM with 2 processes in both engines: it trains (finite losses, an epoch of global batches); in the plain
-    loop's checkpoint every rank's state is there, and the two ranks' masking generators differ."""
+def test_mlm_under_two_gloo_processes_masks_per_rank_and_resumes(engine, mlm_corpus, tiny_model_dir, tmp_path):
+    """MLM with 2 processes x batch 4 x 2 accumulated batches (global batch 16) in both engines: it trains (finite
+    losses, an epoch of global batches); every rank's masking generator is checkpointed and the two ranks' differ
+    (dropout's too, in the plain loop); and the run's state at a checkpoint (copied from the uninterrupted run, as a
+    run killed after it leaves it) resumed under 2 processes ends as the uninterrupted run. Plain loop: the
+    checkpoint is mid-epoch 2, after an optimizer step; SFTTrainer checkpoints per epoch: epoch 1's."""
+    import shutil
+
+    import torch
     from datasets import load_from_disk
 
+    from tasks.checkpoint import load_latest_checkpoint, safe_load
     from tasks.training import train
 
-    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2, epochs=1,
-                                   precision="fp32", batch_size=4)
-    res = train(spec, tokenized, str(tmp_path / "run"))
-    assert res.steps_per_epoch == math.ceil(len(load_from_disk(tokenized)["train"]) / 8) and "2 processes" in res.device
-    assert all(math.isfinite(v) for r in res.history for v in r.values())
+    spec, tokenized = prepared_mlm(mlm_corpus, tiny_model_dir, tmp_path / "o", engine, nproc_per_node=2,
+                                   precision="fp32", batch_size=4, gradient_accumulation_steps=2,
+                                   checkpoint_every_steps=4, select="last")
+    full_dir, cut = tmp_path / "full", tmp_path / "cut"
+    full = train(spec, tokenized, str(full_dir))
+    per_epoch = math.ceil(math.ceil(len(load_from_disk(tokenized)["train"]) / 8) / 2)
+    assert full.steps_per_epoch == per_epoch and "2 processes" in full.device
+    assert all(math.isfinite(v) for r in full.history for v in r.values())
+    cut.mkdir()
+    shutil.copy(full_dir / "epoch0_metrics.json", cut)
     if engine == "manual":
-        from tasks.checkpoint import load_latest_checkpoint
-
-        _, st = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+        _, st = load_latest_checkpoint(full_dir / "checkpoints")
         r0, r1 = st["rng_by_rank"]
         assert st["world_size"] == 2 and r0["collator"] and r1["collator"]
         assert not bool((r0["collator"][0] == r1["collator"][0]).all())
         assert not bool((r0["rng"]["torch"] == r1["rng"]["torch"]).all())  # dropout draws differ too
+        mid = sorted((full_dir / "checkpoints").glob("step-*"))[-2]
+        at = safe_load(mid / "state.pt")
+        assert at["epoch"] == 2 and at["batches_done"] == (at["step"] - per_epoch) * 2 > 0
+        shutil.copytree(mid, cut / "checkpoints" / mid.name)
+    else:
+        first = full_dir / "trainer" / f"checkpoint-{per_epoch}"
+        g0, g1 = (torch.load(first / f"collator_rng_{r}.pt", weights_only=True)[0] for r in (0, 1))
+        assert not bool((g0 == g1).all())
+        shutil.copytree(first, cut / "trainer" / first.name)
+    res = train(with_train(spec, resume=True), tokenized, str(cut))
+    assert res.resumed_from and [r["epoch"] for r in res.history] == [r["epoch"] for r in full.history] == [0, 1, 2]
+    for a, b in zip(full.history, res.history):
+        for k in ("train_loss", "eval_loss"):
+            if k in a or k in b:
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
 
 
 def test_a_diverging_trainer_run_stops_with_one_line_too(sentiment_csv, tiny_model_dir, tmp_path, isolated):

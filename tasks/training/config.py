@@ -29,7 +29,15 @@ class TrainConfig(BaseModel):
         description=f"Hub id or local path of a BERT-family checkpoint; '{EMBEDDED_MODEL}' is the offline MiniLM.",
     )
     epochs: int = Field(1, gt=0, description="Passes over the training data.")
-    batch_size: int = Field(16, gt=0, description="Examples per optimizer step.")
+    batch_size: int = Field(
+        16, gt=0, description="Examples per forward pass and process; an optimizer step takes batch_size x "
+                              "processes x gradient_accumulation_steps (the global batch).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward/backward passes whose gradients are summed before each optimizer step: a "
+                             "larger global batch in the memory of one batch_size. Warmup, steps per epoch and the "
+                             "train_loss_step axis count optimizer steps.",
+    )
     eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
     learning_rate: float = Field(
         5e-5, gt=0.0, description="Peak learning rate of AdamW (default per job, higher with --peft lora)."

@@ -1,7 +1,8 @@
 """The plain training loop (engine `manual`) on `accelerate.Accelerator`, as transformers' `run_glue_no_trainer.py`
 does it: `prepare` (device, DDP under torchrun: gloo on the CPU, nccl on GPUs), `autocast` and the loss scaler
-(mixed precision), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch. One code path for 1 or
-N processes.
+(mixed precision), `accumulate` (gradient accumulation: no DDP all-reduce, clipping or optimizer step until a
+group's last batch), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch. One code path for 1
+or N processes.
 
 Checkpoints stay this project's atomic, checksummed single file (tasks/checkpoint.py), which is what
 `save_state`/`load_state` would otherwise write, plus what they add: EVERY rank's RNG state (gathered to rank 0),
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tasks.common import ConfigError
 from tasks.training.config import STEP_LOSS, EvalHook, FitOutput, MetricsFn, loss_log_every
-from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes
+from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes, optimizer_steps
 from tasks.training.selection import _cpu_copy, track_best
 
 if TYPE_CHECKING:
@@ -35,13 +36,13 @@ def diverged(step: int, t, dtype) -> TrainingDiverged:
                             + " or ".join(tips))
 
 
-def make_accelerator(device, dtype):
-    """An Accelerator for this run's device and precision. accelerate keeps its state per process: it is reset
-    first (as transformers' TrainingArguments does), so runs with other precisions can follow in one process
-    (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss scaler there
-    and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be skipped
-    (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on, which
-    makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
+def make_accelerator(device, dtype, gradient_accumulation_steps: int = 1):
+    """An Accelerator for this run's device, precision and gradient accumulation. accelerate keeps its state per
+    process: it is reset first (as transformers' TrainingArguments does), so runs with other precisions can follow
+    in one process (tests, sweeps). fp16 on the CPU (a test of the GPU's fp16 path): accelerate 1.16 creates no loss
+    scaler there and turns native AMP off, so its autocast, unscale-before-clipping and scaled steps would all be
+    skipped (clipping would see scaled gradients); torch's CPU GradScaler is set in its place and native AMP on,
+    which makes the CPU run the same calls as a GPU (autocast fp16, scaled backward, unscale, skipped steps on
     overflow). Not covered on the CPU: fp16 kernels' own overflow behaviour on a GPU."""
     import torch
     from accelerate import Accelerator
@@ -52,7 +53,7 @@ def make_accelerator(device, dtype):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision_name(dtype),
-                      step_scheduler_with_optimizer=False)
+                      gradient_accumulation_steps=gradient_accumulation_steps, step_scheduler_with_optimizer=False)
     if dtype == torch.float16 and acc.scaler is None:
         acc.scaler = torch.amp.GradScaler(device.type)
         acc.native_amp = True
@@ -65,22 +66,43 @@ def step_loss(spec: "JobSpec"):
     return spec.recipe.loss or (lambda m, batch: m(**batch).loss)
 
 
-def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: float):
-    """One optimizer step as a run takes it (bench/bench_gpu.py times this same function): the batch to the device
-    (asynchronously from pinned memory on CUDA), forward under the run's autocast (also around a recipe's own
-    loss, which may not call model.forward), scaled backward, unscale + clip, step, and the scheduler only when the
-    optimizer stepped (fp16 skips a step whose gradients overflowed). Returns the loss as a device tensor (fp32,
-    not read: no host sync) and the batch size."""
+def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: float, loss_scale: float = 1.0):
+    """One batch as a run takes it (bench/bench_gpu.py times this same function), inside `acc.accumulate(model)`:
+    the batch to the device (asynchronously from pinned memory on CUDA), forward under the run's autocast (also
+    around a recipe's own loss, which may not call model.forward), scaled backward (accelerate divides the loss by
+    gradient_accumulation_steps; `loss_scale` corrects that for a shorter last group of an epoch, see
+    `accumulation_scale`). On a group's last batch (`acc.sync_gradients`; every batch without accumulation): DDP's
+    all-reduce, unscale + clip, optimizer step, and the scheduler only when the optimizer stepped (fp16 skips a step
+    whose gradients overflowed). Before it, gradients only add up (DDP's `no_sync`: no communication). Returns the
+    loss as a device tensor (fp32, not read: no host sync) and the batch size."""
     batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-    with acc.autocast():
-        loss = loss_fn(model, batch)
-    acc.backward(loss)
-    acc.clip_grad_norm_(model.parameters(), max_grad_norm)
-    opt.step()
-    if not acc.optimizer_step_was_skipped:
-        sched.step()
-    opt.zero_grad(set_to_none=True)
+    with acc.accumulate(model):
+        with acc.autocast():
+            loss = loss_fn(model, batch)
+        acc.backward(loss * loss_scale if loss_scale != 1.0 else loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            if not acc.optimizer_step_was_skipped:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
     return loss.detach().float(), next(iter(batch.values())).shape[0]
+
+
+def accumulation_scale(acc, i: int, batches: int) -> float:
+    """Before batch `i` (0-based) of an epoch of `batches` batches: the loss factor for `train_step`, and the
+    epoch's last batch made a sync step. accelerate counts batches in `acc.step` and syncs every
+    gradient_accumulation_steps-th; its own end-of-epoch sync needs a loader it prepared, and this loop's loaders
+    are its own (seeded samplers, DDP shards), so the epoch's last group, however short, is closed here. The loss
+    of a short group is divided by its length, not by gradient_accumulation_steps: the step's gradient is then the
+    mean over its batches, as transformers' Trainer takes it (`current_gradient_accumulation_steps`); equal to one
+    batch of the group's size when the batches are of equal size (an MLM batch: per-batch masked-token means)."""
+    k = acc.gradient_accumulation_steps
+    if k == 1:
+        return 1.0
+    if i + 1 == batches:
+        acc.step = k - 1  # the counter reaches k on this batch: sync, optimizer step
+    return k / min(k, batches - (i // k) * k)
 
 
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
@@ -95,22 +117,25 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     from tqdm.auto import tqdm
 
     from tasks import adapters, distributed
-    from tasks.checkpoint import (collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
-                                  set_collator_rng_state, set_rng_state)
+    from tasks.checkpoint import (_collator_rngs, collator_rng_state, load_latest_checkpoint, rng_state,
+                                  save_checkpoint, set_collator_rng_state, set_rng_state)
     from tasks.common import run_logger
     from tasks.output import progress_bars
 
     log = run_logger(__name__)
     t = spec.train
     # --- setup: accelerator (device, precision, DDP), optimizer, schedule
-    acc = make_accelerator(device, dtype)
+    accumulation = t.gradient_accumulation_steps
+    acc = make_accelerator(device, dtype, accumulation)
     train_loader = loaders["train"]
     # Single process: the loader's seeded generator orders each epoch. Data-parallel: a DistributedSampler does
-    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), so steps_per_epoch counts
-    # global batches in both cases.
+    # (seed + epoch), each rank on its shard (tasks.distributed.shard_train_loader), and the loader's generator (one
+    # per rank) only seeds its iterators; so steps_per_epoch counts global batches (batch_size x processes x
+    # gradient_accumulation_steps) in both cases, and each rank checkpoints its generator's state at the epoch start.
     gen = train_loader.generator
     loss_fn = step_loss(spec)
-    steps_per_epoch = len(train_loader)
+    batches_per_epoch = len(train_loader)  # this process's batches; every `accumulation` of them make a step
+    steps_per_epoch = optimizer_steps(batches_per_epoch, accumulation)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
     ddp_model, opt = acc.prepare(model, opt)  # the scheduler steps only when the optimizer did (see below)
     every = loss_log_every(t, total)
@@ -134,6 +159,11 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             if saved_world != world:
                 raise ConfigError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}: "
                                   f"resume with --nproc-per-node/--nnodes giving {saved_world} processes")
+            saved_acc = (st.get("config") or {}).get("train", {}).get("gradient_accumulation_steps", 1)
+            if saved_acc != accumulation:  # the schedule's length and the position in the epoch count its steps
+                raise ConfigError(f"checkpoint {path} was written with gradient_accumulation_steps={saved_acc}, this "
+                                  f"run has {accumulation}: resume with --gradient-accumulation-steps {saved_acc} "
+                                  "(or start afresh without --resume)")
             check_optimizer_groups(path, group_sizes(st["optimizer"]["param_groups"]), group_sizes(opt.param_groups))
             adapters.load_model_state(model, st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -146,9 +176,14 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                 log.warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own", path, rank)
             else:
                 set_rng_state(mine["rng"])
-            set_collator_rng_state(train_loader.collate_fn, mine.get("collator"))
-            if gen is not None and st["epoch_start_gen_state"] is not None:
-                gen.set_state(st["epoch_start_gen_state"])  # replays the epoch's shuffle; done batches are skipped
+            if mine.get("collator"):
+                set_collator_rng_state(train_loader.collate_fn, mine["collator"])
+            elif _collator_rngs(train_loader.collate_fn):
+                log.warning("checkpoint %s holds no masking-collator state (written before it was saved): the "
+                            "resumed run draws other masks than the interrupted one would have", path)
+            gen_state = mine.get("loader_gen", st["epoch_start_gen_state"])  # this rank's; before: rank 0's
+            if gen is not None and gen_state is not None:
+                gen.set_state(gen_state)  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
             start_epoch, skip_batches, resumed_loss = st["epoch"], st["batches_done"], st["epoch_loss"]
             if rank:
@@ -172,7 +207,8 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         # the checkpoint's own model (the end of the best epoch), which resume copies aside again. Every rank's
         # RNG (dropout, masks) goes to rank 0, which writes the checkpoint (all ranks hold the same weights).
         epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
-        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn)}
+        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn),
+                "loader_gen": epoch_start_gen}
         by_rank = gather_object([mine]) if world > 1 else [mine]
         if rank:
             return
@@ -194,9 +230,12 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             raise diverged(int(bad), t, dtype)
         return s
 
+    parts = [f"{t.batch_size} per process x {world} processes"] if world > 1 else [f"{t.batch_size}"]
+    if accumulation > 1:
+        parts.append(f"{accumulation} accumulated batches")
     log.info("training: %d examples, %d epochs, batch %d%s, %d optimizer steps, device %s, precision %s",
-             len(train_loader.dataset), t.epochs, t.batch_size * world,
-             f" (global: {t.batch_size} per process x {world} processes)" if world > 1 else "", total, acc.device,
+             len(train_loader.dataset), t.epochs, t.batch_size * world * accumulation,
+             f" (global: {' x '.join(parts)})" if len(parts) > 1 or world > 1 else "", total, acc.device,
              acc.mixed_precision + (" + loss scaling" if acc.scaler is not None else ""))
     model.train()
     seen, t0 = 0, time.perf_counter()
@@ -212,19 +251,24 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
         epoch_start_gen = gen.get_state() if gen is not None else None
         loss_sum, loss_n = torch.tensor(float(resumed_loss[0]), device=dev, dtype=sum_dtype), resumed_loss[1]
         resumed_loss = (0.0, 0)
-        # a resumed epoch: the same permutation, its first batches skipped at the sampler (not collated)
+        # a resumed epoch: the same permutation, its first batches skipped at the sampler (not collated); it starts
+        # at a group's first batch (checkpoints are taken after optimizer steps), so accumulation counts from 0
         batches = acc.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        bar = tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, initial=skip_batches,
+        acc.step = 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", total=batches_per_epoch, initial=skip_batches,
                    disable=not progress_bars() or rank != 0)
         for i, batch in enumerate(bar, start=skip_batches):
-            l, bs = train_step(acc, ddp_model, opt, sched, batch, loss_fn, t.max_grad_norm)
-            step += 1
+            scale = accumulation_scale(acc, i, batches_per_epoch)
+            l, bs = train_step(acc, ddp_model, opt, sched, batch, loss_fn, t.max_grad_norm, scale)
             seen += bs
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(l), step, bad_step)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(l), step + 1, bad_step)
             loss_sum += l.to(sum_dtype) * bs
             loss_n += bs
             window_sum += l
             window_n += 1
+            if not acc.sync_gradients:
+                continue  # gradients accumulate: no optimizer step yet
+            step += 1
             if step % every == 0:
                 w = read_losses(window_sum, bad_step)
                 if on_step:
@@ -232,7 +276,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                 bar.set_postfix(loss=f"{w / window_n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
                 window_sum.zero_()
                 window_n = 0
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < steps_per_epoch:
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and i + 1 < batches_per_epoch:
                 checkpoint(epoch, i + 1, epoch_start_gen, (read_losses(loss_sum, bad_step), loss_n))
         skip_batches = 0
         # a diverged rank stops every rank (each learns whether any diverged); then the epoch's mean over every

@@ -61,14 +61,21 @@ def build_optimizer(model, t: TrainConfig, device=None):
 
 def warmup_steps(t: TrainConfig, steps_per_epoch: int) -> int:
     """Warmup in optimizer steps: `warmup_ratio` of all steps, where a step is one GLOBAL batch (batch_size x
-    processes), so N processes warm up over the same share of training as one."""
+    processes x gradient_accumulation_steps), so N processes or k accumulated batches warm up over the same share
+    of training as one."""
     return math.ceil(t.warmup_ratio * steps_per_epoch * t.epochs)
 
 
+def optimizer_steps(batches: int, accumulation: int) -> int:
+    """Optimizer steps over `batches` batches of one process when every `accumulation` of them make a step, and
+    the epoch's last, shorter group too (as transformers' Trainer counts them)."""
+    return max(1, math.ceil(batches / max(accumulation, 1)))
+
+
 def global_steps_per_epoch(examples: int, t: TrainConfig, world_size: int) -> int:
-    """Optimizer steps per epoch when `world_size` processes each take `batch_size` examples a step (the last
-    batch of an epoch may be short)."""
-    return math.ceil(examples / (t.batch_size * max(world_size, 1)))
+    """Optimizer steps per epoch when `world_size` processes each take `batch_size` examples a forward pass and
+    `gradient_accumulation_steps` passes a step (the last batch and the last group of an epoch may be short)."""
+    return optimizer_steps(math.ceil(examples / (t.batch_size * max(world_size, 1))), t.gradient_accumulation_steps)
 
 
 def check_optimizer_groups(checkpoint, saved, built) -> None:

@@ -60,7 +60,12 @@ def fused_adamw_supported(device) -> bool:
     return device.type in ("cpu", "cuda")
 
 def resume_on_retry(spec: "JobSpec") -> "JobSpec":
-    """A Prefect retry of the training task continues from the last complete checkpoint instead of restarting."""
+    """A Prefect retry of the training task continues from the last complete checkpoint instead of restarting. A
+    process without Prefect loaded (a training rank: the launcher applied this already) is not a task run."""
+    import sys
+
+    if "prefect" not in sys.modules:
+        return spec
     try:
         from prefect.runtime import task_run
 

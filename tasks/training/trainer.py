@@ -30,6 +30,7 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, proc
 
     return dict(
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_steps=warmup_steps(t, steps_per_epoch), lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, eval_strategy="epoch",
@@ -145,6 +146,60 @@ def last_complete_trainer_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+COLLATOR_RNG = "collator_rng_{rank}.pt"
+
+
+def collator_rng_callback(collator, rank: int):
+    """A TrainerCallback that saves the masking collator's generator (`tasks.checkpoint.collator_rng_state`) into
+    each Trainer checkpoint, one file per rank, beside Trainer's own RNG files: Trainer restores the global RNGs
+    on resume, not a collator's seeded generator, so a resumed MLM run drew the masks of a fresh generator (tested:
+    its losses left the uninterrupted run's). Nothing for a collator without one (classification)."""
+    from transformers import TrainerCallback
+
+    from tasks.checkpoint import collator_rng_state
+
+    class _CollatorRNG(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            import torch
+
+            st = collator_rng_state(collator)
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if st is not None and ckpt.is_dir():
+                torch.save(st, ckpt / COLLATOR_RNG.format(rank=rank))
+
+    return _CollatorRNG()
+
+
+def load_collator_rng(collator, checkpoint: str, rank: int) -> None:
+    """The masking collator's generator as the checkpoint's run left it (see `collator_rng_callback`); a checkpoint
+    without it (written before it was saved, or with DataLoader workers) resumes with a fresh generator, and says
+    so."""
+    import torch
+
+    from tasks.checkpoint import _collator_rngs, set_collator_rng_state
+
+    f = Path(checkpoint) / COLLATOR_RNG.format(rank=rank)
+    if f.exists():
+        set_collator_rng_state(collator, torch.load(f, map_location="cpu", weights_only=True))
+    elif _collator_rngs(collator):
+        log.warning("checkpoint %s holds no masking-collator state: the resumed epochs draw other masks than an "
+                    "uninterrupted run would", checkpoint)
+
+
+def model_loss_per_batch(trainer) -> None:
+    """Gradient accumulation with the model's own loss (Trainer's stock `compute_loss`): the loss is each batch's
+    mean and Trainer divides it by the group's batch count, as the plain loop does. Trainer otherwise passes
+    `num_items_in_batch` to any model whose forward takes **kwargs and then counts the loss as already divided by
+    it, which a model that ignores it (BertForSequenceClassification and most heads but the LM ones) is not: the
+    accumulated gradient came out k times too large (measured: 4 x 2 accumulated batches no longer matched batches
+    of 8). A job class with its own `compute_loss` (the MLM SFTTrainer: masked tokens over the whole group) keeps
+    Trainer's count."""
+    from transformers import Trainer
+
+    if type(trainer).compute_loss is Trainer.compute_loss and trainer.compute_loss_func is None:
+        trainer.model_accepts_loss_kwargs = False
+
+
 def quiet_trainer_output(trainer) -> None:
     """Trainer prints each log dict (PrinterCallback without bars, ProgressCallback's `write` with them): the
     epoch's line comes from `on_metrics` instead, and the training summary dict is not printed at all. Bars stay
@@ -173,8 +228,8 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     from tasks import distributed
     from tasks.training.prepare import spec_for_rank
 
-    # optimizer steps of the GLOBAL batch (batch_size x processes): warmup and the loss curve's x-axis are the
-    # plain loop's under torchrun too
+    # optimizer steps of the GLOBAL batch (batch_size x processes x gradient_accumulation_steps), counted as Trainer
+    # counts them: warmup and the loss curve's x-axis are the plain loop's under torchrun and accumulation too
     world = distributed.world_size()
     steps_per_epoch = global_steps_per_epoch(len(dd["train"]), t, world)
     key, higher = spec.selection_metric
@@ -245,14 +300,18 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
     if resume and (Path(resume) / "optimizer.pt").exists():  # mmap: the group list only, no tensor is read
         saved = torch.load(Path(resume) / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
         check_optimizer_groups(resume, group_sizes(saved["param_groups"]), group_sizes(optimizer.param_groups))
+    collator = recipe.collator(tok, spec_for_rank(spec, distributed.rank()))  # rank r > 0: its own masks
+    if resume:
+        load_collator_rng(collator, resume, distributed.rank())
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dd["train"], eval_dataset=dd["eval"],
-        data_collator=recipe.collator(tok, spec_for_rank(spec, distributed.rank())), processing_class=tok,
+        data_collator=collator, processing_class=tok,
         optimizers=(optimizer, None),
-        callbacks=[StepLoss(), ToMetrics(), *([StopEarly()] if t.early_stopping_patience else []),
-                   *([OnEvaluation()] if on_evaluation else [])],
+        callbacks=[StepLoss(), ToMetrics(), collator_rng_callback(collator, distributed.rank()),
+                   *([StopEarly()] if t.early_stopping_patience else []), *([OnEvaluation()] if on_evaluation else [])],
     )
     quiet_trainer_output(trainer)
+    model_loss_per_batch(trainer)
     out = trainer.train(resume_from_checkpoint=resume)
     history = history_from_trainer(trainer.state.log_history, recipe.metrics)
     if resume and on_metrics:  # epochs logged before the interruption are skipped by the idempotent logger
