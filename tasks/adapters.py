@@ -85,7 +85,8 @@ def linear_names(model) -> list[str]:
 ALL_LINEAR = "all-linear"
 
 
-def lora_targets(model_type: str, target_modules: list[str] | None, modules: list[str], candidates) -> list[str] | str | None:
+def lora_targets(model_type: str, target_modules: list[str] | None, modules: list[str],
+                 candidates) -> list[str] | str | None:
     """The LoRA target modules: `target_modules` when given, else peft's own per-architecture default
     (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: None lets peft pick it), else, for an architecture the
     mapping does not know (peft 0.21: DistilBERT, ModernBERT), peft's `"all-linear"`: every linear layer but the

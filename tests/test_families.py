@@ -371,9 +371,9 @@ def test_roberta_masks_its_eval_split_like_bert(group_texts, family_model_dirs, 
 @pytest.mark.parametrize("job,engine,peft", [("classify", "trainer", "none"), ("mlm", "sft", "none"),
                                              ("mlm", "manual", "lora")], ids=lambda v: v)
 def test_roberta_at_the_issue_settings(job, engine, peft, family_model_dirs, tmp_path, isolated):
-    """The reported runs: the bundled reviews, 32 eval texts at 64 tokens (64 train texts; mlm 16), RoBERTa with its byte-level
-    BPE. `classify --engine trainer` was refused by the promotion probe ("the registered model does not reproduce
-    the trained one on the probe batch"); `mlm` stopped before training ("no token was masked")."""
+    """The reported runs: the bundled reviews, 32 eval texts at 64 tokens (64 train texts; mlm 16), RoBERTa with
+    its byte-level BPE. `classify --engine trainer` was refused by the promotion probe ("the registered model does
+    not reproduce the trained one on the probe batch"); `mlm` stopped before training ("no token was masked")."""
     from mlflow import MlflowClient
 
     from flows.config import ClassifyConfig
