@@ -3,12 +3,18 @@ embeddings, attention auto, fused AdamW, precision auto) and the mlm step (maske
 `tasks.jobs.mlm.masked_lm_loss`) on a tiny random model of each encoder family (tests/conftest.py `build_family`:
 2 layers, 32 wide, the family's own tokenizer), batch 16 x 128 tokens. The batch carries what the model takes
 (`tasks.tokenize.batch_inputs`). Shows that no family fell to a slow path unannounced: the figures are tiny-model
-step costs, comparable between families of one run only (the embedding/vocabulary matmuls dominate at this width).
+step costs, comparable between families of one run only (the embedding/vocabulary matmuls dominate at this width:
+a 2,000-piece tokenizer's model is cheaper than a 30,522-piece WordPiece one); each row also as a ratio to BERT's.
 
-    .venv/bin/python bench/bench_families.py
+    .venv/bin/python bench/bench_families.py [--rounds 2]
+
+On a shared machine the figures move with the other processes' load: the rounds alternate the families, each row
+gives the spread of its round medians (max/min) and the load average is printed before and after.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -17,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-BATCH, LENGTH, STEPS, WARMUP, ROUNDS = 16, 128, 10, 3, 2
+BATCH, LENGTH, STEPS, WARMUP = 16, 128, 10, 3
 
 
 def step_seconds(path: str, job: str) -> float:
@@ -72,6 +78,10 @@ def step_seconds(path: str, job: str) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2, help="passes over all families (the median of each is kept)")
+    rounds = ap.parse_args().rounds
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from conftest import FAMILIES, build_family
@@ -80,17 +90,24 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {f: build_family(f, Path(tmp) / f) for f in FAMILIES}
+        tokenizers = {f: type(AutoTokenizer.from_pretrained(d)).__name__ for f, d in dirs.items()}
         runs = {(f, j): [] for f in FAMILIES for j in ("classify", "mlm")}
-        for _ in range(ROUNDS):  # families alternate, so load from other processes hits them alike
+        load_before = os.getloadavg()[0]
+        for _ in range(rounds):  # families alternate, so load from other processes hits them alike
             for (f, j) in runs:
                 runs[(f, j)].append(step_seconds(dirs[f], j))
     device = select_device("auto")
     print(f"\ntraining step on tiny models (2 layers, 32 wide), batch {BATCH} x {LENGTH} tokens, "
-          f"{describe(device, amp_dtype(device, 'auto'))}, median of {STEPS} steps x {ROUNDS} rounds")
-    print(f"{'family':<12}{'classify samples/s':>20}{'mlm (sparse head) samples/s':>30}")
+          f"{describe(device, amp_dtype(device, 'auto'))}, {os.cpu_count()} CPUs, median of {STEPS} steps x {rounds} "
+          f"rounds; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    rate = {k: BATCH / statistics.median(v) for k, v in runs.items()}
+    spread = {k: max(v) / min(v) for k, v in runs.items()}
+    print(f"{'family':<13}{'tokenizer':<21}{'classify samples/s':>19}{'x BERT':>8}{'spread':>8}"
+          f"{'mlm (sparse head) samples/s':>29}{'x BERT':>8}{'spread':>8}")
     for f in FAMILIES:
-        c, m = (statistics.median(runs[(f, j)]) for j in ("classify", "mlm"))
-        print(f"{f:<12}{BATCH / c:>20.0f}{BATCH / m:>30.0f}")
+        c, m = rate[(f, "classify")], rate[(f, "mlm")]
+        print(f"{f:<13}{tokenizers[f]:<21}{c:>19.0f}{c / rate[('bert', 'classify')]:>8.2f}"
+              f"{spread[(f, 'classify')]:>8.2f}{m:>29.0f}{m / rate[('bert', 'mlm')]:>8.2f}{spread[(f, 'mlm')]:>8.2f}")
 
 
 if __name__ == "__main__":

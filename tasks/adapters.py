@@ -84,28 +84,37 @@ def linear_names(model) -> list[str]:
     return sorted(names)
 
 
-def lora_targets(model_type: str, target_modules: list[str] | None, modules: list[str], candidates) -> list[str] | None:
+ALL_LINEAR = "all-linear"
+
+
+def lora_targets(model_type: str, target_modules: list[str] | None, modules: list[str],
+                 candidates) -> list[str] | str | None:
     """The LoRA target modules: `target_modules` when given, else peft's own per-architecture default
-    (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`). A ConfigError naming the fix when peft has no default
-    for the architecture or a given name matches no module of the model (`modules`: its module names;
-    `candidates()`: the names to suggest)."""
+    (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: None lets peft pick it), else, for an architecture the
+    mapping does not know (peft 0.21: DistilBERT, ModernBERT), peft's `"all-linear"`: every linear layer but the
+    output head (and but the modules saved whole, which peft never adapts). A ConfigError naming the fix when a
+    given name matches no module of the model (`modules`: its module names; `candidates()`: the names to
+    suggest)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     from tasks.common import ConfigError
 
     if not target_modules:
-        if DEFAULTS.get(model_type) is None:
-            raise ConfigError(
-                f"peft has no default LoRA target modules for model type {model_type!r}: pass "
-                f"--lora-target-modules with some of this model's linear layers ({', '.join(candidates())}); the "
-                "attention query and value projections are the usual choice")
-        return None  # peft picks its default for the architecture
+        return None if DEFAULTS.get(model_type) is not None else ALL_LINEAR
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
     if missing:
         raise ConfigError(
             f"--lora-target-modules {','.join(missing)}: no module of that name in this {model_type} model; its "
             f"linear layers are {', '.join(candidates())}")
     return list(target_modules)
+
+
+def targets_used(model) -> list[str]:
+    """The distinct last names of the modules a PeftModel carries LoRA layers on (what peft resolved its default
+    or "all-linear" to), sorted."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)})
 
 
 def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
@@ -148,11 +157,12 @@ def apply_lora(
         raise ValueError("LoRA needs a model loaded with from_pretrained: its base checkpoint is referenced")
     target_modules = lora_targets(model.config.model_type, target_modules, [n for n, _ in model.named_modules()],
                                   lambda: linear_names(model))
+    log = run_logger(__name__)
     if modules_to_save is None:
         modules_to_save, leftover = new_modules(model)
         if leftover:
-            run_logger(__name__).info("LoRA: new weights left frozen at their initial values (not in a module of "
-                                      "new weights only): %s", ", ".join(leftover))
+            log.info("LoRA: new weights left frozen at their initial values (not in a module of new weights only): "
+                     "%s", ", ".join(leftover))
     cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS if task == "text-classification" else None,
         r=r,
@@ -161,7 +171,12 @@ def apply_lora(
         target_modules=target_modules,
         modules_to_save=modules_to_save or None,
     )
-    return get_peft_model(model, cfg)
+    peft_model = get_peft_model(model, cfg)
+    if target_modules == ALL_LINEAR:
+        log.warning("LoRA: peft has no default target modules for model type %r; adapting all its linear layers "
+                    "but the output head (peft's all-linear): %s (--lora-target-modules picks others)",
+                    model.config.model_type, ",".join(targets_used(peft_model)))
+    return peft_model
 
 
 def is_peft(model) -> bool:
@@ -340,7 +355,8 @@ def log_model(
     """Logs a LoRA model dir with MLflow's transformers flavor under `run_id`; returns the model URI.
 
     Default: adapter + tokenizer only (a few hundred KB to a few MB), base referenced by the absolute path of
-    `model_dir/base` (needed wherever the model is loaded). `merge=True`: LoRA merged into the base weights and
+    `model_dir/base` (needed wherever the model is loaded). Records the modules that carry LoRA layers as the run
+    param `lora.target_modules_used`. `merge=True`: LoRA merged into the base weights and
     logged as an ordinary full model (self-contained, no peft needed at load, full size).
     A dir without an adapter goes to `tasks.tracking.log_model` unchanged."""
     import mlflow
@@ -352,6 +368,8 @@ def log_model(
     model = load_model(model_dir, hf_task)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tracking.configure()
+    # what peft's default or "all-linear" resolved to (the config's lora.target_modules is null then)
+    tracking.log_params_once(run_id, {"lora.target_modules_used": ",".join(targets_used(model))})
     # MLflow files a logged model under the *active* experiment (else "Default"), not the run's.
     mlflow.set_experiment(experiment_id=tracking.client().get_run(run_id).info.experiment_id)
     common = dict(task=hf_task, name="model", run_id=run_id, input_example=input_example)

@@ -87,8 +87,12 @@ def prefect_harness():
 # the matrix in tests/test_families.py meets what a user's Hub checkpoint brings: RoBERTa a byte-level BPE with
 # `<mask>` (trained here on bundled reviews), the others WordPiece (the bundled MiniLM vocabulary) saved as the
 # tokenizer class transformers picks for the family (DistilBERT/ELECTRA/DeBERTa: BertTokenizer, which lists
-# token_type_ids although DistilBERT's forward takes none; ModernBERT: a plain tokenizers backend without them).
-FAMILIES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert")
+# token_type_ids although DistilBERT's forward takes none; ModernBERT: a plain tokenizers backend without them);
+# XLM-R and DeBERTa-v3 a SentencePiece-style Unigram trained here (their own tokenizer classes).
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert", "xlm-roberta", "deberta-v3")
+# The families whose tokenizer is SentencePiece-style (a Unigram model, Metaspace pre-tokenizer), as on the Hub:
+# XLM-R (`<s> </s> <pad> <unk> <mask>`) and DeBERTa-v3 (the deberta-v2 model code; `[CLS] [SEP] [PAD] [UNK] [MASK]`).
+SENTENCEPIECE = ("xlm-roberta", "deberta-v3")
 
 
 def _review_texts(n: int = 400) -> list[str]:
@@ -116,6 +120,28 @@ def _roberta_tokenizer(out: Path):
                                 model_max_length=128)
 
 
+def _unigram_vocab(specials: list[str], unk: str) -> list[tuple[str, float]]:
+    """A tiny SentencePiece-style Unigram vocabulary (pieces and log-probabilities, `specials` first, in order)
+    trained on bundled reviews with the `tokenizers` library: what the XLM-R / DeBERTa-v3 tokenizer classes take."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.Unigram())
+    tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=2000, special_tokens=specials, unk_token=unk, shrinking_factor=0.75)
+    tk.train_from_iterator(_review_texts() + POSITIVE + NEGATIVE, trainer)
+    return [(piece, score) for piece, score in json.loads(tk.to_str())["model"]["vocab"]]
+
+
+def _deberta_v2_config(T, vocab_size: int, small: dict, pad_token_id: int):
+    """v3-style: relative attention, no absolute positions in the input."""
+    return T.DebertaV2Config(vocab_size=vocab_size, **small, relative_attention=True, position_biased_input=False,
+                             pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=32,
+                             norm_rel_ebd="layer_norm", share_att_key=True, pad_token_id=pad_token_id)
+
+
 def build_family(family: str, out: Path) -> str:
     """A tiny `<Family>ForMaskedLM` of `family` with its tokenizer, saved to `out`; returns the path."""
     import torch
@@ -129,6 +155,17 @@ def build_family(family: str, out: Path) -> str:
         cfg = T.RobertaConfig(vocab_size=len(tok), **{**small, "max_position_embeddings": 130}, type_vocab_size=1,
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = T.RobertaForMaskedLM
+    elif family == "xlm-roberta":  # XLM-R's own tokenizer class: a Unigram vocabulary, unk at id 3 as on the Hub
+        tok = T.XLMRobertaTokenizerFast(vocab=_unigram_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>"),
+                                        model_max_length=128)
+        cfg = T.XLMRobertaConfig(vocab_size=len(tok), **{**small, "max_position_embeddings": 130}, type_vocab_size=1,
+                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        model = T.XLMRobertaForMaskedLM
+    elif family == "deberta-v3":  # microsoft/deberta-v3-*: the deberta-v2 model code with a SentencePiece tokenizer
+        tok = T.DebertaV2TokenizerFast(vocab=_unigram_vocab(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], "[UNK]"),
+                                       model_max_length=128)
+        cfg, model = _deberta_v2_config(T, len(tok), small, tok.pad_token_id), T.DebertaV2ForMaskedLM
     elif family == "modernbert":
         tok = T.PreTrainedTokenizerFast(tokenizer_object=bert_tok.backend_tokenizer, unk_token="[UNK]",
                                         pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
@@ -148,12 +185,8 @@ def build_family(family: str, out: Path) -> str:
             model = T.DistilBertForMaskedLM
         elif family == "electra":
             cfg, model = T.ElectraConfig(vocab_size=tok.vocab_size, embedding_size=32, **small), T.ElectraForMaskedLM
-        elif family == "deberta-v2":  # v3-style: relative attention, no absolute positions in the input
-            cfg = T.DebertaV2Config(vocab_size=tok.vocab_size, **small, relative_attention=True,
-                                    position_biased_input=False, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
-                                    position_buckets=32, norm_rel_ebd="layer_norm", share_att_key=True,
-                                    pad_token_id=tok.pad_token_id)
-            model = T.DebertaV2ForMaskedLM
+        elif family == "deberta-v2":
+            cfg, model = _deberta_v2_config(T, tok.vocab_size, small, tok.pad_token_id), T.DebertaV2ForMaskedLM
         else:
             raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
     cfg.architectures = [model.__name__]

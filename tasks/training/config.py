@@ -124,8 +124,8 @@ class LoraConfig(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     target_modules: list[str] | None = Field(
         None, description="Names of the modules that get adapters; null = peft's default for the architecture "
-        "(BERT/RoBERTa/ELECTRA: query, value; DeBERTa-v2: query_proj, value_proj). DistilBERT (q_lin, v_lin) and "
-        "ModernBERT (Wqkv) have no peft default: name them."
+        "(BERT/RoBERTa/ELECTRA: query, value; DeBERTa-v2: query_proj, value_proj), or all linear layers but the "
+        "output head where peft has none (DistilBERT, ModernBERT)."
     )
 
 
