@@ -27,9 +27,10 @@ TIE_TOLERANCE = 1e-9
 
 def resolve_metric(job: str | JobConfig, metric: str | None = None) -> str:
     """Canonical metric name for a job (default per job); an unknown or unfitting name is a ConfigError."""
+    options = None
     if isinstance(job, JobConfig):
-        job, metric = job.job, job.tracking.promotion_metric if metric is None else metric
-    return jobs.resolve_metric(job, metric)
+        job, metric, options = job.job, job.tracking.promotion_metric if metric is None else metric, job.spec().options
+    return jobs.resolve_metric(job, metric, options)
 
 
 def higher_is_better(job: str, metric: str) -> bool:
@@ -159,7 +160,7 @@ def eval_data_for_version(name: str, version: str) -> tuple[JobConfig, str, str]
     if mv is None or not mv.run_id:
         raise LookupError(f"{name} version {version} has no source run to take the eval data from")
     cfg = config_from_params(tracking.client().get_run(mv.run_id).data.params)
-    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None))
+    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
     spec = cfg.spec(data.label_names)
     return cfg, data.path, cfg.recipe.tokenize(data.path, cfg.train.model, spec)
 
@@ -322,7 +323,7 @@ def champion_challenger(cfg: JobConfig, name: str, version: str, data_path: str 
         smoke_err = smoke_test(registry.model_uri(name, version=version), cfg.job)
         chall_err = f"smoke prediction failed: {smoke_err}" if smoke_err else None
     base, base_err = baseline_scores(cfg, name, version, data_path, run_history)
-    baseline_name = cfg.recipe.baseline_name
+    baseline_name = jobs.baseline_name_of(cfg.job, cfg.spec().options)
     up = higher_is_better(cfg.job, metric)
     # the floor: healthy, finite and above the trivial baseline (the rule without a champion)
     floor = decide(metric, (chall or {}).get(metric), None, margin, higher_is_better=up, has_champion=False,

@@ -182,6 +182,8 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     row = {"trial": index, **overrides, "run_id": run_id}
     try:
         spec = cfg.spec(label_names)
+        if cfg.recipe.resolve_spec:  # data-dependent options (class weights), as the training flow resolves them
+            spec = cfg.recipe.resolve_spec(spec, data_path)
         run_dir = Path(cfg.train.output_dir) / cfg.job / run_id
         # a trial whose worker dies is closed by the next sweep; its dir records its store and run for `finetune gc`
         with liveness.heartbeat(run_id, tracking.set_tags, run_dir):
@@ -285,11 +287,11 @@ def run_sweep(sweep: SweepConfig) -> dict:
     pairs = trial_configs(sweep)
     base_cfg = pairs[0][1]
     recipe = base_cfg.recipe
-    metric = jobs.resolve_metric(sweep.job, sweep.metric)
+    metric = jobs.resolve_metric(sweep.job, sweep.metric, base_cfg.spec().options)
     key, higher = recipe.promotion.metrics[metric]
     trials = []
     for i, (over, cfg) in enumerate(pairs):
-        data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None))
+        data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
         spec = cfg.spec(data.label_names)
         trials.append({"index": i, "overrides": over, "cfg": cfg, "data_path": data.path,
                        "tokenized_path": recipe.tokenize(data.path, cfg.train.model, spec),

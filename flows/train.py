@@ -151,7 +151,7 @@ def precheck(cfg: JobConfig) -> None:
         from tasks.adapters import check_lora
 
         check_lora(cfg.train.model, cfg.lora.target_modules, cfg.recipe.hf_task)
-    check_data(cfg.data, getattr(cfg, "num_labels", None))
+    check_data(cfg.data, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
     if base is not None and cfg.recipe.needs_labels:
         from tasks.base_model import check_labels, local_dir, trained_labels
 
@@ -159,8 +159,11 @@ def precheck(cfg: JobConfig) -> None:
         if trained_labels(path) is not None:  # a classifier version (warm start): its labels against the data's
             from tasks.data import prepare_dataset  # the flow's load reuses the prepared (cached) data
 
-            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None)).label_names
+            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None),
+                                    getattr(cfg, "problem", None)).label_names
             check_labels(path, names, base.requested)
+    if cfg.recipe.precheck:  # the job's option checks that need the data (classify: class-weights labels)
+        cfg.recipe.precheck(cfg.spec())
 
 
 def run_training(cfg: JobConfig) -> dict:
@@ -191,10 +194,13 @@ def run_training(cfg: JobConfig) -> dict:
     resolve_metric(cfg)
     # --- data: load (validated, split, cached by content), tokenize the job's way
     num_labels = getattr(cfg, "num_labels", None)
-    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, path_of=lambda d: d.path)
+    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, getattr(cfg, "problem", None),
+                              path_of=lambda d: d.path)
     logger.info("data: %d train / %d eval examples%s", data.num_train, data.num_eval,
                 f", labels {data.label_names}" if data.label_names else "")
     spec = cfg.spec(data.label_names)
+    if recipe.resolve_spec:  # data-dependent options (classify: class weights from the train split's counts)
+        spec = recipe.resolve_spec(spec, data.path)
     if base is not None and recipe.needs_labels:  # a classifier version keeps its head only for the same labels
         from tasks.base_model import check_labels, local_dir
 

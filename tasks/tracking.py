@@ -387,8 +387,17 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
             input_example=input_example,
             save_pretrained=True,
             attempts=3,
+            **serving_options(model_dir),
         )
     return info.model_uri
+
+
+def serving_options(model_dir: str) -> dict:
+    """What a classifier's kind adds to the logged model (tasks/kinds/: multi-label pyfunc returns every label's
+    score; metadata records the problem and threshold); {} for MLM and single-label models."""
+    from tasks import kinds
+
+    return kinds.serving(str(model_dir))
 
 
 log_model_task = task(log_model, name="log-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
