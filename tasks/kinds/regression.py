@@ -46,6 +46,10 @@ def _values(dd, label_col: str) -> dict[str, list[float]]:
         nums = []
         for i, v in enumerate(vals):
             x = _number(v)
+            if v is None:
+                problems.append(f"row {i} of split {split!r} has no label (empty or NA): regression needs a number "
+                                "in every row; fill or drop it")
+                break
             if x is None or not math.isfinite(x):
                 problems.append(f"label {v!r} in row {i} of split {split!r} is not a number: regression needs a "
                                 f"numeric label column ({label_col!r}); fix or drop that row, or use "
@@ -98,7 +102,8 @@ def scores(pred, gold) -> dict[str, float]:
 
     pred, gold = np.asarray(pred, dtype=float), np.asarray(gold, dtype=float)
     err = pred - gold
-    constant = pred.std() == 0 or gold.std() == 0  # no correlation to speak of (scipy would give nan)
+    # a constant side has no correlation to speak of (scipy would give nan)
+    constant = len(set(pred.tolist())) < 2 or len(set(gold.tolist())) < 2
     return {"loss": float((err ** 2).mean()), "rmse": float(math.sqrt((err ** 2).mean())),
             "mae": float(np.abs(err).mean()),
             "pearson": 0.0 if constant else float(pearsonr(pred, gold)[0]),
