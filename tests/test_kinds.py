@@ -73,7 +73,7 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert all(r["threshold"] == 0.4 for r in res)
     for r in res:
         scores = [c["score"] for c in r["labels"]]
-        assert scores == sorted(scores, reverse=True) and all(s >= 0.4 for s in scores)
+        assert scores == sorted(scores, reverse=True) and all(s > 0.4 for s in scores)
         assert {c["label"] for c in r["labels"]} <= {"imdb", "rotten_tomatoes", "positive", "negative"}
     assert "\ta great film" in format_predictions(res)
     df = mlflow.pyfunc.load_model(f"models:/tiny-tags/{out['version']}").predict(["a great film"])
@@ -81,7 +81,7 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert sorted(c["label"] for c in cells) == ["imdb", "negative", "positive", "rotten_tomatoes"]
     assert all(0.0 <= c["score"] <= 1.0 for c in cells)
     got = {c["label"] for c in res[0]["labels"]}
-    assert got == {c["label"] for c in cells if c["score"] >= 0.4}
+    assert got == {c["label"] for c in cells if c["score"] > 0.4}
 
     # a JSON list column, the Trainer engine, pos_weight from the train split's counts (logged), LoRA
     jsonl = kinds_data.write_multilabel(tmp_path, 48, as_json=True)
@@ -292,3 +292,16 @@ def test_promotion_metric_and_direction_per_kind():
     assert baseline_name_of("classify", {}) == "majority-class"
     with pytest.raises(ConfigError):
         resolve_metric("classify", "rmse", {"problem": "single_label"})
+
+
+def test_cli_bad_regression_label_is_one_error_line_before_prefect(tmp_path, tiny_model_dir):
+    from test_errors import PREFECT_STARTED, finetune, one_error_line
+
+    p = tmp_path / "scores.csv"
+    p.write_text("review,score\ngood film,4.5\nbad film,high\nfine,3\n")
+    r = finetune(tmp_path, "classify", "--problem", "regression", "--dataset", str(p), "--text-column", "review",
+                 "--label-column", "score", "--model", tiny_model_dir, "--max-length", "16",
+                 "--output-dir", str(tmp_path / "out"))
+    line = one_error_line(r)
+    assert "'high' in row 1" in line and "not a number" in line
+    assert PREFECT_STARTED not in r.stdout + r.stderr

@@ -29,7 +29,7 @@ class ClassifyOptions(BaseModel):
         "single_label", description="single_label: one class per text; multi_label: a set of labels per text (a "
         "list column, or a delimited string with --label-separator); regression: a number per text.")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multi_label: a label is predicted when its sigmoid "
-                             "score is at least this (recorded on the model).")
+                             "score is above this (recorded on the model).")
     class_weights: str = Field(
         "none", description="Imbalanced classes: none, balanced (from the train split's counts) or a JSON object "
         "{label: weight}; weighted cross-entropy (single_label) or BCE pos_weight (multi_label). Logged.")

@@ -1,7 +1,7 @@
 """Multi-label classification (a set of labels per text; one sigmoid per label, binary cross-entropy per label).
 The label column holds a list (JSON, JSONL, Parquet) or a delimited string (`data.label_separator`, e.g.
 "action|comedy"); the labels are the sorted union over the data. A label is predicted when its sigmoid score is
-at least `threshold` (default 0.5; recorded on the model and in the logged model's metadata).
+above `threshold` (as `finetune score` does) (default 0.5; recorded on the model and in the logged model's metadata).
 Metrics: eval_loss (mean binary cross-entropy over labels), eval_f1 (macro-F1 over labels), eval_micro_f1,
 eval_subset_accuracy (the whole set right); per-label F1 as an artifact. Promotion on macro-F1 by default;
 floor: the majority label set (the most frequent set of the eval split, predicted for every text).
@@ -175,7 +175,7 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
             n += bs
             p = torch.sigmoid(out.logits.float())
             probs += p.tolist()
-            preds += (p >= threshold).int().tolist()
+            preds += (p > threshold).int().tolist()
             labels += batch["labels"].round().int().tolist()
     model.train()
     m = scores(preds, labels)
@@ -244,8 +244,8 @@ def align_eval(model, spec):
 # --- prediction and serving -----------------------------------------------------------------------------------
 
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
-    """Every label whose score is at least the model's threshold, highest first: [{text, labels: [{label,
-    score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score; the threshold comes from
+    """Every label whose score is above the model's threshold (as `finetune score`), highest first:
+    [{text, labels: [{label, score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score; the threshold comes from
     the logged model's metadata."""
     import mlflow
 
@@ -257,7 +257,7 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None 
     for t, (_, row) in zip(texts, df.iterrows()):
         cells = [c for c in row.tolist() if isinstance(c, dict)]
         above = sorted(({"label": str(c["label"]), "score": float(c["score"])} for c in cells
-                        if float(c["score"]) >= threshold), key=lambda c: -c["score"])
+                        if float(c["score"]) > threshold), key=lambda c: -c["score"])
         out.append({"text": t, "labels": above, "threshold": threshold})
     return out
 
