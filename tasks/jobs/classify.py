@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks import kinds
 from tasks.jobs import JobSpec, Promotion, Recipe, register
+from tasks.predict import predict_classification  # noqa: F401  (other jobs' recipes reuse it from here)
 
 
 class ClassifyOptions(BaseModel):
