@@ -142,15 +142,20 @@ def config_from_params(params: dict[str, str]) -> JobConfig:
     def val(s: str) -> Any:
         return None if s == "None" else yaml.safe_load(s)
 
+    def text_field(field) -> bool:  # a str field keeps the logged string (a separator '|', a JSON object)
+        return field.annotation in (str, str | None)
+
     job = params.get("job", "classify")
     cls = config_class(job)
     raw: dict[str, Any] = {}
     for k, v in params.items():
         section, _, key = k.partition(".")
         if key and section in cls.model_fields:
-            raw.setdefault(section, {})[key] = val(v)
+            sub = cls.model_fields[section].annotation
+            f = sub.model_fields.get(key) if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+            raw.setdefault(section, {})[key] = v if f is not None and text_field(f) and v != "None" else val(v)
         elif not key and k in cls.model_fields and k != "job":
-            raw[k] = val(v)
+            raw[k] = v if text_field(cls.model_fields[k]) and v != "None" else val(v)
     for section, fields in list(raw.items()):
         sub = cls.model_fields[section].annotation
         if isinstance(fields, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks import kinds
 from tasks.jobs import JobSpec, Promotion, Recipe, register
@@ -34,6 +34,13 @@ class ClassifyOptions(BaseModel):
     class_weights: str = Field(
         "none", description="Imbalanced classes: none, balanced (from the train split's counts) or a JSON object "
         "{label: weight}; weighted cross-entropy (single_label) or BCE pos_weight (multi_label). Logged.")
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_as_json(cls, v):  # a YAML mapping in a config file is the same as its JSON text
+        import json
+
+        return json.dumps(v) if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _fits_problem(self):
