@@ -107,6 +107,22 @@ def _job_defaults(recipe: Recipe):
     return fill
 
 
+def _job_options(recipe: Recipe):
+    """The job's options validated by its recipe's own model (its validators too: e.g. classify's class weights
+    against the problem), normalised values written back. Only the fields are copied into the config class."""
+
+    def check(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        names = [k for k in recipe.options.model_fields if k in v]
+        if not names:
+            return v
+        opts = recipe.options.model_validate({k: v[k] for k in recipe.options.model_fields if k in v})
+        return {**v, **{k: getattr(opts, k) for k in names}}
+
+    return check
+
+
 @functools.lru_cache(maxsize=None)
 def config_class(job: str) -> type[JobConfig]:
     """The typed config of a job: the shared sections plus its recipe's options, with the job's defaults. Also
@@ -119,7 +135,8 @@ def config_class(job: str) -> type[JobConfig]:
         __base__=JobConfig,
         __module__=__name__,
         __doc__=recipe.description,
-        __validators__={"_defaults": model_validator(mode="before")(classmethod(_job_defaults(recipe)))},
+        __validators__={"_defaults": model_validator(mode="before")(classmethod(_job_defaults(recipe))),
+                        "_options": model_validator(mode="before")(classmethod(_job_options(recipe)))},
         job=(Literal[job], job),  # type: ignore[valid-type]
         **options,
     )

@@ -254,7 +254,8 @@ def test_bad_input_is_a_config_error_before_prefect(tmp_path, tiny_model_dir, mo
     assert "threshold" in problem(classes, problem="multi_label", threshold=1.0)
     assert "not in the data" in problem(classes, class_weights='{"pos": 2, "positive": 1}')
     assert "JSON object" in problem(classes, class_weights="heavy")
-    assert "regression" in problem(numbers, problem="regression", class_weights="balanced")
+    assert "class weights apply to single_label and multi_label" in problem(numbers, problem="regression",
+                                                                            class_weights="balanced")
     assert "does not apply" in problem(numbers, problem="regression", tracking={"promotion_metric": "accuracy"})
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks import kinds
 from tasks.jobs import JobSpec, Promotion, Recipe, register
@@ -42,21 +42,22 @@ class ClassifyOptions(BaseModel):
 
         return json.dumps(v) if isinstance(v, dict) else v
 
-    @model_validator(mode="after")
-    def _fits_problem(self):
-        if self.class_weights != "none" and self.problem == "regression":
-            raise ValueError("class_weights apply to single_label and multi_label, not regression: drop it")
-        if self.class_weights not in ("none", "balanced"):
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_fit(cls, v: str, info: ValidationInfo) -> str:
+        """The spelling, and the kind (labels are checked against the data before Prefect starts)."""
+        if v != "none" and info.data.get("problem") == "regression":
+            raise ValueError("class weights apply to single_label and multi_label, not regression: drop it")
+        if v not in ("none", "balanced"):
             import json
 
             try:
-                ok = isinstance(json.loads(self.class_weights), dict)
+                ok = isinstance(json.loads(v), dict)
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError('class_weights must be none, balanced or a JSON object like {"negative": 1, '
-                                 '"positive": 3}')
-        return self
+                raise ValueError('use none, balanced or a JSON object like {"negative": 1, "positive": 3}')
+        return v
 
 
 def _kind(spec: JobSpec):
