@@ -306,3 +306,22 @@ def test_cli_bad_regression_label_is_one_error_line_before_prefect(tmp_path, tin
     line = one_error_line(r)
     assert "'high' in row 1" in line and "not a number" in line
     assert PREFECT_STARTED not in r.stdout + r.stderr
+
+
+def test_regression_head_starts_at_the_train_mean(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    from tasks.data import prepare_dataset
+    from tasks.training import model_for_training
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    csv = kinds_data.write_regression(tmp_path, 24)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "r", problem="regression", data={"label_column": "score"})
+    data = prepare_dataset(cfg.data, 0, None, "regression")
+    spec = cfg.spec(data.label_names)
+    tokenized = cfg.recipe.tokenize(data.path, tiny_model_dir, spec)
+    model, _ = model_for_training(spec, tokenized, torch.device("cpu"))
+    from datasets import load_from_disk
+
+    mean = sum(load_from_disk(tokenized)["train"]["labels"]) / data.num_train
+    assert model.classifier.bias.item() == pytest.approx(mean, rel=1e-5)

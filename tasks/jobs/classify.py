@@ -100,6 +100,11 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
     return kinds.of_model(model).evaluate(model, loader, device, dtype, desc=desc)
 
 
+def init_model(model, tokenized_path: str, spec: JobSpec) -> None:
+    """The kind's data-dependent start of the new head (regression: its bias at the train mean)."""
+    _kind(spec).init_model(model, tokenized_path, spec)
+
+
 def loss_for(spec: JobSpec):
     return _kind(spec).loss_for(spec)
 
@@ -216,6 +221,7 @@ RECIPE = register(Recipe(
     align_eval=align_eval,
     baseline=baseline,
     baseline_name="majority-class",
+    init_model=init_model,
     for_options=for_options,
     loss_for=loss_for,
     resolve_spec=resolve_spec,

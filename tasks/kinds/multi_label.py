@@ -141,6 +141,10 @@ def loss_for(spec):
     return loss
 
 
+def init_model(model, tokenized_path: str, spec) -> None:
+    """Nothing data-dependent to initialise (see regression)."""
+
+
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 def scores(pred, gold) -> dict[str, float]:

@@ -86,6 +86,26 @@ def model_config(names: list[str], opts) -> dict:
     return dict(num_labels=1, id2label={0: names[0]}, label2id={names[0]: 0}, problem_type="regression")
 
 
+def init_model(model, tokenized_path: str, spec) -> None:
+    """The new output's bias starts at the train split's mean label (the floor's prediction), not at 0: with
+    labels far from 0 (ratings 1-5) the first epochs would otherwise go to moving the output up to their level
+    (measured, bundled MiniLM, 63 steps: RMSE 1.52 against the mean's 1.55 from a zero bias). Found
+    family-agnostically: the one new one-element parameter (transformers' loading info: the head's bias)."""
+    import numpy as np
+    import torch
+    from datasets import load_from_disk
+
+    from tasks.training import NEW_WEIGHTS
+
+    new = getattr(model, NEW_WEIGHTS, set())
+    biases = [p for p in model.parameters() if id(p) in new and p.ndim == 1 and p.numel() == 1]
+    if len(biases) != 1:
+        return
+    labels = np.asarray(load_from_disk(tokenized_path)["train"].with_format("numpy")["labels"], dtype=np.float64)
+    with torch.no_grad():
+        biases[0].fill_(float(labels.mean()))
+
+
 def resolve(spec, data_path: str):
     return spec
 

@@ -108,6 +108,10 @@ def loss_for(spec):
     return loss
 
 
+def init_model(model, tokenized_path: str, spec) -> None:
+    """Nothing data-dependent to initialise (see regression)."""
+
+
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
