@@ -199,8 +199,7 @@ METRICS, PROMOTION_METRICS = _all_metrics()
 
 RECIPE = register(Recipe(
     name="classify",
-    description="Fine-tune a sequence classifier (offline default: IMDB sentiment, bundled MiniLM); also "
-                "multi-label, regression and sentence pairs (--problem, --text-pair-column).",
+    description="Fine-tune a sequence classifier (offline default: IMDB sentiment, bundled MiniLM).",
     example="finetune classify --train-samples 2000 --epochs 2 --engine trainer",
     options=ClassifyOptions,
     registered_model="imdb-sentiment-classifier",
