@@ -356,8 +356,9 @@ def log_model(
     tracking.configure()
     # MLflow files a logged model under the *active* experiment (else "Default"), not the run's.
     mlflow.set_experiment(experiment_id=tracking.client().get_run(run_id).info.experiment_id)
-    common = dict(task=hf_task, name="model", run_id=run_id, input_example=input_example,
-                  **tracking.serving_options(str(model_dir)))
+    serving = tracking.serving_options(str(model_dir))
+    common = dict(task=hf_task, name="model", run_id=run_id, input_example=serving.pop("input_example", input_example),
+                  **serving)
     if merge:
         with tempfile.TemporaryDirectory(prefix="merged-") as tmp:
             merged = model.merge_and_unload()

@@ -129,6 +129,8 @@ def test_regression_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isola
     assert format_predictions(res).splitlines()[0] == f"{res[0]['value']:.4f}\ta great film"
     df = mlflow.pyfunc.load_model(f"models:/tiny-score/{out['version']}").predict(["a great film"])
     assert df.iloc[0]["score"] == pytest.approx(res[0]["value"], abs=1e-5)
+    with pytest.raises(ConfigError, match="single texts, not pairs"):  # its pyfunc would drop the second text
+        predict(f"models:/tiny-score/{out['version']}", ["a great film ||| loved it"])
 
     # the plain loop
     cfg2 = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-score", problem="regression", data={"label_column": "score"})
@@ -180,9 +182,17 @@ def test_sentence_pair_flow_with_class_weights(tmp_path, tiny_model_dir, isolate
     uri = f"models:/tiny-pairs/{out['version']}"
     res = predict(uri, ["the acting was fine ||| and the plot was fine too", "one text alone"])
     assert [r["label"] in ("same", "different") for r in res] == [True, True]
-    # pyfunc takes the pair as MLflow's {text, text_pair}; same answer as predict's `A ||| B`
-    df = mlflow.pyfunc.load_model(uri).predict([{"text": "the acting was fine", "text_pair": "and the plot was fine too"}])
+    # pyfunc takes the pair as MLflow's {text, text_pair} (the logged signature says so; without it MLflow would
+    # drop the second text): same answer as predict's `A ||| B`, another than the first text's alone
+    from mlflow.models import get_model_info
+
+    info = get_model_info(uri)
+    assert info.metadata["text_pair"] is True and info.signature.inputs.input_names() == ["text", "text_pair"]
+    pf = mlflow.pyfunc.load_model(uri)
+    df = pf.predict([{"text": "the acting was fine", "text_pair": "and the plot was fine too"}])
     assert df.iloc[0]["label"] == res[0]["label"] and df.iloc[0]["score"] == pytest.approx(res[0]["score"], abs=1e-5)
+    alone = pf.predict([{"text": "the acting was fine"}])
+    assert alone.iloc[0]["score"] != pytest.approx(df.iloc[0]["score"], abs=1e-7)
 
     # the Trainer engine with balanced weights (weighted cross-entropy through its compute_loss)
     out2 = classify_flow(cfg_for(csv, tiny_model_dir, tmp_path, "tiny-pairs", engine="trainer",

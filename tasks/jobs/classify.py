@@ -72,6 +72,8 @@ def load_model(path: str, spec: JobSpec):
     names = spec.label_names or []
     head = dict(_kind(spec).model_config(names, spec.opts))
     attrs = head.pop("config_attrs", {})  # the kind's own config entries (multi-label: the threshold), saved with it
+    if spec.data.text_pair_column:  # a pair model: logged with a {text, text_pair} signature (tasks/kinds/)
+        attrs["finetune_text_pair"] = True
     model = mark_new_weights(*AutoModelForSequenceClassification.from_pretrained(
         path, **head,
         use_safetensors=True,  # weights as safetensors only: a pickled pytorch_model.bin is refused

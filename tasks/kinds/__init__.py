@@ -67,12 +67,31 @@ def split_pair(text: str) -> dict | str:
     return {"text": a, "text_pair": b}
 
 
-def pyfunc_input(texts: list[str]) -> Any:
-    """The pyfunc input for `texts`: plain strings, or (when any is a pair) one {text, text_pair} dict per text."""
+def pyfunc_rows(model_uri: str, texts: list[str], meta: dict) -> list:
+    """The pyfunc answer for each text, in order (one pandas row each). A pair model (trained with
+    `text_pair_column`; metadata `text_pair`) takes {text, text_pair} records, a single text as {text}: its logged
+    signature has `text_pair` optional, and the two shapes go in separate calls (MLflow's text-classification
+    pyfunc cannot mix them in one batch). A model trained on single texts takes no pairs: its pyfunc would drop
+    the second text silently, so a pair is a ConfigError here."""
+    import mlflow
+
     items = [split_pair(t) for t in texts]
-    if all(isinstance(i, str) for i in items):
-        return items
-    return [i if isinstance(i, dict) else {"text": i} for i in items]
+    pairs = [i for i, x in enumerate(items) if isinstance(x, dict)]
+    model = mlflow.pyfunc.load_model(model_uri)
+    if not meta.get("text_pair"):
+        if pairs:
+            raise ConfigError(f"{model_uri} was trained on single texts, not pairs: drop ' {PAIR_SEPARATOR} ' "
+                              "(or train with --text-pair-column)")
+        df = model.predict(items)
+        return [row for _, row in df.iterrows()]
+    out: list = [None] * len(items)
+    singles = [i for i in range(len(items)) if i not in set(pairs)]
+    for group in (pairs, singles):
+        if group:
+            df = model.predict([items[i] if isinstance(items[i], dict) else {"text": items[i]} for i in group])
+            for i, (_, row) in zip(group, df.iterrows()):
+                out[i] = row
+    return out
 
 
 def model_metadata(model_uri: str) -> dict:
@@ -96,5 +115,20 @@ def serving(model_dir: str) -> dict:
         if cfg.is_file():
             config = json.loads(cfg.read_text())
             problem = of_config_dict(config)
-            return get(problem).serving(config) if problem != "single_label" else {}
+            out = dict(get(problem).serving(config))
+            if config.get("finetune_text_pair"):
+                out.update(pair_serving())
+                out["metadata"] = {"problem": problem, **out.get("metadata", {}), "text_pair": True}
+            return out
     return {}
+
+
+def pair_serving() -> dict:
+    """A pair model's signature: `text` and an optional `text_pair` (without it MLflow infers a single string
+    input from the example, and its pyfunc drops the second text of a pair silently)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema  # outputs: as the kind answers (not enforced)
+
+    return {"signature": ModelSignature(
+                inputs=Schema([ColSpec("string", "text"), ColSpec("string", "text_pair", required=False)])),
+            "input_example": [{"text": "This movie was great!", "text_pair": "I loved every minute of it."}]}

@@ -251,14 +251,12 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None 
     """Every label whose score is above the model's threshold (as `finetune score`), highest first:
     [{text, labels: [{label, score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score; the threshold comes from
     the logged model's metadata."""
-    import mlflow
-
-    from tasks.kinds import pyfunc_input
+    from tasks.kinds import pyfunc_rows
 
     threshold = float((meta or {}).get("threshold", DEFAULT_THRESHOLD))
-    df = mlflow.pyfunc.load_model(model_uri).predict(pyfunc_input(texts))
+    rows = pyfunc_rows(model_uri, texts, meta or {})
     out = []
-    for t, (_, row) in zip(texts, df.iterrows()):
+    for t, row in zip(texts, rows):
         cells = [c for c in row.tolist() if isinstance(c, dict)]
         above = sorted(({"label": str(c["label"]), "score": float(c["score"])} for c in cells
                         if float(c["score"]) > threshold), key=lambda c: -c["score"])

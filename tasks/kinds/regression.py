@@ -201,13 +201,11 @@ def align_eval(model, spec):
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
     """The number per text: [{text, label (the output's name), value}]. pyfunc answers (label, score) with the
     raw output as the score (transformers applies no function for problem_type regression)."""
-    import mlflow
+    from tasks.kinds import pyfunc_rows
 
-    from tasks.kinds import pyfunc_input
-
-    df = mlflow.pyfunc.load_model(model_uri).predict(pyfunc_input(texts))
+    rows = pyfunc_rows(model_uri, texts, meta or {})
     return [{"text": t, "label": str(row["label"]), "value": float(row["score"])}
-            for t, (_, row) in zip(texts, df.iterrows())]
+            for t, row in zip(texts, rows)]
 
 
 def check_prediction(out: list) -> str | None:

@@ -176,13 +176,11 @@ def align_eval(model, spec):
 
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
     """Through pyfunc, as `mlflow models serve` answers: label name and score per text (a pair: `A ||| B`)."""
-    import mlflow
+    from tasks.kinds import pyfunc_rows
 
-    from tasks.kinds import pyfunc_input
-
-    df = mlflow.pyfunc.load_model(model_uri).predict(pyfunc_input(texts))
+    rows = pyfunc_rows(model_uri, texts, meta or {})
     return [{"text": t, "label": str(row["label"]), "score": float(row["score"])}
-            for t, (_, row) in zip(texts, df.iterrows())]
+            for t, row in zip(texts, rows)]
 
 
 def check_prediction(out: list) -> str | None:
