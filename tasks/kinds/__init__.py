@@ -12,8 +12,8 @@ predict takes `TEXT ||| TEXT` (on the command line and in `--file` lines); pyfun
 `{"text": ..., "text_pair": ...}`, as MLflow's text-classification pyfunc does.
 
 Every kind module provides the same functions (see `single_label` for the signatures):
-  encode_labels, model_config, loss_for, evaluate, metrics, promotion, baseline, baseline_name, artifacts,
-  align_eval, predict, check_prediction, serving."""
+  encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for, evaluate, METRICS,
+  PROMOTION, baseline, BASELINE_NAME, artifacts, align_eval, predict, check_prediction, serving."""
 from __future__ import annotations
 
 import importlib

@@ -249,8 +249,8 @@ def align_eval(model, spec):
 
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
     """Every label whose score is above the model's threshold (as `finetune score`), highest first:
-    [{text, labels: [{label, score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score; the threshold comes from
-    the logged model's metadata."""
+    [{text, labels: [{label, score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score;
+    the threshold comes from the logged model's metadata."""
     from tasks.kinds import pyfunc_rows
 
     threshold = float((meta or {}).get("threshold", DEFAULT_THRESHOLD))
