@@ -107,6 +107,22 @@ def _job_defaults(recipe: Recipe):
     return fill
 
 
+def _job_options(recipe: Recipe):
+    """The job's options validated by its recipe's own model (its validators too: e.g. classify's class weights
+    against the problem), normalised values written back. Only the fields are copied into the config class."""
+
+    def check(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        names = [k for k in recipe.options.model_fields if k in v]
+        if not names:
+            return v
+        opts = recipe.options.model_validate({k: v[k] for k in recipe.options.model_fields if k in v})
+        return {**v, **{k: getattr(opts, k) for k in names}}
+
+    return check
+
+
 @functools.lru_cache(maxsize=None)
 def config_class(job: str) -> type[JobConfig]:
     """The typed config of a job: the shared sections plus its recipe's options, with the job's defaults. Also
@@ -119,7 +135,8 @@ def config_class(job: str) -> type[JobConfig]:
         __base__=JobConfig,
         __module__=__name__,
         __doc__=recipe.description,
-        __validators__={"_defaults": model_validator(mode="before")(classmethod(_job_defaults(recipe)))},
+        __validators__={"_defaults": model_validator(mode="before")(classmethod(_job_defaults(recipe))),
+                        "_options": model_validator(mode="before")(classmethod(_job_options(recipe)))},
         job=(Literal[job], job),  # type: ignore[valid-type]
         **options,
     )
@@ -142,15 +159,20 @@ def config_from_params(params: dict[str, str]) -> JobConfig:
     def val(s: str) -> Any:
         return None if s == "None" else yaml.safe_load(s)
 
+    def text_field(field) -> bool:  # a str field keeps the logged string (a separator '|', a JSON object)
+        return field.annotation in (str, str | None)
+
     job = params.get("job", "classify")
     cls = config_class(job)
     raw: dict[str, Any] = {}
     for k, v in params.items():
         section, _, key = k.partition(".")
         if key and section in cls.model_fields:
-            raw.setdefault(section, {})[key] = val(v)
+            sub = cls.model_fields[section].annotation
+            f = sub.model_fields.get(key) if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+            raw.setdefault(section, {})[key] = v if f is not None and text_field(f) and v != "None" else val(v)
         elif not key and k in cls.model_fields and k != "job":
-            raw[k] = val(v)
+            raw[k] = v if text_field(cls.model_fields[k]) and v != "None" else val(v)
     for section, fields in list(raw.items()):
         sub = cls.model_fields[section].annotation
         if isinstance(fields, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):

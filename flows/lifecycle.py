@@ -46,15 +46,24 @@ def example_text(data_path: str | None, recipe, max_words: int = 16) -> str:
     try:
         from datasets import load_from_disk  # datasets loads pyarrow: only for the summary's example
 
-        texts = load_from_disk(data_path)["eval"]["text"][:50] if data_path else []
+        ev = load_from_disk(data_path)["eval"] if data_path else None
+        texts = ev["text"][:50] if ev is not None else []
+        # sentence pairs (tasks/kinds/): predict takes "TEXT ||| TEXT"
+        pairs = ev["text_pair"][:50] if ev is not None and "text_pair" in ev.column_names else None
     except Exception:
-        texts = []
-    for text in texts:
+        texts, pairs = [], None
+
+    def shorten(text: str) -> str:
         words = str(text).split()
-        if len(words) < 3:
-            continue
         sentence = re.split(r"(?<=[.!?])\s", " ".join(words), maxsplit=1)[0].split()
-        short = " ".join(sentence if 3 <= len(sentence) <= max_words else words[:max_words])
+        return " ".join(sentence if 3 <= len(sentence) <= max_words else words[:max_words])
+
+    for i, text in enumerate(texts):
+        if len(str(text).split()) < 3:
+            continue
+        short = shorten(text)
+        if pairs is not None:
+            return f"{short} ||| {shorten(pairs[i])}"
         example = recipe.example_from(short) if recipe.example_from else short
         if example:
             return example

@@ -14,7 +14,7 @@ from prefect import flow
 
 # The params and metrics shown per version. Metric names are the ones both trainers log per epoch (`eval_*`,
 # `train_loss`), so the same columns line up in MLflow's compare view.
-KEY_PARAMS = ["job", "engine", "train.model", "data.dataset", "data.train_samples", "train.epochs",
+KEY_PARAMS = ["job", "problem", "engine", "train.model", "data.dataset", "data.train_samples", "train.epochs",
               "train.learning_rate", "train.batch_size"]
 def key_metrics() -> list[str]:
     """train_loss, then every registered job's eval metrics (each job's own, in its order, without repeats)."""

@@ -16,7 +16,7 @@ def eval_data_for_version(name: str, version: str) -> tuple[JobConfig, str, str]
     if mv is None or not mv.run_id:
         raise LookupError(f"{name} version {version} has no source run to take the eval data from")
     cfg = config_from_params(tracking.client().get_run(mv.run_id).data.params)
-    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None))
+    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
     spec = cfg.spec(data.label_names)
     return cfg, data.path, cfg.recipe.tokenize(data.path, cfg.train.model, spec)
 

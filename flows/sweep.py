@@ -262,9 +262,12 @@ def train_trial(cfg: JobConfig, parent_run_id: str, index: int, overrides: dict,
     row = {"trial": index, **overrides, "run_id": run_id}
     try:
         run_dir = run_dir_for(cfg, run_id)
+        spec = cfg.spec(label_names)
+        if cfg.recipe.resolve_spec:  # data-dependent options (class weights), as the training flow resolves them
+            spec = cfg.recipe.resolve_spec(spec, data_path)
         # a trial whose worker dies is closed by the next sweep; its dir records its store and run for `finetune gc`
         with liveness.heartbeat(run_id, tracking.set_tags, run_dir):
-            done = train_log_publish(cfg, cfg.spec(label_names), run_id, run_dir, tokenized_path, data_path,
+            done = train_log_publish(cfg, spec, run_id, run_dir, tokenized_path, data_path,
                                      publish=False, progress=False, on_evaluation=on_evaluation)
         tracking.end_run(run_id, "FINISHED")
         result = done.result
@@ -294,7 +297,7 @@ run_trial = task(train_trial, name="trial", cache_policy=NO_CACHE, persist_resul
 def prepare_trial(sweep: SweepConfig, index: int, overrides: dict[str, Any]) -> dict:
     """A trial's config, prepared data and tokenized data (content-addressed: a second call finds them)."""
     cfg = trial_config(sweep, overrides)
-    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None))
+    data = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
     spec = cfg.spec(data.label_names)
     return {"index": index, "overrides": overrides, "cfg": cfg, "data_path": data.path,
             "tokenized_path": cfg.recipe.tokenize(data.path, cfg.train.model, spec), "label_names": data.label_names}
@@ -435,7 +438,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
     pairs = trial_configs(sweep)
     base_cfg = pairs[0][1]
     recipe = base_cfg.recipe
-    metric = jobs.resolve_metric(sweep.job, sweep.metric)
+    metric = jobs.resolve_metric(sweep.job, sweep.metric, base_cfg.spec().options)
     key, higher = recipe.promotion.metrics[metric]
     name, fr_id = flow_run_info()
     if not name.startswith(f"sweep-{sweep.job}-"):  # not from sweep_flow (whose run has the unique name)

@@ -102,7 +102,7 @@ def precheck(cfg: JobConfig) -> None:
     as the base: resolved and downloaded, and a classifier version's labels against the data's, which prepares the
     data) and the data (file, columns, splits, labels). A few seconds; a problem is one ConfigError. The flow runs
     the same checks again, for runs that come from a deployment."""
-    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric)
+    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric, cfg.spec().options)
     cfg, base, _ = starting_point(cfg)  # a registry base: resolved, downloaded (cached), fit for the job
     dataset = cfg.data.dataset
     if is_hub_id(cfg.train.model) or (is_hub_id(dataset) and Path(dataset).suffix.lower() not in FILE_BUILDERS):
@@ -116,13 +116,16 @@ def precheck(cfg: JobConfig) -> None:
         quiet.setLevel(level)
     if cfg.peft == "lora":  # targets peft can resolve for this architecture (else get_peft_model fails after data work)
         check_lora(cfg.train.model, cfg.lora.target_modules, cfg.recipe.hf_task)
-    check_data(cfg.data, getattr(cfg, "num_labels", None))
+    check_data(cfg.data, getattr(cfg, "num_labels", None), getattr(cfg, "problem", None))
     if base is not None and cfg.recipe.needs_labels:
         path = local_dir(base.uri, base)
         if trained_labels(path) is not None:  # a classifier version (warm start): its labels against the data's
             # the flow's load reuses the prepared (cached) data
-            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None)).label_names
+            names = prepare_dataset(cfg.data, cfg.train.seed, getattr(cfg, "num_labels", None),
+                                    getattr(cfg, "problem", None)).label_names
             check_labels(path, names, base.requested)
+    if cfg.recipe.precheck:  # the job's option checks that need the data (classify: class-weights labels)
+        cfg.recipe.precheck(cfg.spec())
 
 
 def run_training(cfg: JobConfig) -> dict:
@@ -138,13 +141,16 @@ def run_training(cfg: JobConfig) -> dict:
         logger.info("%s", base_note)
     check = task(recipe.check_model or check_model, name="check-model", cache_policy=NO_CACHE)
     info = check(cfg.train.model, cfg.data.max_length)
-    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric)
+    jobs.resolve_metric(cfg.job, cfg.tracking.promotion_metric, cfg.spec().options)
     # --- data: load (validated, split, cached by content), tokenize the job's way
     num_labels = getattr(cfg, "num_labels", None)
-    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, path_of=lambda d: d.path)
+    data = cached_path_result(load_dataset_task, cfg.data, cfg.train.seed, num_labels, getattr(cfg, "problem", None),
+                              path_of=lambda d: d.path)
     logger.info("data: %d train / %d eval examples%s", data.num_train, data.num_eval,
                 f", labels {data.label_names}" if data.label_names else "")
     spec = cfg.spec(data.label_names)
+    if recipe.resolve_spec:  # data-dependent options (classify: class weights from the train split's counts)
+        spec = recipe.resolve_spec(spec, data.path)
     if base is not None and recipe.needs_labels:  # a classifier version keeps its head only for the same labels
         check_labels(local_dir(base.uri, base), data.label_names, base.requested)
     tokenized = cached_path_result(tokenize_job_task, data.path, cfg.train.model, spec)

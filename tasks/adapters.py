@@ -372,7 +372,9 @@ def log_model(
     tracking.log_params_once(run_id, {"lora.target_modules_used": ",".join(targets_used(model))})
     # MLflow files a logged model under the *active* experiment (else "Default"), not the run's.
     mlflow.set_experiment(experiment_id=tracking.client().get_run(run_id).info.experiment_id)
-    common = dict(task=hf_task, name="model", run_id=run_id, input_example=input_example)
+    serving = tracking.serving_options(str(model_dir))
+    common = dict(task=hf_task, name="model", run_id=run_id, input_example=serving.pop("input_example", input_example),
+                  **serving)
     if merge:
         with tempfile.TemporaryDirectory(prefix="merged-") as tmp:
             merged = model.merge_and_unload()

@@ -44,6 +44,12 @@ class DataConfig(BaseModel):
     pad_to_max_length: bool = Field(False, description="Pad every batch to max_length instead of dynamically.")
     clean_html: bool = Field(True, description="Replace HTML line breaks (<br />) found in IMDB texts by spaces.")
     empty_text: Literal["drop", "error"] = Field("drop", description="Rows with empty or null text: drop or fail.")
+    text_pair_column: str | None = Field(
+        None, description="Column holding the second text of a pair (entailment, duplicates, relevance): the "
+        "tokenizer encodes text and pair together, the longer one truncated first.")
+    label_separator: str | None = Field(
+        None, description="multi_label: the separator of labels in a string label column (e.g. '|' for "
+        "'action|comedy'); a list column (JSON/Parquet) needs none.")
 
 
 class PreparedData(BaseModel):
@@ -128,11 +134,11 @@ def _column_problems(cfg: DataConfig, splits: dict[str, list[str]]) -> list[str]
     """The columns every split needs, and the configured splits: one problem (with its fix) each."""
     problems = []
     for name, columns in splits.items():
-        for col in (cfg.text_column, cfg.label_column):
+        for col, flag in ((cfg.text_column, "text"), (cfg.label_column, "label"), (cfg.text_pair_column, "text-pair")):
             if col and col not in columns:
                 problems.append(
                     f"column {col!r} not in split {name!r} (columns: {columns}): "
-                    f"pass --{'text' if col == cfg.text_column else 'label'}-column with one of them"
+                    f"pass --{flag}-column with one of them"
                 )
     if cfg.train_split not in splits:
         problems.append(f"split {cfg.train_split!r} not in the dataset (splits: {list(splits)}): set data.train_split")
@@ -141,7 +147,7 @@ def _column_problems(cfg: DataConfig, splits: dict[str, list[str]]) -> list[str]
     return problems
 
 
-def check_data(cfg: DataConfig, num_labels: int | None = None) -> None:
+def check_data(cfg: DataConfig, num_labels: int | None = None, problem: str | None = None) -> None:
     """The data problems found without preparing anything, for the CLI to report before Prefect starts: an unknown
     embedded source, a missing or unreadable file, missing columns or splits, bad labels (missing values, a single
     class, mixed types, a --num-labels that does not match), an unreachable or unknown Hub dataset (one metadata
@@ -168,7 +174,9 @@ def check_data(cfg: DataConfig, num_labels: int | None = None) -> None:
                                                                       "validation")})
             kept = kept.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b[cfg.text_column]],
                                batched=True, desc="drop empty")
-            _label_classes(kept, cfg.label_column, num_labels)
+            from tasks import kinds
+
+            kinds.get(problem).check_labels(kept, cfg, num_labels)  # the kind's labels: classes, label sets, numbers
         return
     import datasets
 
@@ -274,14 +282,21 @@ def _label_classes(dd, label_col: str, num_labels: int | None) -> tuple[list[str
     return None, True
 
 
-def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -> PreparedData:
-    """Plain function: validate, clean, split, subsample, save. With `label_column=None` (MLM) only text is kept."""
+def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None,
+                    problem: str | None = None) -> PreparedData:
+    """Plain function: validate, clean, split, subsample, save. With `label_column=None` (MLM) only text is kept.
+    `problem` (classify's kind, tasks/kinds/): how labels are read (classes, label sets, numbers)."""
     from datasets import DatasetDict
 
+    from tasks import kinds
     from tasks.common import run_logger
 
     log = run_logger(__name__)
-    key = stable_hash(cfg.model_dump(), seed, num_labels, _source_fingerprint(cfg.dataset), "v2")
+    # the new fields and a non-default problem join the key only when set: existing caches stay valid
+    unset = {k for k in ("text_pair_column", "label_separator") if getattr(cfg, k) is None}
+    kind_key = () if problem in (None, "single_label") else (problem,)
+    key = stable_hash(cfg.model_dump(exclude=unset), seed, num_labels, _source_fingerprint(cfg.dataset), "v2",
+                      *kind_key)
     out = cache_root() / "data" / key
     dd = _load_raw(cfg)
 
@@ -293,25 +308,32 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None) -
     eval_split = cfg.eval_split or next((s for s in ("test", "validation") if s in dd and s != cfg.train_split), None)
     keep = {cfg.train_split: "train", **({eval_split: "eval"} if eval_split else {})}
     dd = DatasetDict({new: dd[old] for old, new in keep.items()})
-    cols = [c for c in (cfg.text_column, cfg.label_column) if c]
+    cols = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
     dd = DatasetDict({k: v.select_columns(cols) for k, v in dd.items()})
     if cfg.text_column != "text":
         dd = dd.rename_column(cfg.text_column, "text")
+    texts = ["text"]
+    if cfg.text_pair_column:  # a sentence pair: the second text is `text_pair` (tokenized with `text`)
+        if cfg.text_pair_column != "text_pair":
+            dd = dd.rename_column(cfg.text_pair_column, "text_pair")
+        texts.append("text_pair")
 
     # Empty or null texts: drop with a count, or fail, as configured.
     before = {k: len(v) for k, v in dd.items()}
-    dd = dd.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]], batched=True, desc="drop empty")
+    dd = dd.filter(lambda b: [all(isinstance(b[c][i], str) and b[c][i].strip() != "" for c in texts)
+                              for i in range(len(b["text"]))], batched=True, desc="drop empty")
     dropped = sum(before[k] - len(v) for k, v in dd.items())
     if dropped and cfg.empty_text == "error":
         raise ConfigError(f"{dropped} rows have empty or null text: remove them or set data.empty_text=drop")
     if dropped:
         log.warning("dropped %d rows with empty or null text", dropped)
     if cfg.clean_html:
-        dd = dd.map(lambda b: {"text": [_BR.sub(" ", t) for t in b["text"]]}, batched=True, desc="clean html breaks")
+        dd = dd.map(lambda b: {c: [_BR.sub(" ", t) for t in b[c]] for c in texts}, batched=True,
+                    desc="clean html breaks")
 
     names = None
     if cfg.label_column:
-        dd, names = _encode_labels(dd, cfg.label_column, num_labels)
+        dd, names = kinds.get(problem).encode_labels(dd, cfg, num_labels)
     stratify = cfg.label_column is not None
     if "eval" not in dd:
         if len(dd["train"]) < 2:

@@ -117,7 +117,12 @@ def _predict(model_uri: str, texts: list[str], top_k: int) -> list[Any]:
 def format_predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
-        if "label" in r:
+        if "labels" in r:  # multi-label: every label at or above the threshold
+            labels = ", ".join(f"{c['label']} {c['score']:.4f}" for c in r["labels"]) or f"(none >= {r['threshold']:g})"
+            lines.append(f"{labels}\t{r['text']}")
+        elif "value" in r:  # regression: the number
+            lines.append(f"{r['value']:.4f}\t{r['text']}")
+        elif "label" in r:
             lines.append(f"{r['label']}\t{r['score']:.4f}\t{r['text']}")
         else:
             lines.append(r["text"])

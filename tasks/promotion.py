@@ -42,9 +42,10 @@ TIE_TOLERANCE = 1e-9
 def resolve_metric(job: str | JobSpec, metric: str | None = None) -> str:
     """Canonical metric name for a job (default per job); an unknown or unfitting name is a ConfigError. A JobSpec
     brings its own `promotion_metric`."""
+    options = None
     if isinstance(job, JobSpec):
-        job, metric = job.job, job.promotion_metric if metric is None else metric
-    return jobs.resolve_metric(job, metric)
+        job, metric, options = job.job, job.promotion_metric if metric is None else metric, job.options
+    return jobs.resolve_metric(job, metric, options)
 
 
 def higher_is_better(job: str, metric: str) -> bool:
@@ -380,7 +381,7 @@ def champion_challenger(spec: JobSpec, name: str, version: str, *, margin: float
         smoke_err = smoke_test(chall_uri, spec.job)
         chall_err = f"smoke prediction failed: {smoke_err}" if smoke_err else None
     base, base_err = baseline_scores(spec, name, version, data_path, run_history)
-    baseline_name = spec.recipe.baseline_name
+    baseline_name = jobs.baseline_name_of(spec.job, spec.options)
     up = higher_is_better(spec.job, metric)
     # the floor: healthy, finite and above the trivial baseline (the rule without a champion)
     floor = decide(metric, (chall or {}).get(metric), None, margin, higher_is_better=up, has_champion=False,

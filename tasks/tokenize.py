@@ -122,17 +122,20 @@ def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_len
     # token_type_ids only for a model that takes them (BERT, ELECTRA, DeBERTa; not RoBERTa, DistilBERT, ModernBERT)
     type_ids = "token_type_ids" in batch_inputs(tok, AutoConfig.from_pretrained(path))
     dd = load_from_disk(data_path)
+    # sentence pairs (tasks/kinds/): the tokenizer encodes both texts; `longest_first` trims the longer one first
+    pair = "text_pair" in dd["train"].column_names
 
     def encode(batch):
         return tok(
             batch["text"],
-            truncation=True,
+            batch["text_pair"] if pair else None,
+            truncation="longest_first",
             max_length=max_length,
             padding="max_length" if pad_to_max_length else False,
             return_token_type_ids=type_ids,
         )
 
-    dd = dd.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
+    dd = dd.map(encode, batched=True, remove_columns=["text", *(["text_pair"] if pair else [])], desc="tokenize")
     if "label" in dd["train"].column_names:
         dd = dd.rename_column("label", "labels")
     with atomic_dir(out) as tmp:

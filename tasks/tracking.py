@@ -372,6 +372,8 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
         mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
         # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
         pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
+        serving = serving_options(model_dir)  # a classifier kind's: model_config, metadata, a pair signature
+        input_example = serving.pop("input_example", input_example)
         # save_pretrained: the run holds the pipeline's own save_pretrained output (safetensors weights, nothing
         # pickled); loading it back reads safetensors
         info = _retry(
@@ -384,5 +386,16 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
             input_example=input_example,
             save_pretrained=True,
             attempts=3,
+            **serving,
         )
     return info.model_uri
+
+
+def serving_options(model_dir: str) -> dict:
+    """What a classifier's kind adds to the logged model (tasks/kinds/: multi-label pyfunc returns every label's
+    score; metadata records the problem, threshold and pairs; a pair model's signature and input example); {} for
+    MLM and single-text single-label models."""
+    from tasks import kinds
+
+    return kinds.serving(str(model_dir))
+

@@ -56,7 +56,7 @@ class JobSpec(BaseModel):
     @property
     def selection_metric(self) -> tuple[str, bool]:
         """(logged metric key, higher is better) of the promotion metric: what picks the best epoch."""
-        return self.recipe.promotion.metrics[resolve_metric(self.job, self.promotion_metric)]
+        return self.recipe.promotion.metrics[resolve_metric(self.job, self.promotion_metric, self.options)]
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,17 @@ class Recipe:
     lora_learning_rate: float = 5e-4                                # ... with `peft: lora` (adapters like more)
     peft_task_type: str | None = None                               # peft TaskType name, None for a custom one
     config_name: str | None = None                                  # the config class name (default: <Name>Config)
+    # Jobs with kinds (classify's `problem`): options -> what differs by kind, {"promotion": Promotion (the
+    # allowed metrics, a subset of `promotion`'s, and the default), "baseline_name": str}; None: as declared above
+    for_options: Callable[[dict], dict] | None = None
+    # spec -> (model, batch) -> training loss, or None for `loss` / the model's own: a loss that depends on the run
+    # (class weights); both engines use it (the Trainer through `trainer_class`)
+    loss_for: Callable[[JobSpec], Callable | None] | None = None
+    # (spec, prepared data path) -> the spec with data-dependent options resolved (class weights from the train
+    # split's label counts), before tokenizing; travels with the spec to the ranks, checkpoints and config.yaml
+    resolve_spec: Callable[[JobSpec, str], JobSpec] | None = None
+    # spec -> None: option checks that need the data (class-weights labels), run by the CLI before Prefect starts
+    precheck: Callable[[JobSpec], None] | None = None
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -145,13 +156,31 @@ def epoch0_baseline(recipe: Recipe, history: list[dict]) -> dict[str, float]:
 SYNONYMS = {
     "acc": "accuracy", "masked_accuracy": "accuracy", "macro-f1": "f1", "macro_f1": "f1", "f1_macro": "f1",
     "ppl": "perplexity", "eval_perplexity": "perplexity",
+    "micro-f1": "micro_f1", "f1_micro": "micro_f1", "subset-accuracy": "subset_accuracy",
+    "exact_match": "subset_accuracy", "mse": "loss",
 }
 
 
-def resolve_metric(job: str, metric: str | None = None) -> str:
+def promotion_of(job: str, options: dict | None = None) -> Promotion:
+    """The promotion metrics a run of `job` allows (with its `options`: a kind's own subset and default)."""
+    recipe = get(job)
+    if recipe.for_options and options is not None:
+        return recipe.for_options(options).get("promotion", recipe.promotion)
+    return recipe.promotion
+
+
+def baseline_name_of(job: str, options: dict | None = None) -> str:
+    recipe = get(job)
+    if recipe.for_options and options is not None:
+        return recipe.for_options(options).get("baseline_name", recipe.baseline_name)
+    return recipe.baseline_name
+
+
+def resolve_metric(job: str, metric: str | None = None, options: dict | None = None) -> str:
     """Canonical promotion metric name of a job (its default when None); an unknown or unfitting name is a
-    ConfigError. `tasks.promotion.resolve_metric` also takes a JobSpec."""
-    p = get(job).promotion
+    ConfigError. `tasks.promotion.resolve_metric` also takes a JobSpec. `options`:
+    the run's job options, for jobs whose allowed metrics depend on them (classify's `problem`)."""
+    p = promotion_of(job, options)
     if metric is None:
         return p.default
     raw = metric.strip().lower()
@@ -159,10 +188,15 @@ def resolve_metric(job: str, metric: str | None = None) -> str:
     name = by_key.get(raw) or SYNONYMS.get(raw, raw)
     if name not in p.metrics:
         raise ConfigError(
-            f"promotion metric {metric!r} does not apply to {job} models: use one of {', '.join(p.metrics)} "
+            f"promotion metric {metric!r} does not apply to {job}{_kind(options)} models: use one of {', '.join(p.metrics)} "
             f"(default {p.default})"
         )
     return name
+
+
+def _kind(options: dict | None) -> str:
+    problem = (options or {}).get("problem")
+    return f" ({problem})" if problem else ""
 
 
 _JOBS: dict[str, Recipe] = {}

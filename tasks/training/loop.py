@@ -61,9 +61,10 @@ def make_accelerator(device, dtype, gradient_accumulation_steps: int = 1):
 
 
 def step_loss(spec: "JobSpec"):
-    """(model, batch) -> the training loss: the recipe's own (MLM: the head on the masked positions only) or the
-    model's."""
-    return spec.recipe.loss or (lambda m, batch: m(**batch).loss)
+    """(model, batch) -> the training loss: the run's own (`Recipe.loss_for`: classify's class weights), the
+    recipe's (MLM: the head on the masked positions only) or the model's."""
+    run_loss = spec.recipe.loss_for(spec) if spec.recipe.loss_for else None
+    return run_loss or spec.recipe.loss or (lambda m, batch: m(**batch).loss)
 
 
 def train_step(acc, model, opt, sched, batch: dict, loss_fn, max_grad_norm: float, loss_scale: float = 1.0):

@@ -1,0 +1,337 @@
+"""The kinds of classification (tasks/kinds/: multi-label, regression, sentence pairs, class weights) on data built
+offline from the bundled reviews (tests/kinds_data.py), each through the flow -> registry -> predict -> pyfunc, on
+a tiny config-built BERT. Tiny models on a few dozen reviews do not beat the floor reliably: these tests check the
+plumbing (metrics, artifacts, the floor's numbers, what predict and pyfunc answer); the README's figures come
+from the pretrained model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from flows.config import ClassifyConfig
+from tasks.common import ConfigError
+
+import kinds_data
+
+flow_test = pytest.mark.usefixtures("prefect_harness")
+
+
+def cfg_for(path, model, tmp_path, name, **over):
+    raw = {
+        "data": {"dataset": path, "text_column": "review", "max_length": 24, "eval_fraction": 0.25},
+        "train": {"model": model, "freeze_embeddings": False, "dropout": None, "group_by_length": False, "epochs": 2,
+                  "batch_size": 8, "learning_rate": 5e-3, "warmup_ratio": 0.0, "output_dir": str(tmp_path / "out")},
+        "tracking": {"registered_model": name, "experiment": f"test-{name}"},
+    }
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    return ClassifyConfig.model_validate(raw)
+
+
+def history(run_id, key):
+    from mlflow import MlflowClient
+
+    return [m.value for m in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, key)]
+
+
+def version_tags(name, version):
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, version).tags
+
+
+@pytest.mark.slow
+@flow_test
+def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isolated):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.classify import classify_flow
+    from tasks.predict import format_predictions, predict
+
+    csv = kinds_data.write_multilabel(tmp_path, 48)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-tags", problem="multi_label", threshold=0.4,
+                  data={"label_column": "tags", "label_separator": "|"})
+    out = classify_flow(cfg)
+    m = out["metrics"]
+    assert set(m) >= {"eval_loss", "eval_f1", "eval_micro_f1", "eval_subset_accuracy"} and "eval_accuracy" not in m
+    assert all(0.0 <= m[k] <= 1.0 for k in ("eval_f1", "eval_micro_f1", "eval_subset_accuracy"))
+    assert len(history(out["run_id"], "eval_micro_f1")) == 2
+    # the floor: the majority label set, by macro-F1 (the default promotion metric)
+    promo = out["promotion"]
+    assert promo["metric"] == "f1" and promo["baseline"] == "majority-label-set"
+    assert set(promo["baseline_scores"]) == {"f1", "micro_f1", "subset_accuracy", "loss"}
+    # every text has 2 of 4 tags: predicting one fixed pair of tags gets half of the tags of the others right
+    assert 0.0 < promo["baseline_scores"]["micro_f1"] < 1.0
+    arts = {a.path for a in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(out["run_id"], "eval")}
+    assert "eval/per_label_f1.json" in arts and "eval/confusion_matrix.json" not in arts
+    # predict: every label at or above the recorded threshold, highest first; pyfunc returns every label's score
+    res = predict(f"models:/tiny-tags/{out['version']}", ["a great film", "awful"])
+    assert all(r["threshold"] == 0.4 for r in res)
+    for r in res:
+        scores = [c["score"] for c in r["labels"]]
+        assert scores == sorted(scores, reverse=True) and all(s > 0.4 for s in scores)
+        assert {c["label"] for c in r["labels"]} <= {"imdb", "rotten_tomatoes", "positive", "negative"}
+    assert "\ta great film" in format_predictions(res)
+    df = mlflow.pyfunc.load_model(f"models:/tiny-tags/{out['version']}").predict(["a great film"])
+    cells = [c for c in df.iloc[0].tolist() if isinstance(c, dict)]
+    assert sorted(c["label"] for c in cells) == ["imdb", "negative", "positive", "rotten_tomatoes"]
+    assert all(0.0 <= c["score"] <= 1.0 for c in cells)
+    got = {c["label"] for c in res[0]["labels"]}
+    assert got == {c["label"] for c in cells if c["score"] > 0.4}
+
+    # a JSON list column, the Trainer engine, pos_weight from the train split's counts (logged), LoRA
+    jsonl = kinds_data.write_multilabel(tmp_path, 48, as_json=True)
+    cfg2 = cfg_for(jsonl, tiny_model_dir, tmp_path, "tiny-tags", problem="multi_label", engine="trainer",
+                   class_weights="balanced", peft="lora", data={"label_column": "tags"},
+                   train={"learning_rate": 1e-2})
+    out2 = classify_flow(cfg2)
+    assert out2["version"] == "2" and set(out2["metrics"]) >= {"eval_micro_f1", "eval_subset_accuracy"}
+    run_arts = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).download_artifacts(out2["run_id"],
+                                                                                    "eval/class_weights.json")
+    weights = json.loads(open(run_arts).read())["pos_weight"]
+    assert set(weights) == {"imdb", "negative", "positive", "rotten_tomatoes"}
+    assert all(w == pytest.approx(1.0, abs=0.5) for w in weights.values())  # half the texts carry each tag
+    res2 = predict(f"models:/tiny-tags/2", ["a great film"])
+    assert res2[0]["threshold"] == 0.5 and isinstance(res2[0]["labels"], list)
+
+
+@pytest.mark.slow
+@flow_test
+def test_regression_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isolated):
+    import mlflow
+
+    from flows.classify import classify_flow
+    from tasks.predict import format_predictions, predict
+
+    csv = kinds_data.write_regression(tmp_path, 48)
+    # the Trainer engine; best-epoch selection and early stopping by RMSE (lower is better)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-score", problem="regression", engine="trainer",
+                  data={"label_column": "score"}, train={"epochs": 3, "early_stopping_patience": 1})
+    out = classify_flow(cfg)
+    m = out["metrics"]
+    assert set(m) >= {"eval_loss", "eval_rmse", "eval_mae", "eval_pearson", "eval_spearman"}
+    assert m["eval_rmse"] == pytest.approx(math.sqrt(m["eval_loss"]), rel=1e-4)
+    rmse = history(out["run_id"], "eval_rmse")
+    assert out["selected_epoch"] == 1 + rmse.index(min(rmse))  # the best epoch by RMSE, lower is better
+    promo = out["promotion"]
+    assert promo["metric"] == "rmse" and promo["baseline"] == "predict-the-mean"
+    base = promo["baseline_scores"]
+    assert base["pearson"] == 0.0 and base["rmse"] == pytest.approx(math.sqrt(base["loss"]))
+    # the floor decides by RMSE, lower is better: promoted exactly when the model's RMSE is below the mean's
+    assert out["promotion"]["qualified"] == (m["eval_rmse"] < base["rmse"])
+    # predict returns the number; pyfunc the same number as the score
+    res = predict(f"models:/tiny-score/{out['version']}", ["a great film", "awful"])
+    assert all(isinstance(r["value"], float) and math.isfinite(r["value"]) and r["label"] == "score" for r in res)
+    assert format_predictions(res).splitlines()[0] == f"{res[0]['value']:.4f}\ta great film"
+    df = mlflow.pyfunc.load_model(f"models:/tiny-score/{out['version']}").predict(["a great film"])
+    assert df.iloc[0]["score"] == pytest.approx(res[0]["value"], abs=1e-5)
+    with pytest.raises(ConfigError, match="single texts, not pairs"):  # its pyfunc would drop the second text
+        predict(f"models:/tiny-score/{out['version']}", ["a great film ||| loved it"])
+
+    # the plain loop
+    cfg2 = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-score", problem="regression", data={"label_column": "score"})
+    out2 = classify_flow(cfg2)
+    assert set(out2["metrics"]) >= {"eval_rmse", "eval_pearson"} and len(history(out2["run_id"], "eval_rmse")) == 2
+
+
+@pytest.mark.slow
+def test_regression_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """The core's plain loop on a regression spec: a run stopped after epoch 1 resumes from its checkpoint and
+    trains epoch 2 only."""
+    from tasks.data import prepare_dataset
+    from tasks.training import train
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    csv = kinds_data.write_regression(tmp_path, 24)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "r", problem="regression", data={"label_column": "score"},
+                  train={"epochs": 2})
+    data = prepare_dataset(cfg.data, 0, None, "regression")
+    spec = cfg.spec(data.label_names)
+    tokenized = cfg.recipe.tokenize(data.path, tiny_model_dir, spec)
+    first = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1})})
+    train(first, tokenized, str(tmp_path / "cut"))
+    again = spec.model_copy(update={"train": spec.train.model_copy(update={"resume": True})})
+    resumed = train(again, tokenized, str(tmp_path / "cut"))
+    assert resumed.resumed_from and [r["epoch"] for r in resumed.history] == [1, 2]
+    assert math.isfinite(resumed.final["eval_rmse"]) and resumed.selection_metric == "eval_rmse"
+
+
+@pytest.mark.slow
+@flow_test
+def test_sentence_pair_flow_with_class_weights(tmp_path, tiny_model_dir, isolated):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.classify import classify_flow
+    from tasks.predict import predict
+
+    csv = kinds_data.write_pairs(tmp_path, 48)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-pairs", data={"text_column": "first",
+                  "text_pair_column": "second", "label_column": "relation"},
+                  class_weights='{"same": 2.0}')
+    out = classify_flow(cfg)
+    assert set(out["metrics"]) >= {"eval_accuracy", "eval_f1"}
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    weights = json.loads(open(c.download_artifacts(out["run_id"], "eval/class_weights.json")).read())
+    assert weights == {"different": 1.0, "same": 2.0}
+    assert "eval/per_class_f1.json" in {a.path for a in c.list_artifacts(out["run_id"], "eval")}
+    uri = f"models:/tiny-pairs/{out['version']}"
+    res = predict(uri, ["the acting was fine ||| and the plot was fine too", "one text alone"])
+    assert [r["label"] in ("same", "different") for r in res] == [True, True]
+    # pyfunc takes the pair as MLflow's {text, text_pair} (the logged signature says so; without it MLflow would
+    # drop the second text): same answer as predict's `A ||| B`, another than the first text's alone
+    from mlflow.models import get_model_info
+
+    info = get_model_info(uri)
+    assert info.metadata["text_pair"] is True and info.signature.inputs.input_names() == ["text", "text_pair"]
+    pf = mlflow.pyfunc.load_model(uri)
+    df = pf.predict([{"text": "the acting was fine", "text_pair": "and the plot was fine too"}])
+    assert df.iloc[0]["label"] == res[0]["label"] and df.iloc[0]["score"] == pytest.approx(res[0]["score"], abs=1e-5)
+    alone = pf.predict([{"text": "the acting was fine"}])
+    assert alone.iloc[0]["score"] != pytest.approx(df.iloc[0]["score"], abs=1e-7)
+
+    # the Trainer engine with balanced weights (weighted cross-entropy through its compute_loss)
+    out2 = classify_flow(cfg_for(csv, tiny_model_dir, tmp_path, "tiny-pairs", engine="trainer",
+                                 class_weights="balanced", data={"text_column": "first",
+                                 "text_pair_column": "second", "label_column": "relation"}))
+    w2 = json.loads(open(c.download_artifacts(out2["run_id"], "eval/class_weights.json")).read())
+    assert set(w2) == {"different", "same"} and all(0.5 < v < 2.0 for v in w2.values())
+
+
+# --- plain functions: no Prefect, no training -------------------------------------------------------------------
+
+def test_pair_tokenization_truncates_the_longer_text_first(tmp_path, tiny_model_dir, monkeypatch):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from tasks.data import DataConfig, prepare_dataset
+    from tasks.tokenize import tokenize_dataset
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    import csv
+
+    p = tmp_path / "p.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "y"])
+        for i in range(8):
+            w.writerow(["short one", " ".join(["long"] * 50), "yes" if i % 2 else "no"])
+    data = prepare_dataset(DataConfig(dataset=str(p), text_column="a", text_pair_column="b", label_column="y",
+                                      max_length=16), 0)
+    row = load_from_disk(tokenize_dataset(data.path, tiny_model_dir, 16))["train"][0]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(row["input_ids"]) == 16 and sum(row["token_type_ids"]) > 0  # two segments
+    first, second = tok.decode(row["input_ids"], skip_special_tokens=False).split("[SEP]")[:2]
+    assert "short one" in first and second.split().count("long") == 16 - 3 - 2  # only the long side lost tokens
+
+
+def test_bad_input_is_a_config_error_before_prefect(tmp_path, tiny_model_dir, monkeypatch):
+    """Each problem is a ConfigError from the CLI's checks (build_config, precheck), before any flow runs."""
+    from flows import train
+    from flows.config import build_config
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    import csv
+
+    def write(name, header, rows):
+        p = tmp_path / name
+        with p.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        return str(p)
+
+    def problem(path, **over):
+        base = {"data": {"dataset": path, "text_column": "review", "label_column": "y", "max_length": 16},
+                "train": {"model": tiny_model_dir, "output_dir": str(tmp_path / "out")}}
+        for k, v in over.items():
+            base.setdefault(k, {}).update(v) if isinstance(v, dict) else base.__setitem__(k, v)
+        with pytest.raises(ConfigError) as e:
+            train.precheck(build_config(ClassifyConfig, None, base))
+        return str(e.value)
+
+    numbers = write("n.csv", ["review", "y"], [("good", "4.5"), ("bad", "high"), ("ok", "3")])
+    assert "'high' in row 1" in problem(numbers, problem="regression") and "not a number" in problem(numbers, problem="regression")
+    tags = write("t.csv", ["review", "y"], [("good", "a|b"), ("bad", "|"), ("ok", "b")])
+    assert "empty label set" in problem(tags, problem="multi_label", data={"label_separator": "|"})
+    assert "--label-separator" in problem(tags, problem="multi_label")
+    classes = write("c.csv", ["review", "y"], [("good", "pos"), ("bad", "neg")] * 4)
+    assert "--text-pair-column" in problem(classes, data={"text_pair_column": "second"})
+    assert "threshold" in problem(classes, problem="multi_label", threshold=1.0)
+    assert "not in the data" in problem(classes, class_weights='{"pos": 2, "positive": 1}')
+    assert "JSON object" in problem(classes, class_weights="heavy")
+    assert "class weights apply to single_label and multi_label" in problem(numbers, problem="regression",
+                                                                            class_weights="balanced")
+    assert "does not apply" in problem(numbers, problem="regression", tracking={"promotion_metric": "accuracy"})
+
+
+def test_floors_of_each_kind(tmp_path):
+    """The majority label set and predict-the-mean, on hand-made eval splits."""
+    from datasets import Dataset, DatasetDict, List, Value
+
+    from tasks.jobs import JobSpec
+    from tasks.kinds import multi_label, regression
+
+    ml = tmp_path / "ml"
+    rows = [[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 0.0]] * 2
+    DatasetDict({"eval": Dataset.from_dict({"label": rows}, features=None).cast_column(
+        "label", List(Value("float32")))}).save_to_disk(str(ml))
+    spec = JobSpec(job="classify", options={"problem": "multi_label"}, label_names=["a", "b", "c"])
+    b = multi_label.baseline(str(ml), [], spec)
+    assert b["subset_accuracy"] == pytest.approx(0.6)  # {a, c} on 3 of 5
+    assert b["micro_f1"] == pytest.approx(2 * 6 / (2 * 6 + 4 + 2))  # tp 6, fp 4, fn 2
+    rg = tmp_path / "rg"
+    DatasetDict({"eval": Dataset.from_dict({"label": [1.0, 2.0, 3.0, 6.0]})}).save_to_disk(str(rg))
+    r = regression.baseline(str(rg), [], JobSpec(job="classify", options={"problem": "regression"}))
+    assert r["rmse"] == pytest.approx(math.sqrt(((2) ** 2 + 1 + 0 + 9) / 4)) and r["pearson"] == 0.0
+
+
+def test_promotion_metric_and_direction_per_kind():
+    from tasks.jobs import JobSpec, baseline_name_of, resolve_metric
+
+    assert resolve_metric("classify") == "f1"
+    assert resolve_metric("classify", None, {"problem": "regression"}) == "rmse"
+    assert resolve_metric("classify", "micro-f1", {"problem": "multi_label"}) == "micro_f1"
+    assert JobSpec(job="classify", options={"problem": "regression"}).selection_metric == ("eval_rmse", False)
+    assert JobSpec(job="classify", options={"problem": "regression"},
+                   promotion_metric="spearman").selection_metric == ("eval_spearman", True)
+    assert baseline_name_of("classify", {"problem": "regression"}) == "predict-the-mean"
+    assert baseline_name_of("classify", {}) == "majority-class"
+    with pytest.raises(ConfigError):
+        resolve_metric("classify", "rmse", {"problem": "single_label"})
+
+
+def test_cli_bad_regression_label_is_one_error_line_before_prefect(tmp_path, tiny_model_dir):
+    from test_errors import PREFECT_STARTED, finetune, one_error_line
+
+    p = tmp_path / "scores.csv"
+    p.write_text("review,score\ngood film,4.5\nbad film,high\nfine,3\n")
+    r = finetune(tmp_path, "classify", "--problem", "regression", "--dataset", str(p), "--text-column", "review",
+                 "--label-column", "score", "--model", tiny_model_dir, "--max-length", "16",
+                 "--output-dir", str(tmp_path / "out"))
+    line = one_error_line(r)
+    assert "'high' in row 1" in line and "not a number" in line
+    assert PREFECT_STARTED not in r.stdout + r.stderr
+
+
+def test_regression_head_starts_at_the_train_mean(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    from tasks.data import prepare_dataset
+    from tasks.training import model_for_training
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    csv = kinds_data.write_regression(tmp_path, 24)
+    cfg = cfg_for(csv, tiny_model_dir, tmp_path, "r", problem="regression", data={"label_column": "score"})
+    data = prepare_dataset(cfg.data, 0, None, "regression")
+    spec = cfg.spec(data.label_names)
+    tokenized = cfg.recipe.tokenize(data.path, tiny_model_dir, spec)
+    model, _ = model_for_training(spec, tokenized, torch.device("cpu"))
+    from datasets import load_from_disk
+
+    mean = sum(load_from_disk(tokenized)["train"]["labels"]) / data.num_train
+    assert model.classifier.bias.item() == pytest.approx(mean, rel=1e-5)
