@@ -123,7 +123,7 @@ def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
     import torch
     from transformers import AutoConfig
 
-    from tasks.common import resolve_model
+    from tasks.base_model import resolve_model
 
     _check_task(task)
     config = AutoConfig.from_pretrained(resolve_model(model))

