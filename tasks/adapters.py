@@ -39,6 +39,10 @@ from typing import Any
 from tasks import tracking
 
 TASKS = ("text-classification", "fill-mask")
+# the record `tasks.training.prepare.mark_new_weights` leaves on a model of the weights its checkpoint did not ship
+# (a new head): `new_modules` saves them beside the adapter, the optimizer scales their learning rate
+NEW_WEIGHTS = "_finetune_new_weights"
+NEW_WEIGHT_NAMES = "_finetune_new_weight_names"  # the same record by name, as loaded (before any adapter)
 BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -54,8 +58,6 @@ def new_modules(model) -> tuple[list[str], list[str]]:
     tied to the word embeddings (a copy would put a second embedding matrix in every adapter and train it apart
     from the embeddings). Its new bias is left frozen: transformers initialises it to zeros, the same at every load
     (why the mlm recipe's unigram bias init is skipped under LoRA)."""
-    from tasks.training import NEW_WEIGHTS
-
     new = getattr(model, NEW_WEIGHTS, set())
     if not new:
         return [], []
@@ -115,21 +117,6 @@ def targets_used(model) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)})
-
-
-def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
-    """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
-    Builds the model from its config on the meta device (no weights read, no memory)."""
-    import torch
-    from transformers import AutoConfig
-
-    from tasks.base_model import resolve_model
-
-    _check_task(task)
-    config = AutoConfig.from_pretrained(resolve_model(model))
-    with torch.device("meta"):
-        m = _auto_class(task).from_config(config)
-    lora_targets(config.model_type, target_modules, [n for n, _ in m.named_modules()], lambda: linear_names(m))
 
 
 def apply_lora(

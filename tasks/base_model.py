@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tasks import adapters
 from tasks.common import EMBEDDED_MODEL, ConfigError, atomic_dir, cache_root
 
 log = logging.getLogger(__name__)
@@ -199,20 +200,34 @@ def _merge_adapter(src: Path, flavor: dict, out: Path, ref: BaseRef) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tasks.adapters import _auto_class
-
     base_path = flavor.get("local_base_model_path")
     if not base_path or not Path(base_path).is_dir():
         raise ConfigError(f"registered model {ref.uri} is a LoRA adapter whose base {base_path or '(not recorded)'} "
                           "is not on this machine: copy that base dir to the same path, or register a merged model "
                           "(tasks.adapters.log_model(..., merge=True))")
-    base = _auto_class(flavor.get("task", "text-classification")).from_pretrained(base_path, use_safetensors=True)
+    base = adapters._auto_class(flavor.get("task", "text-classification")).from_pretrained(base_path, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(src / flavor["peft_adaptor"])).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(src / "components" / "tokenizer").save_pretrained(out)
 
 
 # --- fit for the job --------------------------------------------------------------------------------------------
+
+
+def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
+    """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
+    Builds the model from its config on the meta device (no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig
+
+    adapters._check_task(task)
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    with torch.device("meta"):
+        m = adapters._auto_class(task).from_config(config)
+    adapters.lora_targets(config.model_type, target_modules, [n for n, _ in m.named_modules()],
+                          lambda: adapters.linear_names(m))
+
+
 def check_fits(path: str, hf_task: str, shown: str) -> None:
     """A model whose architecture (config.model_type) has no model class for the job's transformers task cannot be
     trained for it: one ConfigError. Read from the pipeline registry's auto classes, never a family name."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tasks.adapters import NEW_WEIGHT_NAMES, NEW_WEIGHTS
 from tasks.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -121,10 +122,6 @@ def with_loader_options(dl, **opts):
 
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=dl.sampler, generator=dl.generator,
                       collate_fn=dl.collate_fn, drop_last=dl.drop_last, **opts)
-
-
-NEW_WEIGHTS = "_finetune_new_weights"
-NEW_WEIGHT_NAMES = "_finetune_new_weight_names"  # the same record by name, as loaded (before any adapter)
 
 
 def mark_new_weights(model, loading_info: dict):
