@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import tracking
+from tasks.common import ConfigError, atomic_dir, run_logger
 
 TASKS = ("text-classification", "fill-mask")
 # the record `tasks.training.prepare.mark_new_weights` leaves on a model of the weights its checkpoint did not ship
@@ -99,8 +100,6 @@ def lora_targets(model_type: str, target_modules: list[str] | None, modules: lis
     suggest)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    from tasks.common import ConfigError
-
     if not target_modules:
         return None if DEFAULTS.get(model_type) is not None else ALL_LINEAR
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
@@ -136,8 +135,6 @@ def apply_lora(
     argument, `labels` included, to the MaskedLM model). `target_modules=None` takes PEFT's default for the
     architecture (see `lora_targets`). `modules_to_save` replaces the `new_modules` default."""
     from peft import LoraConfig, TaskType, get_peft_model
-
-    from tasks.common import run_logger
 
     _check_task(task)
     if not model.name_or_path:
@@ -229,13 +226,10 @@ def shared_base_dir(base_dir: Path) -> Path:
     shared by every version trained on the same base and labels."""
     import hashlib
 
-    from tasks.common import atomic_dir
-    from tasks.tracking import STORE_DIR
-
     h = hashlib.sha256()
     for f in sorted(base_dir.iterdir()):
         h.update(f.name.encode() + (str(f.resolve()) if f.is_symlink() else f.read_bytes().hex()).encode())
-    final = Path(os.environ.get("FINETUNE_LORA_BASES", STORE_DIR / "lora-bases")) / h.hexdigest()[:16]
+    final = Path(os.environ.get("FINETUNE_LORA_BASES", tracking.STORE_DIR / "lora-bases")) / h.hexdigest()[:16]
     if not (final / "config.json").exists():
         with atomic_dir(final, replace=False) as tmp:
             for f in base_dir.iterdir():

@@ -24,8 +24,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import adapters
+from tasks import adapters, registry, tracking
 from tasks.common import EMBEDDED_MODEL, ConfigError, atomic_dir, cache_root
+from tasks.tracking import display_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ class BaseRef:
 
 def pin(uri: str) -> BaseRef:
     """Resolves `uri` to one registered version, now. Unknown model, alias or version: a ConfigError."""
-    from tasks import registry
-
     name, alias, version = parse(uri)
     if alias is not None:
         version = registry.alias_version(name, alias)
@@ -96,8 +95,6 @@ def pin(uri: str) -> BaseRef:
 
 
 def _store() -> str:
-    from tasks.tracking import display_uri
-
     return display_uri()
 
 
@@ -145,8 +142,6 @@ def local_dir(uri: str, ref: BaseRef | None = None) -> str:
 def download(ref: BaseRef, final: Path) -> Path:
     """Downloads the version through MLflow and writes a plain checkpoint dir at `final` (atomically)."""
     import mlflow
-
-    from tasks import tracking
 
     tracking.configure()
     # beside the entry, named as an interrupted write (`finetune gc` removes one a crash left behind)
@@ -205,15 +200,14 @@ def _merge_adapter(src: Path, flavor: dict, out: Path, ref: BaseRef) -> None:
         raise ConfigError(f"registered model {ref.uri} is a LoRA adapter whose base {base_path or '(not recorded)'} "
                           "is not on this machine: copy that base dir to the same path, or register a merged model "
                           "(tasks.adapters.log_model(..., merge=True))")
-    base = adapters._auto_class(flavor.get("task", "text-classification")).from_pretrained(base_path, use_safetensors=True)
+    auto = adapters._auto_class(flavor.get("task", "text-classification"))
+    base = auto.from_pretrained(base_path, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(src / flavor["peft_adaptor"])).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(src / "components" / "tokenizer").save_pretrained(out)
 
 
 # --- fit for the job --------------------------------------------------------------------------------------------
-
-
 def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
     """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
     Builds the model from its config on the meta device (no weights read, no memory)."""

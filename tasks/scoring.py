@@ -33,7 +33,11 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks import device as dev
+from tasks import output, registry, tracking
 from tasks.common import ConfigError, write_json_atomic
+from tasks.jobs import mlm
+from tasks.predict import to_model_mask
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +123,6 @@ class ModelRef:
 def resolve_model(name: str, alias: str | None = None, version: int | str | None = None) -> ModelRef:
     """The version an alias points to *now* (or the version asked for), checked to exist: one `error:` line
     otherwise, before any data is read or model loaded."""
-    from tasks import registry, tracking
-
     requested = registry.model_uri(name, alias, version)
     tracking.configure()
     if version is None:
@@ -427,19 +429,15 @@ class FillMask(Head):
         return [pa.field("tokens", pa.list_(pa.list_(pa.string()))), pa.field("scores", pa.list_(pa.list_(pa.float64())))]
 
     def prepare(self, text):
-        from tasks.predict import to_model_mask
-
         try:
             return to_model_mask([text], self.tok.mask_token)[0], None
         except ConfigError:
             return None, SKIP_NO_MASK
 
     def forward(self, batch):
-        from tasks.jobs.mlm import masked_lm_logits
-
         ids = batch["input_ids"]
         labels = ids.masked_fill(ids != self.tok.mask_token_id, -100)
-        logits, _ = masked_lm_logits(self.model, {**batch, "labels": labels})
+        logits, _ = mlm.masked_lm_logits(self.model, {**batch, "labels": labels})
         return logits  # (masks in the batch, vocab), row-major
 
     def rows(self, logits, batch):
@@ -487,9 +485,6 @@ class Scorer:
 
         import mlflow
 
-        from tasks import device as dev
-        from tasks import tracking
-
         tracking.configure()
         self.cfg = cfg
         pipe = mlflow.transformers.load_model(model_uri)  # the logged pipeline: model + tokenizer (LoRA too)
@@ -514,8 +509,6 @@ class Scorer:
         the reason; prediction columns are null where skipped."""
         import pyarrow as pa
         import torch
-
-        from tasks import device as dev
 
         texts = table.column(self.cfg.text_column).to_pylist()
         pairs = table.column(self.cfg.text_pair_column).to_pylist() if self.cfg.text_pair_column else None
@@ -746,8 +739,6 @@ class _ScoreActor:
 def _init_ray(cfg: ScoreConfig) -> bool:
     """Connects to `ray_address` or starts a local Ray sized for the actors; True when this call started it."""
     import ray
-
-    from tasks import output, tracking
 
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()

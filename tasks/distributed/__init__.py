@@ -27,9 +27,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from tasks.common import ConfigError, run_logger, write_json_atomic
+from tasks.training import TrainResult
+
 if TYPE_CHECKING:
     from tasks.jobs import JobSpec
-    from tasks.training import TrainResult
 
 
 # --- where a process stands ------------------------------------------------------------------------------------
@@ -204,19 +206,14 @@ def torchrun_command(train_cfg, entry_args: list[str], rdzv_id: str = "finetune"
 
 
 def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Callable[[dict, int], None] | None
-           ) -> "TrainResult":
+           ) -> TrainResult:
     """Runs the training step under torchrun and returns rank 0's TrainResult. A non-zero exit raises (the task
     fails; a retry resumes from the last checkpoint)."""
-    from tasks.common import run_logger, write_json_atomic
-    from tasks.training import TrainResult
-
     log = run_logger(__name__)
     t = spec.train
     import torch
 
     if t.device in ("auto", "cuda") and torch.cuda.is_available() and t.nproc_per_node > torch.cuda.device_count():
-        from tasks.common import ConfigError
-
         raise ConfigError(f"nproc_per_node={t.nproc_per_node} but this machine has {torch.cuda.device_count()} "
                           f"GPU(s): use --nproc-per-node {torch.cuda.device_count()} (one process per GPU)")
     work = Path(run_dir) / "distributed"
@@ -241,8 +238,6 @@ def launch(spec: "JobSpec", tokenized_path: str, run_dir: str, on_metrics: Calla
     error_file.unlink(missing_ok=True)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0 and error_file.exists():  # bad settings seen by a rank: one line, no retry
-        from tasks.common import ConfigError
-
         raise ConfigError(error_file.read_text().strip())
     if rc != 0:
         raise RuntimeError(f"torchrun exited with code {rc} (see the ranks' output above); the last complete "

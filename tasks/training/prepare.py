@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tasks import adapters
 from tasks.adapters import NEW_WEIGHT_NAMES, NEW_WEIGHTS
+from tasks.base_model import resolve_model
+from tasks.common import run_logger
+from tasks.distributed import loader_options, rank_seed, world_size
+from tasks.loaders import build_dataloaders
 from tasks.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -84,10 +89,6 @@ def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: in
     (`tasks.distributed.loader_options`); on the CPU none, as before."""
     from transformers import AutoTokenizer
 
-    from tasks.base_model import resolve_model
-    from tasks.distributed import loader_options, world_size
-    from tasks.loaders import build_dataloaders
-
     t = spec.train
     tok = tokenizer or AutoTokenizer.from_pretrained(resolve_model(t.model))
     loaders = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
@@ -100,8 +101,6 @@ def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: in
 
 def spec_for_rank(spec: "JobSpec", rank: int) -> "JobSpec":
     """The spec whose seed is the rank's (`tasks.distributed.rank_seed`): for what must differ between ranks."""
-    from tasks.distributed import rank_seed
-
     if not rank:
         return spec
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": rank_seed(spec.train.seed, rank)})})
@@ -137,10 +136,6 @@ def model_for_training(spec: "JobSpec", tokenized_path: str, device):
     initialisation of new weights, the step-cost choices, LoRA adapters when asked, on the device. Shared by
     `train` and bench/bench_gpu.py, so that the bench measures the step a run takes."""
     from transformers import AutoTokenizer
-
-    from tasks import adapters
-    from tasks.base_model import resolve_model
-    from tasks.common import run_logger
 
     recipe = spec.recipe
     path = resolve_model(spec.train.model)
