@@ -33,7 +33,8 @@ def main() -> None:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from flows.config import ClassifyConfig
-    from tasks.common import resolve_model, seed_everything
+    from tasks.base_model import resolve_model
+    from tasks.common import seed_everything
     from tasks.data import prepare_dataset
     from tasks.loaders import build_dataloaders
     from tasks.tokenize import tokenize_dataset

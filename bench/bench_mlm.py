@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     from flows.config import MLMConfig
-    from tasks.common import resolve_model, seed_everything
+    from tasks.base_model import resolve_model
+    from tasks.common import seed_everything
     from tasks.data import prepare_dataset
     from tasks.device import amp_dtype, describe, select_device
     from tasks.mlm_data import MLMBatchCollator, tokenize_for_mlm

@@ -79,7 +79,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from tasks.common import resolve_model
+    from tasks.base_model import resolve_model
     from tasks.device import amp_dtype, describe, select_device
 
     hf_logging.set_verbosity_error()

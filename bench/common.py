@@ -74,7 +74,7 @@ def run_peer(script: str, data_path: str, cfg, out: Path, same_recipe: bool, ext
     step-cost recipe with `same_recipe`); returns (wall seconds, the JSON line it printed)."""
     import json
 
-    from tasks.common import resolve_model
+    from tasks.base_model import resolve_model
 
     t = cfg.train
     cmd = [sys.executable, str(ROOT / "bench" / script), data_path, resolve_model(t.model), str(out),

@@ -12,7 +12,10 @@ import math
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows import train
 from flows.config import ClassifyConfig, MLMConfig
+from tasks import tracking
+from tasks.common import run_logger
 from tasks.promotion import higher_is_better
 
 NAME = "adapt-then-classify"
@@ -78,8 +81,6 @@ def _link(mlm_run: str, cls_run: str, base_uri: str | None) -> None:
     """Both ways, as tags (the lineage params come from the classify run's own start when it used the version)."""
     from prefect.runtime import flow_run
 
-    from tasks import tracking
-
     tags = {"finetune.pipeline": NAME, "finetune.pipeline_flow_run_id": str(flow_run.id or "")}
     tracking.set_tags(mlm_run, {**tags, "finetune.downstream_run_id": cls_run})
     tracking.set_tags(cls_run, {**tags, "finetune.upstream_run_id": mlm_run,
@@ -89,14 +90,11 @@ def _link(mlm_run: str, cls_run: str, base_uri: str | None) -> None:
 @flow(name=NAME, description="Domain-adaptive pretraining (mlm) then classification from the adapted version.")
 def adapt_then_classify_flow(config: AdaptThenClassifyConfig = AdaptThenClassifyConfig()) -> dict:
     """mlm subflow -> the version it registered (if it beat its floor) -> classify subflow from it."""
-    from flows.train import flow_for
-    from tasks.common import run_logger
-
     logger = run_logger(__name__)
-    mlm_out = flow_for("mlm")(config.mlm)
+    mlm_out = train.flow_for("mlm")(config.mlm)
     base_uri, why = adapted_base(mlm_out, config.require_floor)
     logger.info("classification starts from %s: %s", base_uri or config.classify.train.model, why)
-    cls_out = flow_for("classify")(classify_config_from(config, base_uri))
+    cls_out = train.flow_for("classify")(classify_config_from(config, base_uri))
     _link(mlm_out["run_id"], cls_out["run_id"], base_uri)
     text = summary(mlm_out, cls_out, base_uri, why, config.classify.train.model)
     print(text)
@@ -107,7 +105,5 @@ def adapt_then_classify_flow(config: AdaptThenClassifyConfig = AdaptThenClassify
 def precheck(cfg: AdaptThenClassifyConfig) -> None:
     """Both steps' checks before Prefect starts (the classify step against its fallback checkpoint: the mlm
     version does not exist yet)."""
-    from flows.train import precheck as job_precheck
-
-    job_precheck(cfg.mlm)
-    job_precheck(cfg.classify)
+    train.precheck(cfg.mlm)
+    train.precheck(cfg.classify)

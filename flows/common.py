@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 from flows.config import JobConfig
+from tasks import liveness, tracking
+from tasks.common import run_logger, stable_hash
 
 
 def flow_run_info() -> tuple[str, str | None]:
@@ -46,8 +48,6 @@ def resume_key(cfg: JobConfig) -> str:
     """Identifies "the same job": the resolved config without the resume and retention flags. `--resume`
     continues the newest unfinished MLflow run with this key (and its checkpoints, kept in a folder named after the
     run id)."""
-    from tasks.common import stable_hash
-
     return stable_hash(cfg.model_dump(exclude={"train": {"resume", "keep_checkpoints"}}))
 
 
@@ -56,9 +56,6 @@ def mlflow_run(cfg: JobConfig) -> Iterator[str]:
     """One MLflow run per flow run, FINISHED only when the body succeeds: FAILED on an exception, KILLED on
     SIGTERM, Ctrl-C or a Prefect cancellation. With `train.resume` an unfinished earlier run of the same config
     is continued (same run id, so its metrics continue without duplicates)."""
-    from tasks import liveness, tracking
-    from tasks.common import run_logger
-
     name, fr_id = flow_run_info()
     key = resume_key(cfg)
     tags = {"prefect.flow_run_id": str(fr_id or ""), "prefect.flow_run_name": name, "finetune.job": cfg.job,

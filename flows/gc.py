@@ -7,12 +7,12 @@ from pathlib import Path
 
 from prefect import flow
 
+from tasks import disk, tracking
+from tasks.common import PROJECT_ROOT, ConfigError, cache_root
+
 
 def gc_cli(output_dirs: tuple[str, ...], cache_dir: str | None, cache_days: float, keep_versions: int | None,
            registered_models: tuple[str, ...], yes: bool, grace_days: float | None = None) -> int:
-    from tasks import disk, tracking
-    from tasks.common import PROJECT_ROOT, ConfigError, cache_root
-
     if keep_versions is not None and keep_versions < 1:
         raise ConfigError(f"--keep-versions {keep_versions}: keep at least 1 (aliased versions are always kept)")
     if grace_days is not None and grace_days < 0:

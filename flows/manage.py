@@ -12,14 +12,15 @@ from typing import Any
 
 from prefect import flow
 
+from flows import monitoring
+from tasks import jobs, locks, registry, tracking
+
 # The params and metrics shown per version. Metric names are the ones both trainers log per epoch (`eval_*`,
 # `train_loss`), so the same columns line up in MLflow's compare view.
 KEY_PARAMS = ["job", "problem", "engine", "train.model", "data.dataset", "data.train_samples", "train.epochs",
               "train.learning_rate", "train.batch_size"]
 def key_metrics() -> list[str]:
     """train_loss, then every registered job's eval metrics (each job's own, in its order, without repeats)."""
-    from tasks import jobs
-
     names = ["train_loss"]
     for recipe in jobs.all_jobs().values():
         names += [m for m in recipe.metrics if m not in names]
@@ -52,8 +53,6 @@ def _score(v: Any) -> str:
 def compare_rows(name: str) -> list[dict[str, Any]]:
     """One row per version, newest first: version, aliases, the run's key params and final metrics, and the
     recorded promotion outcome. Raises LookupError when the model is not registered."""
-    from tasks import registry, tracking
-
     versions = registry.list_versions(name)
     if not versions:
         raise LookupError(f"registered model {name!r} not found (or has no versions) at {tracking.display_uri()}")
@@ -166,8 +165,6 @@ def format_table(rows: list[dict], wide: bool = False) -> str:
 
 def publish_compare_artifact(name: str, rows: list[dict] | None = None) -> None:
     """The compare table as a Prefect table artifact, when running inside a flow or task."""
-    from flows import monitoring
-
     if not monitoring.in_prefect_run():
         return
     try:
@@ -220,8 +217,6 @@ def prefect_console_quiet():
 def compare_cli(args: argparse.Namespace) -> int:
     import json
 
-    from tasks import registry, tracking
-
     name = args.registered_model
     try:
         tracking.check_remote()
@@ -246,23 +241,15 @@ def compare_cli(args: argparse.Namespace) -> int:
 def promote(name: str, version: str | int) -> str | None:
     """Manual promotion: `version` becomes champion without an evaluation (a person decided). Returns the
     replaced champion version."""
-    from tasks import registry
-
-    from tasks.locks import registry_lock
-
     if registry.get_version(name, version) is None:
         raise LookupError(f"{name} version {version} not found: `finetune compare --registered-model {name}` lists them")
-    with registry_lock(name):
+    with locks.registry_lock(name):
         old = registry.move_champion(name, str(version), "manual promotion (finetune promote)")
         registry.set_version_tags(name, version, {"promotion.decision": "promoted", "promotion.reason": "manual promotion"})
     return old
 
 
 def promote_cli(args: argparse.Namespace) -> int:
-    from tasks import registry
-
-    from tasks import tracking
-
     name, version = args.registered_model, str(args.version)
     try:
         tracking.check_remote()
@@ -278,15 +265,9 @@ def promote_cli(args: argparse.Namespace) -> int:
 
 
 def rollback_cli(args: argparse.Namespace) -> int:
-    from tasks import registry
-
-    from tasks.locks import registry_lock
-
-    from tasks import tracking
-
     try:
         tracking.check_remote()
-        with registry_lock(args.registered_model):
+        with locks.registry_lock(args.registered_model):
             frm, to = registry.rollback_champion(args.registered_model)
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,10 @@ import logging
 import re
 from typing import Any, Callable
 
+from flows.common import job_label
+from tasks import tracking
+from tasks.common import run_logger
+
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +45,6 @@ def _best_effort(what: str, fn: Callable, *args, **kwargs) -> Any:
 
 def train_task_run_name(parameters: dict[str, Any]) -> str:
     """`task_run_name` for a training task whose first parameter is the job spec (or config): model, dataset, epochs."""
-    from flows.common import job_label
-
     cfg = parameters.get("spec") or parameters.get("cfg") or parameters.get("config")
     try:
         return f"train-{job_label(cfg)}"
@@ -87,7 +89,6 @@ class MonitoredMetrics:
         row = {"epoch": int(step), **{k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         pct = min(100.0, 100.0 * step / self.total)
-        from tasks.common import run_logger
 
         run_logger(__name__).info("epoch %d/%d (%.0f%%): %s", step, self.total, pct,
                          " ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
@@ -131,8 +132,6 @@ def publish_table(rows: list[dict], key: str, description: str) -> None:
 
 def mlflow_run_link(run_id: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """(markdown text for the run, http link or None). A local sqlite store gets the `mlflow ui` command."""
-    from tasks import tracking
-
     uri = tracking.redact_uri(tracking_uri or tracking.tracking_uri())  # never a user:password@ in a link
     try:
         exp_id = tracking.client().get_run(run_id).info.experiment_id

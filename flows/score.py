@@ -7,24 +7,20 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.scoring import ModelRef, ScoreConfig
+from flows.monitoring import _best_effort, _create_markdown, _create_progress, _update_progress, artifact_key
+from tasks.common import run_logger
+from tasks.scoring import ModelRef, ScoreConfig, format_summary, plan_input, resolve_model, score
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
 def resolve_model_task(cfg: ScoreConfig) -> ModelRef:
     """The alias read once: the rest of the run uses this version, whatever the registry does meanwhile."""
-    from tasks.scoring import plan_input, resolve_model
-
     plan_input(cfg)  # a missing file or column fails here, before the model loads
     return resolve_model(cfg.registered_model, cfg.alias, cfg.version)
 
 
 @task(name="score", cache_policy=NO_CACHE, task_run_name="score-{ref.name}-v{ref.version}")
 def score_task(cfg: ScoreConfig, ref: ModelRef) -> dict:
-    from flows.monitoring import _best_effort, _create_progress, _update_progress, artifact_key
-    from tasks.common import run_logger
-    from tasks.scoring import score
-
     log = run_logger(__name__)
     key = artifact_key(cfg.registered_model, "score-progress")
     state: dict = {"id": None, "logged": -1.0}
@@ -63,14 +59,11 @@ def summary_markdown(s: dict) -> str:
 @flow(name="score", flow_run_name="score-{config.registered_model}", log_prints=True)
 def score_flow(config: ScoreConfig) -> dict:
     """Score a file, folder or glob with a registered model (default: its champion) into one output file."""
-    from flows.monitoring import _best_effort, _create_markdown, artifact_key
-
     ref = resolve_model_task(config)
     summary = score_task(config, ref)
     _best_effort("summary artifact", _create_markdown, summary_markdown(summary),
                  artifact_key(config.registered_model, "score-summary"),
                  f"scoring with {ref.name} v{ref.version}: {summary['rows_out']:,} rows")
-    from tasks.scoring import format_summary
 
     print(format_summary(summary))
     return summary

@@ -20,8 +20,7 @@ from flows.config import JobConfig, config_class
 from flows.ephemeral import own_temporary_server
 from flows.monitoring import summary_artifact
 from tasks import jobs, output, registry, tracking
-from tasks.adapters import check_lora
-from tasks.base_model import check_fits, check_labels, is_registry_uri, local_dir, pin, trained_labels
+from tasks.base_model import check_fits, check_labels, check_lora, is_registry_uri, local_dir, pin, trained_labels
 from tasks.common import cached_path_result, is_hub_id, offline_unless_hub_reachable, run_logger
 from tasks.data import FILE_BUILDERS, check_data, prepare_dataset
 from tasks.liveness import sweep_quietly

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from tasks import tracking
 from tasks.common import ConfigError
 from tasks.tracking import access_denied, auth_status, display_uri, tracking_uri
 
@@ -68,9 +69,7 @@ def create_user(username: str, password: str) -> None:
 
 def experiment_id(name: str, create: bool = True) -> str:
     """The id of experiment `name`, created (empty) when missing so that a grant has something to attach to."""
-    from tasks.tracking import client
-
-    c = client()
+    c = tracking.client()
     try:
         exp = c.get_experiment_by_name(name)
         if exp is not None:
@@ -85,9 +84,7 @@ def experiment_id(name: str, create: bool = True) -> str:
 
 
 def ensure_registered_model(name: str) -> None:
-    from tasks.tracking import client
-
-    c = client()
+    c = tracking.client()
     try:
         c.get_registered_model(name)
     except Exception as e:

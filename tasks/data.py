@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import ConfigError, atomic_dir, cache_root, stable_hash, write_json_atomic
+from tasks import kinds
+from tasks.common import ConfigError, atomic_dir, cache_root, run_logger, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,6 @@ def check_data(cfg: DataConfig, num_labels: int | None = None, problem: str | No
                                                                       "validation")})
             kept = kept.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b[cfg.text_column]],
                                batched=True, desc="drop empty")
-            from tasks import kinds
 
             kinds.get(problem).check_labels(kept, cfg, num_labels)  # the kind's labels: classes, label sets, numbers
         return
@@ -287,9 +287,6 @@ def prepare_dataset(cfg: DataConfig, seed: int, num_labels: int | None = None,
     """Plain function: validate, clean, split, subsample, save. With `label_column=None` (MLM) only text is kept.
     `problem` (classify's kind, tasks/kinds/): how labels are read (classes, label sets, numbers)."""
     from datasets import DatasetDict
-
-    from tasks import kinds
-    from tasks.common import run_logger
 
     log = run_logger(__name__)
     # the new fields and a non-default problem join the key only when set: existing caches stay valid

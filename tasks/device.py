@@ -8,6 +8,8 @@ import contextlib
 import functools
 import re
 
+from tasks.common import ConfigError
+
 
 def select_device(pref: str = "auto"):
     import torch
@@ -19,8 +21,6 @@ def select_device(pref: str = "auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if pref == "cuda" and not torch.cuda.is_available():
-        from tasks.common import ConfigError
-
         raise ConfigError("device=cuda but no CUDA GPU is visible: use --device auto or cpu")
     return torch.device(pref)
 

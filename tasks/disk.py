@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
+from tasks import liveness, registry, tracking
+from tasks.tracking import store_id
+
 log = logging.getLogger(__name__)
 
 # What a run dir holds that only a resume needs: plain-loop checkpoints, the HF Trainer's checkpoints, the model copy
@@ -83,8 +86,6 @@ def run_status(run_id: str) -> str:
     """FINISHED, FAILED, KILLED, RUNNING, SCHEDULED, DELETED (in MLflow's trash), UNKNOWN (no such run in this
     tracking store: a 404, or the 403 an authenticated server answers for a run id it does not hold) or
     UNREACHABLE (the store did not answer: nothing is decided on that)."""
-    from tasks import tracking
-
     try:
         run = tracking.client().get_run(run_id)
     except Exception as e:
@@ -115,15 +116,11 @@ def plan_run_dirs(output_dir: str | Path, status_of: Callable[[str], str] = run_
       store, only checkpoints and model copy otherwise); else reported and left alone;
     - a dir without a record (written before records existed) that this store does not know: reported, left alone.
     """
-    from tasks import liveness
-
     items: list[Item] = []
     root = Path(output_dir)
     if not root.is_dir():
         return items
     if store is None:
-        from tasks.tracking import store_id
-
         store = store_id()
     grace = (grace_days_default() if grace_days is None else grace_days) * 86400
     now = time.time() if now is None else now
@@ -202,8 +199,6 @@ def _local_path(uri: str | None) -> Path | None:
 
 def finetune_models() -> list[str]:
     """Registered models this project created (its description), the default scope of version retention."""
-    from tasks import tracking
-
     return sorted(m.name for m in tracking.client().search_registered_models(max_results=1000)
                   if (m.description or "").startswith("Registered by finetune-flows"))
 
@@ -212,8 +207,6 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
     """Versions beyond the newest `keep` of each model that hold no alias (champion, challenger,
     previous-champion or any other alias is never touched). Deleting one also deletes its logged model; its
     artifacts are removed here when they are local files (a tracking server frees them with `mlflow gc`)."""
-    from tasks import registry, tracking
-
     c = tracking.client()
     items: list[Item] = []
     for name in models:
@@ -257,8 +250,6 @@ def plan_versions(models: list[str], keep: int) -> list[Item]:
 def delete_logged_model(model_uri_or_id: str) -> int:
     """Deletes a logged model (`models:/m-<id>` or its id) and, in a local store, its artifact files; returns the
     bytes freed here (a tracking server frees its artifacts with `mlflow gc`)."""
-    from tasks import tracking
-
     m = re.fullmatch(r"(?:models:/)?(m-[0-9a-f]+)", model_uri_or_id or "")
     if not m:
         return 0
@@ -281,8 +272,6 @@ def plan_unregistered_models() -> list[Item]:
     before sweeps cleaned up after themselves, a run whose registration failed): their weights serve nothing. A run
     still RUNNING, or a trial whose sweep still runs (its best trial is registered at the end), is left alone."""
     from mlflow.entities import ViewType
-
-    from tasks import tracking
 
     c = tracking.client()
     used_models, used_runs = set(), set()
@@ -334,8 +323,6 @@ def plan_unregistered_models() -> list[Item]:
 
 
 def plan_stale_runs() -> list[Item]:
-    from tasks import liveness
-
     return [Item("stale-run", f"MLflow run {v.run_id}", v.reason, 0,
                  lambda v=v: liveness.sweep_one(v)) for v in liveness.sweep_stale_runs(None, apply=False)]
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tasks.device import autocast
+from tasks.output import progress_bars
+
 
 def classification_metrics(preds, labels, num_labels: int) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
@@ -45,9 +48,6 @@ def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -
     """Mean loss over examples, accuracy, macro-F1, and the predictions (for the confusion matrix)."""
     import torch
     from tqdm.auto import tqdm
-
-    from tasks.device import autocast
-    from tasks.output import progress_bars
 
     model.eval()
     total, n, preds, labels = 0.0, 0, [], []

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tasks import tracking
+from tasks.tracking import redact_uri, store_id
+
 log = logging.getLogger(__name__)
 
 HOST, PID, PID_START, HEARTBEAT, PREFECT_API = (
@@ -54,8 +57,6 @@ def _pid_start(pid: int) -> float | None:
 
 def prefect_api() -> str:
     """The Prefect server this process reports to ("" for Prefect's temporary server, which dies with it)."""
-    from tasks.tracking import redact_uri
-
     url = os.environ.get("PREFECT_API_URL", "")
     return redact_uri(url.rstrip("/")) if url else ""
 
@@ -69,8 +70,6 @@ def liveness_tags() -> dict[str, str]:
 def write_record(run_dir: str | Path, run_id: str, **fields) -> dict:
     """Writes (atomically) the run dir's record: the tracking store (no credential in it) and run id it belongs
     to, and this process's liveness (`fields` update an existing record, e.g. the heartbeat)."""
-    from tasks.tracking import store_id
-
     path = Path(run_dir) / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = read_record(run_dir) or {}
@@ -194,9 +193,7 @@ def running_runs(experiment_ids: list[str] | None = None) -> list:
     """RUNNING runs of the given experiments (every active experiment when None)."""
     from mlflow.entities import ViewType
 
-    from tasks.tracking import client
-
-    c = client()
+    c = tracking.client()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not experiment_ids:
@@ -207,8 +204,6 @@ def running_runs(experiment_ids: list[str] | None = None) -> list:
 def sweep_stale_runs(experiments: list[str] | None = None, apply: bool = True) -> list[Verdict]:
     """Marks RUNNING runs whose process is gone KILLED (tagged `finetune.killed_reason`); returns the stale
     verdicts (with apply=False, what would be marked). `experiments`: names (None: every experiment)."""
-    from tasks import tracking
-
     c = tracking.client()
     ids = None
     if experiments is not None:
@@ -225,8 +220,6 @@ def sweep_stale_runs(experiments: list[str] | None = None, apply: bool = True) -
 
 def sweep_one(v: Verdict) -> None:
     """Closes one stale run: KILLED, with the reason as the tag `finetune.killed_reason`."""
-    from tasks import tracking
-
     tracking.set_tags(v.run_id, {"finetune.killed_reason": f"stale: {v.reason}"})
     tracking.client().set_terminated(v.run_id, "KILLED")
     log.info("marked MLflow run %s KILLED: %s", v.run_id, v.reason)

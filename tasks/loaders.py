@@ -3,7 +3,7 @@ the loaders stay in the flow's process and go to training in memory, the one del
 paths)."""
 from __future__ import annotations
 
-from tasks.common import resolve_model
+from tasks.base_model import resolve_model
 
 
 def build_dataloaders(

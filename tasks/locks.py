@@ -14,6 +14,8 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from tasks import tracking
+
 log = logging.getLogger(__name__)
 
 
@@ -33,10 +35,8 @@ def _ensure_prefect_limit(name: str) -> None:
 
 @contextlib.contextmanager
 def registry_lock(model_name: str, timeout: float = 1800.0) -> Iterator[None]:
-    from tasks.tracking import STORE_DIR
-
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
-    lock_dir = Path(os.environ.get("FINETUNE_LOCK_DIR", STORE_DIR / "locks"))
+    lock_dir = Path(os.environ.get("FINETUNE_LOCK_DIR", tracking.STORE_DIR / "locks"))
     lock_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = FileLock(lock_dir / f"{safe}.lock", timeout=timeout).acquire()

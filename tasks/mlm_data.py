@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.common import ConfigError
-from tasks.common import atomic_dir, resolve_model, stable_hash
+from tasks.base_model import resolve_model
+from tasks.common import ConfigError, atomic_dir, stable_hash
+from tasks.tokenize import batch_inputs
 
 STATS_FILE = "mlm_stats.json"
 
@@ -84,8 +85,6 @@ def tokenize_for_mlm(
     `mlm_stats.json` beside it holds the counts (blocks, tokens, masked eval tokens)."""
     from datasets import DatasetDict, load_from_disk
     from transformers import AutoConfig, AutoTokenizer
-
-    from tasks.tokenize import batch_inputs
 
     key = stable_hash(data_path, model, max_length, group_texts, mlm_probability, seed, "mlm-v2")
     out = Path(data_path).parent.parent / "mlm_tokenized" / key

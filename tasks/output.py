@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from tasks.common import cache_root
+
 # Log records of third-party loggers that say nothing a user can act on: (logger, message start).
 _NOISE = {
     # every log_model of a local checkpoint: there is no Hub model card or licence to find for it
@@ -123,8 +125,6 @@ _debug_log_started = False
 
 def debug_log_path():
     """One file, rewritten by each command that records an error (so it never grows): <cache dir>/logs/."""
-    from tasks.common import cache_root
-
     return cache_root() / "logs" / "finetune-debug.log"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tasks import jobs, registry, tracking
 from tasks.common import ConfigError
 
 MASK_PLACEHOLDER = "[MASK]"
@@ -67,8 +68,6 @@ def predict_classification(model_uri: str, texts: list[str], top_k: int = 5) -> 
 
 def _job_of(model_uri: str) -> str | None:
     """The job recorded on a registered version (tag `job`), for `models:/NAME@ALIAS` and `models:/NAME/VERSION`."""
-    from tasks import registry
-
     m = re.fullmatch(r"models:/([^/@]+)(?:@(.+)|/(\d+))", model_uri)
     if not m:
         return None
@@ -81,8 +80,6 @@ def _job_of(model_uri: str) -> str | None:
 def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
     """Classification: [{text, label, score}]. Fill-mask: [{text, masks: [[{token_str, score, sequence}]...]}].
     The job that registered the model (or, failing that, its transformers task) decides how it predicts."""
-    from tasks import jobs, tracking
-
     if not texts:
         raise ConfigError("no texts to predict: pass them as arguments or with --file")
     tracking.configure()
@@ -94,8 +91,6 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5) -> list[Any]:
 
 
 def _predict(model_uri: str, texts: list[str], top_k: int) -> list[Any]:
-    from tasks import jobs, tracking
-
     try:
         task = model_task(model_uri)
     except Exception as e:

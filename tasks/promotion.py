@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from tasks import jobs, registry, tracking
-from tasks.common import cache_root, resolve_model, run_logger, stable_hash
+from tasks.base_model import resolve_model
+from tasks.common import cache_root, run_logger, stable_hash
 from tasks.device import amp_dtype, select_device
 from tasks.evaluate import probe_scores
 from tasks.jobs import JobSpec

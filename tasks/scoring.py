@@ -33,7 +33,11 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks import device as dev
+from tasks import output, registry, tracking
 from tasks.common import ConfigError, write_json_atomic
+from tasks.jobs import mlm
+from tasks.predict import to_model_mask
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +123,6 @@ class ModelRef:
 def resolve_model(name: str, alias: str | None = None, version: int | str | None = None) -> ModelRef:
     """The version an alias points to *now* (or the version asked for), checked to exist: one `error:` line
     otherwise, before any data is read or model loaded."""
-    from tasks import registry, tracking
-
     requested = registry.model_uri(name, alias, version)
     tracking.configure()
     if version is None:
@@ -427,19 +429,15 @@ class FillMask(Head):
         return [pa.field("tokens", pa.list_(pa.list_(pa.string()))), pa.field("scores", pa.list_(pa.list_(pa.float64())))]
 
     def prepare(self, text):
-        from tasks.predict import to_model_mask
-
         try:
             return to_model_mask([text], self.tok.mask_token)[0], None
         except ConfigError:
             return None, SKIP_NO_MASK
 
     def forward(self, batch):
-        from tasks.jobs.mlm import masked_lm_logits
-
         ids = batch["input_ids"]
         labels = ids.masked_fill(ids != self.tok.mask_token_id, -100)
-        logits, _ = masked_lm_logits(self.model, {**batch, "labels": labels})
+        logits, _ = mlm.masked_lm_logits(self.model, {**batch, "labels": labels})
         return logits  # (masks in the batch, vocab), row-major
 
     def rows(self, logits, batch):
@@ -487,9 +485,6 @@ class Scorer:
 
         import mlflow
 
-        from tasks import device as dev
-        from tasks import tracking
-
         tracking.configure()
         self.cfg = cfg
         pipe = mlflow.transformers.load_model(model_uri)  # the logged pipeline: model + tokenizer (LoRA too)
@@ -514,8 +509,6 @@ class Scorer:
         the reason; prediction columns are null where skipped."""
         import pyarrow as pa
         import torch
-
-        from tasks import device as dev
 
         texts = table.column(self.cfg.text_column).to_pylist()
         pairs = table.column(self.cfg.text_pair_column).to_pylist() if self.cfg.text_pair_column else None
@@ -709,6 +702,123 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".meta.json")
 
 
+# --- on Ray Data ----------------------------------------------------------------------------------------------
+# Batch scoring on Ray Data (`finetune score --workers N` / `--ray-address`): the local path's chunk reader and
+# scorer, spread out. One read task yields the input's chunks in order (the local path's chunks, already scored
+# ones skipped), a strict streaming repartition keeps one chunk per block, and `map_batches` with an actor pool
+# scores them, each actor loading the model once
+# (`cpus_per_worker` / `gpus_per_worker` each); the driver receives positions + ids + predictions (small) and
+# writes each chunk's part as soon as the chunk is complete, so output, resume and the final file are the local
+# path's. Each chunk is scored on its own inside an actor, so its batches are the local path's batches.
+#
+# On a cluster every node needs this project installed (same versions) and the input files at the same path (a
+# shared file system or object store mount); the driver passes MLFLOW_TRACKING_URI and PYTHONPATH to the actors.
+
+# what the actors need from this process's environment (runtime_env env_vars)
+PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+            "PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME", "FINETUNE_CACHE_DIR", "TOKENIZERS_PARALLELISM",
+            "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE", "FINETUNE_VERBOSE")
+
+
+def _read_chunks(batch, plan: InputPlan, chunk_rows: int, skip: set):
+    """Ray Data UDF: the whole input's chunks, in order, one at a time (a generator)."""
+    for _, table in iter_chunks(plan, chunk_rows, skip=skip):
+        yield table
+
+
+class _ScoreActor:
+    """Ray Data actor: the model once, then whole chunks scored as on the local path."""
+
+    def __init__(self, model_uri: str, cfg: ScoreConfig):
+        self.scorer = Scorer(model_uri, cfg)
+
+    def __call__(self, table):
+        return self.scorer.score_chunks(table)
+
+
+def _init_ray(cfg: ScoreConfig) -> bool:
+    """Connects to `ray_address` or starts a local Ray sized for the actors; True when this call started it."""
+    import ray
+
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if ray.is_initialized():
+        return False
+    output.quiet_ray()
+    kw: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False,
+                "configure_logging": False}
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, **kw)
+    else:
+        workers = cfg.workers or 1
+        kw["num_cpus"] = max(1, int(-(-workers * cfg.cpus_per_worker // 1)))
+        if cfg.gpus_per_worker:
+            kw["num_gpus"] = int(-(-workers * cfg.gpus_per_worker // 1))
+        ray.init(**kw)
+    return True
+
+
+def cluster_description() -> str:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    return f"{len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU"
+
+
+def score_on_ray(cfg: ScoreConfig, plan: InputPlan, ref: ModelRef, skip: set,
+                 on_part: Callable[[object], None]) -> str:
+    """Scores every chunk not in `skip`; calls `on_part(table)` with each completed chunk (positions, ids,
+    predictions). Returns a description of where it ran."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    started = _init_ray(cfg)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        workers = cfg.workers or max(1, int(sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes()
+                                                if n.get("Alive")) // cfg.cpus_per_worker))
+        ctx.execution_options.preserve_order = True  # the chunk stream stays in order, so blocks = chunks
+        ds = ray.data.from_items([{"input": 0}], override_num_blocks=1)
+        # reading is I/O and parsing: no CPU reserved, so the actors can take every CPU of the cluster
+        ds = ds.map_batches(_read_chunks, fn_kwargs={"plan": plan, "chunk_rows": cfg.chunk_rows, "skip": skip},
+                            batch_size=1, batch_format="pyarrow", num_cpus=0)
+        # one block per chunk: every chunk but the last has exactly chunk_rows rows, in order
+        ds = ds.repartition(target_num_rows_per_block=cfg.chunk_rows, strict=True)
+        # Re-slicing blocks is cheap, but its tasks ask for a CPU by default, which the actors may all hold (a
+        # deadlock on a cluster sized for them); repartition() takes no resource arguments, so set them on its op.
+        try:
+            ds._logical_plan.dag.ray_remote_args.update(num_cpus=0)
+        except AttributeError:  # another Ray version: keep its default and say what it needs
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not free Ray Data's repartition step from its CPU request: leave one CPU of the cluster "
+                "beyond the scoring actors (--workers x --cpus-per-worker)")
+        ds = ds.map_batches(_ScoreActor, fn_constructor_args=(ref.uri, cfg), batch_size=None,
+                            batch_format="pyarrow", concurrency=workers, num_cpus=cfg.cpus_per_worker,
+                            num_gpus=cfg.gpus_per_worker or None)
+        pending: dict[int, list] = {}
+        for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for ci in sorted(set(t.column(_CHUNK).to_pylist())):
+                piece = t.filter(pc.equal(t[_CHUNK], ci))
+                pending.setdefault(ci, []).append(piece)
+                if sum(len(p) for p in pending[ci]) == piece.column(_N)[0].as_py():
+                    on_part(pa.concat_tables(pending.pop(ci)))
+        if pending:
+            raise RuntimeError(f"Ray returned incomplete chunks {sorted(pending)}")
+        return f"Ray: {workers} actor(s) on {cluster_description()}"
+    finally:
+        if started:
+            ray.shutdown()
+
+
 # --- the job --------------------------------------------------------------------------------------------------
 
 Progress = Callable[[int, int], None]
@@ -742,8 +852,6 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, ref: ModelRef | No
 
     t_load = time.time()
     if cfg.on_ray:
-        from tasks.scoring_ray import score_on_ray
-
         device = score_on_ray(cfg, plan, ref, done, on_part)
         load_s = None
     else:

@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tasks import tracking
 from tasks.common import ConfigError
+from tasks.tracking import _prepare_sqlite, redact_uri
 from tasks.training.config import StopTraining
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ class TrialPruned(StopTraining):
 def storage_url(tracking_uri: str | None = None) -> str:
     """Where studies are kept (see the module docstring): `FINETUNE_SWEEP_STORAGE` when set, else derived from the
     tracking store (the server's `MLFLOW_BACKEND_STORE_URI` for an http(s) tracking URI)."""
-    from tasks import tracking
-
     if os.environ.get(STORAGE_ENV):
         return os.environ[STORAGE_ENV]
     uri = tracking_uri or tracking.tracking_uri()
@@ -65,8 +65,6 @@ def open_storage(url: str):
 
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
-        from tasks.tracking import _prepare_sqlite
-
         _prepare_sqlite(url)  # its folder, and WAL: trials report while the driver reads
         engine["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
@@ -82,8 +80,6 @@ def open_storage(url: str):
 
 
 def redact(url: str) -> str:
-    from tasks.tracking import redact_uri
-
     return redact_uri(url)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.common import ConfigError
-from tasks.common import atomic_dir, resolve_model, stable_hash
+from tasks.base_model import resolve_model
+from tasks.common import atomic_dir, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:

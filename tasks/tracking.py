@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+from tasks import kinds
 from tasks.common import PROJECT_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,5 @@ def serving_options(model_dir: str) -> dict:
     """What a classifier's kind adds to the logged model (tasks/kinds/: multi-label pyfunc returns every label's
     score; metadata records the problem, threshold and pairs; a pair model's signature and input example); {} for
     MLM and single-text single-label models."""
-    from tasks import kinds
-
     return kinds.serving(str(model_dir))
 

@@ -52,7 +52,8 @@ def test_version_resolved_once_and_cached(isolated, tiny_model_dir, monkeypatch)
 
     from tasks import registry
     from tasks.base_model import cache_dir, local_dir, pin
-    from tasks.common import ConfigError, resolve_model
+    from tasks.base_model import resolve_model
+    from tasks.common import ConfigError
 
     v = register_tiny(tiny_model_dir, "tiny-mlm", "fill-mask")
     ref = pin("models:/tiny-mlm@champion")

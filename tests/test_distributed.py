@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (tasks/distributed.py): the classify flow with `--nproc-per-node 2` runs
+"""Data-parallel training under torchrun (tasks/distributed/): the classify flow with `--nproc-per-node 2` runs
 its training step as `python -m torch.distributed.run` with 2 CPU processes on gloo, under the Prefect test harness
 with MLflow on sqlite in tmp_path. One MLflow run, one metric point per epoch (logged by rank 0 only), the global
 batch logged as such, a registered version; and the final metrics equal (allclose) those of one process training

@@ -17,8 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks import kinds
+from tasks.data import prepare_dataset
 from tasks.jobs import JobSpec, Promotion, Recipe, register
 from tasks.predict import predict_classification  # noqa: F401  (other jobs' recipes reuse it from here)
+from tasks.tokenize import tokenize_dataset
+from tasks.training import mark_new_weights
 
 
 class ClassifyOptions(BaseModel):
@@ -67,8 +70,6 @@ def _kind(spec: JobSpec):
 def load_model(path: str, spec: JobSpec):
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.training import mark_new_weights
-
     names = spec.label_names or []
     head = dict(_kind(spec).model_config(names, spec.opts))
     attrs = head.pop("config_attrs", {})  # the kind's own config entries (multi-label: the threshold), saved with it
@@ -86,8 +87,6 @@ def load_model(path: str, spec: JobSpec):
 
 def tokenize(data_path: str, model: str, spec: JobSpec) -> str:
     """Texts, or pairs when the prepared data has `text_pair` (see tasks.tokenize.tokenize_dataset)."""
-    from tasks.tokenize import tokenize_dataset
-
     return tokenize_dataset(data_path, model, spec.data.max_length, spec.data.pad_to_max_length)
 
 
@@ -181,7 +180,6 @@ def precheck(spec: JobSpec) -> None:
     """Class weights that name labels: checked against the data's labels (prepares the data; the flow reuses it)."""
     if spec.options.get("class_weights") in (None, "none", "balanced"):
         return
-    from tasks.data import prepare_dataset
 
     data = prepare_dataset(spec.data, spec.train.seed, spec.options.get("num_labels"), spec.options.get("problem"))
     _kind(spec).resolve(spec.model_copy(update={"label_names": data.label_names}), data.path)

@@ -15,8 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.adapters import load_pipeline
+from tasks.common import run_logger
+from tasks.device import autocast
 from tasks.jobs import JobSpec, Promotion, Recipe, epoch0_baseline, register
-from tasks.predict import predict_fill_mask
+from tasks.mlm_data import MLMBatchCollator, mlm_stats, tokenize_for_mlm
+from tasks.output import progress_bars
+from tasks.predict import fill_mask, format_predictions, predict_fill_mask
+from tasks.tokenize import check_model as check
+from tasks.training import mark_new_weights
 
 EXAMPLE = "This is a [MASK] movie!"
 
@@ -90,8 +97,6 @@ def _sparse_ok(base, features: dict, mask) -> bool:
             base.train(was_training)
         _SPARSE_OK[cls] = ok
         if not ok:
-            from tasks.common import run_logger
-
             run_logger(__name__).warning(
                 "%s: the masked-LM head cannot run on the masked positions alone (%s); using the full head over "
                 "every position (same loss, more work)", cls.__name__, why)
@@ -147,9 +152,6 @@ def evaluate_mlm(model, loader, device, dtype=None, desc: str = "eval") -> dict[
     """Token-weighted masked-LM loss, perplexity and masked-token accuracy over a loader of pre-masked rows."""
     import torch
     from tqdm.auto import tqdm
-
-    from tasks.device import autocast
-    from tasks.output import progress_bars
 
     was_training = model.training
     model.eval()
@@ -228,7 +230,6 @@ def load_model(path: str, spec: JobSpec):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized" notice is reported once by check_model instead
-    from tasks.training import mark_new_weights
 
     try:  # never unpickle weights; the loading info tells which weights are new (a head the checkpoint lacks)
         return mark_new_weights(*AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True,
@@ -265,8 +266,6 @@ def init_head_bias(model, tokenized_path: str, spec: JobSpec) -> None:
 
 
 def tokenize(data_path: str, model: str, spec: JobSpec) -> str:
-    from tasks.mlm_data import tokenize_for_mlm
-
     o = spec.opts
     return tokenize_for_mlm(data_path, model, spec.data.max_length, o.group_texts, o.mlm_probability, spec.train.seed)
 
@@ -278,17 +277,12 @@ def training_mask_probability(opts) -> float:
 
 def collator(tok, spec: JobSpec):
     """Training batches masked at `training_mask_probability`; eval rows come pre-masked."""
-    from tasks.mlm_data import MLMBatchCollator
-
     return MLMBatchCollator(tok, training_mask_probability(spec.opts), spec.train.seed)
 
 
 def check_model(model: str, max_length: int) -> dict:
     """A mask token and a masked-LM head class are required; a checkpoint without a trained MLM head is warned
     about: its fill-mask answers are noise until fine-tuned."""
-    from tasks.common import run_logger
-    from tasks.tokenize import check_model as check
-
     info = check(model, max_length, masked_lm=True)
     if not info["has_mlm_head"]:
         run_logger(__name__).warning(
@@ -300,8 +294,6 @@ def check_model(model: str, max_length: int) -> dict:
 
 
 def data_stats(tokenized_path: str) -> dict:
-    from tasks.mlm_data import mlm_stats
-
     return {k: v for k, v in mlm_stats(tokenized_path).items() if k not in ("group_texts", "max_length")}
 
 
@@ -339,9 +331,6 @@ def artifacts(run_dir: str, model_dir: str, extras: dict, spec: JobSpec) -> tupl
     summary. `[MASK]` is mapped to the model's own mask token, as `finetune predict` does."""
     import json
     from pathlib import Path
-
-    from tasks.adapters import load_pipeline
-    from tasks.predict import fill_mask, format_predictions
 
     results = fill_mask(load_pipeline(model_dir, "fill-mask"), [EXAMPLE], spec.opts.top_k)
     path = Path(run_dir) / "eval" / "fill_mask_examples.json"

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ConfigError
+from tasks.device import autocast
+from tasks.kinds import pyfunc_rows
+from tasks.kinds.single_label import parse_weights
+from tasks.output import progress_bars
 
 METRICS = ("eval_loss", "eval_f1", "eval_micro_f1", "eval_subset_accuracy")
 PROMOTION = ("f1", {"f1": ("eval_f1", True), "micro_f1": ("eval_micro_f1", True),
@@ -97,8 +101,6 @@ def model_config(names: list[str], opts) -> dict:
 
 def resolve(spec, data_path: str):
     """`class_weights` as explicit per-label pos_weight JSON (`balanced`: negatives / positives in train)."""
-    from tasks.kinds.single_label import parse_weights
-
     value = spec.options.get("class_weights") or "none"
     names = spec.label_names or []
     if value == "none":
@@ -115,8 +117,6 @@ def resolve(spec, data_path: str):
 
 
 def weights_of(spec) -> dict[str, float] | None:
-    from tasks.kinds.single_label import parse_weights
-
     value = spec.options.get("class_weights") or "none"
     return None if value in ("none", "balanced") else parse_weights(value, spec.label_names or [])
 
@@ -162,9 +162,6 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
     """Mean BCE (the model's own loss), the metrics at the model's threshold, and the 0/1 predictions."""
     import torch
     from tqdm.auto import tqdm
-
-    from tasks.device import autocast
-    from tasks.output import progress_bars
 
     threshold = float(getattr(model.config, "finetune_threshold", DEFAULT_THRESHOLD))
     model.eval()
@@ -251,8 +248,6 @@ def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None 
     """Every label whose score is above the model's threshold (as `finetune score`), highest first:
     [{text, labels: [{label, score}], threshold}]. pyfunc (and `mlflow models serve`) return every label's score;
     the threshold comes from the logged model's metadata."""
-    from tasks.kinds import pyfunc_rows
-
     threshold = float((meta or {}).get("threshold", DEFAULT_THRESHOLD))
     rows = pyfunc_rows(model_uri, texts, meta or {})
     out = []

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ConfigError
+from tasks.device import autocast
+from tasks.kinds import pyfunc_rows
+from tasks.output import progress_bars
+from tasks.training import NEW_WEIGHTS
 
 METRICS = ("eval_loss", "eval_rmse", "eval_mae", "eval_pearson", "eval_spearman")
 PROMOTION = ("rmse", {"rmse": ("eval_rmse", False), "mae": ("eval_mae", False), "pearson": ("eval_pearson", True),
@@ -95,8 +99,6 @@ def init_model(model, tokenized_path: str, spec) -> None:
     import torch
     from datasets import load_from_disk
 
-    from tasks.training import NEW_WEIGHTS
-
     new = getattr(model, NEW_WEIGHTS, set())
     biases = [p for p in model.parameters() if id(p) in new and p.ndim == 1 and p.numel() == 1]
     if len(biases) != 1:
@@ -133,9 +135,6 @@ def scores(pred, gold) -> dict[str, float]:
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
-
-    from tasks.device import autocast
-    from tasks.output import progress_bars
 
     model.eval()
     preds, labels = [], []
@@ -201,8 +200,6 @@ def align_eval(model, spec):
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
     """The number per text: [{text, label (the output's name), value}]. pyfunc answers (label, score) with the
     raw output as the score (transformers applies no function for problem_type regression)."""
-    from tasks.kinds import pyfunc_rows
-
     rows = pyfunc_rows(model_uri, texts, meta or {})
     return [{"text": t, "label": str(row["label"]), "value": float(row["score"])}
             for t, row in zip(texts, rows)]

@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import tasks.evaluate
 from tasks.common import ConfigError
+from tasks.data import _encode_labels, _label_classes
+from tasks.evaluate import confusion_matrix_artifacts, majority_baseline
+from tasks.kinds import pyfunc_rows
 
 METRICS = ("eval_loss", "eval_accuracy", "eval_f1")
 PROMOTION = ("f1", {"accuracy": ("eval_accuracy", True), "f1": ("eval_f1", True), "loss": ("eval_loss", False)})
@@ -19,14 +23,10 @@ BASELINE_NAME = "majority-class"
 
 def encode_labels(dd, data, num_labels: int | None):
     """ClassLabel ids in `label` (see `tasks.data._encode_labels`); returns (dataset dict, class names)."""
-    from tasks.data import _encode_labels
-
     return _encode_labels(dd, data.label_column, num_labels)
 
 
 def check_labels(dd, data, num_labels: int | None) -> None:
-    from tasks.data import _label_classes
-
     _label_classes(dd, data.label_column, num_labels)
 
 
@@ -115,25 +115,19 @@ def init_model(model, tokenized_path: str, spec) -> None:
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
-    from tasks.evaluate import evaluate_classifier
-
-    r = evaluate_classifier(model, loader, device, dtype, desc=desc)
+    r = tasks.evaluate.evaluate_classifier(model, loader, device, dtype, desc=desc)
     return {"eval_loss": r["loss"], "eval_accuracy": r["accuracy"], "eval_f1": r["f1"],
             "preds": r["preds"], "labels": r["labels"]}
 
 
 def baseline(data_path: str, history: list[dict], spec) -> dict[str, float]:
     """The best input-independent predictor on the run's eval split (`tasks.evaluate.majority_baseline`)."""
-    from tasks.evaluate import majority_baseline
-
     return majority_baseline(data_path, len(spec.label_names) if spec.label_names else None)
 
 
 def artifacts(run_dir: str, extras: dict, spec) -> tuple[list[str], str]:
     """The confusion matrix, per-class F1 and the class weights used (when any), under eval/."""
     from sklearn.metrics import f1_score
-
-    from tasks.evaluate import confusion_matrix_artifacts
 
     if "preds" not in extras:
         return [], ""
@@ -176,8 +170,6 @@ def align_eval(model, spec):
 
 def predict(model_uri: str, texts: list[str], top_k: int = 5, meta: dict | None = None) -> list[dict]:
     """Through pyfunc, as `mlflow models serve` answers: label name and score per text (a pair: `A ||| B`)."""
-    from tasks.kinds import pyfunc_rows
-
     rows = pyfunc_rows(model_uri, texts, meta or {})
     return [{"text": t, "label": str(row["label"]), "score": float(row["score"])}
             for t, row in zip(texts, rows)]

@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
+from tasks import adapters, distributed
+from tasks.common import atomic_dir, run_logger, seed_everything, write_json_atomic
+from tasks.device import amp_dtype, describe, enable_tf32, select_device
+from tasks.evaluate import probe_scores
 from tasks.training.config import EvalHook, MetricsFn, TrainResult
 from tasks.training.loop import fit_manual
 from tasks.training.prepare import (NEW_WEIGHT_NAMES, attention_implementation, build_loaders, model_for_training,
@@ -24,8 +28,6 @@ if TYPE_CHECKING:
 def save_model_dir(run: Path, write: Callable[[Path], Any]) -> Path:
     """`write(tmp_dir)`, then renamed to run/model in one step: a full disk leaves the previous model dir and the
     checkpoints intact, with one clear error."""
-    from tasks.common import atomic_dir
-
     final = run / "model"
     with atomic_dir(final) as tmp:
         write(Path(tmp))
@@ -49,11 +51,6 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     (what the last evaluation returned besides metrics, e.g. predictions for a confusion matrix). `on_metrics` gets
     each epoch's row (step = epoch), `on_step` the `train_loss_step` points (step = optimizer step), `on_evaluation`
     (epoch, metrics) after each epoch's evaluation, and may stop the run by raising (single-process runs only)."""
-    from tasks.common import run_logger, seed_everything, write_json_atomic
-    from tasks.device import amp_dtype, describe, enable_tf32, select_device
-
-    from tasks import adapters, distributed
-
     log = run_logger(__name__)
     recipe = spec.recipe
     # --- setup: resume on a Prefect retry, run dir, device and precision, seed, model (+ adapters), loaders
@@ -141,7 +138,6 @@ def train(spec: "JobSpec", tokenized_path: str, run_dir: str, loaders: dict | No
     if distributed.is_main():  # data-parallel: rank 0 saves, the others hold the same weights
         model_dir = save_model_dir(run, write)
         write_json_atomic(run / "eval_extras.json", extras)
-    from tasks.evaluate import probe_scores
 
     # the saved weights' scores on a few eval rows: promotion checks the logged model against them cheaply
     probe = probe_scores(model, loaders["eval"], spec, device, dtype) if distributed.is_main() else {}

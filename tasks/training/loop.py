@@ -14,7 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.common import ConfigError
+from tasks import adapters, distributed
+from tasks.checkpoint import (_collator_rngs, collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
+                              set_collator_rng_state, set_rng_state)
+from tasks.common import ConfigError, run_logger
+from tasks.device import mixed_precision_name
+from tasks.output import progress_bars
 from tasks.training.config import STEP_LOSS, EvalHook, FitOutput, MetricsFn, loss_log_every
 from tasks.training.optim import _optimizer_and_scheduler, check_optimizer_groups, group_sizes, optimizer_steps
 from tasks.training.selection import _cpu_copy, track_best
@@ -47,8 +52,6 @@ def make_accelerator(device, dtype, gradient_accumulation_steps: int = 1):
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-
-    from tasks.device import mixed_precision_name
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
@@ -116,12 +119,6 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     import torch
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
-
-    from tasks import adapters, distributed
-    from tasks.checkpoint import (_collator_rngs, collator_rng_state, load_latest_checkpoint, rng_state,
-                                  save_checkpoint, set_collator_rng_state, set_rng_state)
-    from tasks.common import run_logger
-    from tasks.output import progress_bars
 
     log = run_logger(__name__)
     t = spec.train

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tasks import adapters
+from tasks.adapters import NEW_WEIGHT_NAMES, NEW_WEIGHTS
+from tasks.base_model import resolve_model
+from tasks.common import run_logger
+from tasks.distributed import loader_options, rank_seed, world_size
+from tasks.loaders import build_dataloaders
 from tasks.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -83,10 +89,6 @@ def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: in
     (`tasks.distributed.loader_options`); on the CPU none, as before."""
     from transformers import AutoTokenizer
 
-    from tasks.common import resolve_model
-    from tasks.distributed import loader_options, world_size
-    from tasks.loaders import build_dataloaders
-
     t = spec.train
     tok = tokenizer or AutoTokenizer.from_pretrained(resolve_model(t.model))
     loaders = build_dataloaders(tokenized_path, t.model, t.batch_size, t.eval_batch_size, t.seed,
@@ -99,8 +101,6 @@ def build_loaders(tokenized_path: str, spec: "JobSpec", tokenizer=None, rank: in
 
 def spec_for_rank(spec: "JobSpec", rank: int) -> "JobSpec":
     """The spec whose seed is the rank's (`tasks.distributed.rank_seed`): for what must differ between ranks."""
-    from tasks.distributed import rank_seed
-
     if not rank:
         return spec
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": rank_seed(spec.train.seed, rank)})})
@@ -123,10 +123,6 @@ def with_loader_options(dl, **opts):
                       collate_fn=dl.collate_fn, drop_last=dl.drop_last, **opts)
 
 
-NEW_WEIGHTS = "_finetune_new_weights"
-NEW_WEIGHT_NAMES = "_finetune_new_weight_names"  # the same record by name, as loaded (before any adapter)
-
-
 def mark_new_weights(model, loading_info: dict):
     """Records on the model which of its parameters the checkpoint did not ship (transformers' loading info
     `missing_keys`: a new head), so that `head_learning_rate_scale` can find them; returns the model."""
@@ -140,9 +136,6 @@ def model_for_training(spec: "JobSpec", tokenized_path: str, device):
     initialisation of new weights, the step-cost choices, LoRA adapters when asked, on the device. Shared by
     `train` and bench/bench_gpu.py, so that the bench measures the step a run takes."""
     from transformers import AutoTokenizer
-
-    from tasks import adapters
-    from tasks.common import resolve_model, run_logger
 
     recipe = spec.recipe
     path = resolve_model(spec.train.model)

@@ -8,10 +8,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks import distributed
+from tasks.checkpoint import _collator_rngs, collator_rng_state, set_collator_rng_state
+from tasks.distributed import loader_options
+from tasks.loaders import epoch_seeded_length_sampler, example_lengths
+from tasks.output import progress_bars
 from tasks.training.config import STEP_LOSS, EvalHook, FitOutput, MetricsFn, TrainConfig, loss_log_every
+from tasks.training.loop import diverged
 from tasks.training.optim import (build_optimizer, check_optimizer_groups, global_steps_per_epoch, group_sizes,
                                   warmup_steps)
-from tasks.training.prepare import fused_adamw_supported
+from tasks.training.prepare import fused_adamw_supported, spec_for_rank
 from tasks.training.selection import track_best
 
 if TYPE_CHECKING:
@@ -25,8 +31,6 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, proc
     once per epoch (checkpoints are what --resume continues from), log the loss every `loss_log_every` steps (and at
     each epoch end, see `fit_hf`); Trainer's bars only on a terminal."""
     import torch
-
-    from tasks.output import progress_bars
 
     return dict(
         num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
@@ -45,8 +49,6 @@ def hf_training_kwargs(t: TrainConfig, steps_per_epoch: int, device, dtype, proc
 
 def hf_loader_kwargs(device, processes: int = 1) -> dict:
     """`tasks.distributed.loader_options` as TrainingArguments fields: workers and pinned memory on CUDA only."""
-    from tasks.distributed import loader_options
-
     o = loader_options(device.type, processes)
     return {"dataloader_num_workers": o.get("num_workers", 0), "dataloader_pin_memory": o.get("pin_memory", False),
             "dataloader_persistent_workers": o.get("persistent_workers", False)}
@@ -55,8 +57,6 @@ def hf_loader_kwargs(device, processes: int = 1) -> dict:
 def with_seeded_length_groups(trainer_cls: type, seed: int) -> type:
     """The Trainer class with length-grouped batches in an order fixed by (seed, epoch): resumable (see
     `tasks.loaders.epoch_seeded_length_sampler`)."""
-    from tasks.loaders import epoch_seeded_length_sampler, example_lengths
-
     class SeededLengthGroups(trainer_cls):
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -156,8 +156,6 @@ def collator_rng_callback(collator, rank: int):
     its losses left the uninterrupted run's). Nothing for a collator without one (classification)."""
     from transformers import TrainerCallback
 
-    from tasks.checkpoint import collator_rng_state
-
     class _CollatorRNG(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             import torch
@@ -175,8 +173,6 @@ def load_collator_rng(collator, checkpoint: str, rank: int) -> None:
     without it (written before it was saved, or with DataLoader workers) resumes with a fresh generator, and says
     so."""
     import torch
-
-    from tasks.checkpoint import _collator_rngs, set_collator_rng_state
 
     f = Path(checkpoint) / COLLATOR_RNG.format(rank=rank)
     if f.exists():
@@ -225,8 +221,6 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
 
     recipe, t = spec.recipe, spec.train
     dd = load_from_disk(tokenized_path)
-    from tasks import distributed
-    from tasks.training.prepare import spec_for_rank
 
     # optimizer steps of the GLOBAL batch (batch_size x processes x gradient_accumulation_steps), counted as Trainer
     # counts them: warmup and the loss curve's x-axis are the plain loop's under torchrun and accumulation too
@@ -261,8 +255,6 @@ def fit_hf(spec: "JobSpec", model, tok, tokenized_path: str, run: Path, evaluate
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
-                from tasks.training.loop import diverged
-
                 raise diverged(state.global_step, t, dtype)  # as the plain loop: FAILED, one line, no retry
             if on_step and logs and "loss" in logs and state.is_world_process_zero:
                 on_step({STEP_LOSS: float(logs["loss"])}, state.global_step)

@@ -2,13 +2,16 @@
 group (so a server's workers go down with it), waiting for health endpoints, and small REST calls."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import requests
 
@@ -128,3 +131,40 @@ tracking.end_run(run); registry.set_alias("it-scorer", "champion", v)
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def two_node_ray_cluster(env: dict, root: Path, prefix: str) -> Iterator[str]:
+    """A real two-node Ray cluster on this machine: `ray start --head`, then a second `ray start --address` node
+    once the head's session exists; loopback, one CPU each, token authentication from `env`. Yields the head's
+    address when Ray counts both nodes alive; both are stopped on exit."""
+    ray = str(VENV_BIN / "ray")
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths have a length limit
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block",
+              "--temp-dir", str(temp)]
+    head = Proc("ray-head", [ray, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                             "--ray-client-server-port", str(free_port()), *common], env, root)
+    node2 = None
+    try:
+        address = f"127.0.0.1:{port}"
+        probe = "import ray; ray.init(address={a!r}); print(sum(1 for n in ray.nodes() if n['Alive']))"
+        deadline = time.monotonic() + 180
+        nodes = 0
+        while time.monotonic() < deadline:
+            assert head.alive(), head.tail()
+            if node2 is None and (temp / "session_latest").exists():
+                node2 = Proc("ray-node2", [ray, "start", "--address", address, *common], env, root)
+            if node2 is not None:
+                p = subprocess.run([sys.executable, "-c", probe.format(a=address)], env=env, capture_output=True,
+                                   text=True, timeout=120)
+                nodes = int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
+                if nodes == 2:
+                    break
+            time.sleep(2)
+        assert nodes == 2, f"{head.tail()}\n{node2.tail() if node2 else ''}"
+        yield address
+    finally:
+        for proc in (node2, head):
+            if proc is not None:
+                proc.stop()

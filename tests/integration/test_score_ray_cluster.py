@@ -7,13 +7,10 @@ import json
 import secrets
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-from _servers import ROOT, VENV_BIN, Proc, clean_env, free_port, register_tiny_scorer
+from _servers import ROOT, clean_env, register_tiny_scorer, two_node_ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,31 +27,7 @@ def test_score_on_a_two_node_ray_cluster_matches_local(tmp_path, tiny_model_dir)
     pool = POSITIVE + NEGATIVE
     csv.write_text("id,text\n" + "".join(f'{i},"{pool[i % len(pool)]}{" !" * (i % 4)}"\n' for i in range(60)))
 
-    ray = str(VENV_BIN / "ray")
-    port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="rsc", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block",
-              "--temp-dir", str(temp)]
-    head = Proc("ray-head", [ray, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                             "--ray-client-server-port", str(free_port()), *common], env, tmp_path)
-    node2 = None
-    try:
-        address = f"127.0.0.1:{port}"
-        probe = "import ray; ray.init(address={a!r}); print(sum(1 for n in ray.nodes() if n['Alive']))"
-        deadline = time.monotonic() + 180
-        nodes = 0
-        while time.monotonic() < deadline:
-            assert head.alive(), head.tail()
-            if node2 is None and (temp / "session_latest").exists():
-                node2 = Proc("ray-node2", [ray, "start", "--address", address, *common], env, tmp_path)
-            if node2 is not None:
-                p = subprocess.run([sys.executable, "-c", probe.format(a=address)], env=env, capture_output=True,
-                                   text=True, timeout=120)
-                nodes = int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
-                if nodes == 2:
-                    break
-            time.sleep(2)
-        assert nodes == 2, f"{head.tail()}\n{node2.tail() if node2 else ''}"
+    with two_node_ray_cluster(env, tmp_path, "rsc") as address:
 
         def score(out: str, *extra: str) -> dict:
             argv = [sys.executable, "-m", "flows.cli", "score", "--registered-model", "it-scorer", "--input", str(csv),
@@ -65,10 +38,6 @@ def test_score_on_a_two_node_ray_cluster_matches_local(tmp_path, tiny_model_dir)
 
         on_cluster = score("cluster.parquet", "--ray-address", address, "--workers", "2")
         local = score("local.parquet")
-    finally:
-        for proc in (node2, head):
-            if proc is not None:
-                proc.stop()
     assert on_cluster["engine"] == "ray" and "2 node(s)" in on_cluster["device"], on_cluster["device"]
     a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "cluster.parquet")
     for c in ("row", "id", "skipped", "label"):

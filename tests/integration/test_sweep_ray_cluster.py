@@ -8,13 +8,10 @@ import json
 import secrets
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-from _servers import ROOT, VENV_BIN, Proc, clean_env, free_port
+from _servers import ROOT, clean_env, two_node_ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,39 +37,11 @@ def test_tpe_sweep_on_a_two_node_ray_cluster(tmp_path, tiny_model_dir):
         "parameters": {"train.learning_rate": [1e-2, 3e-3], "train.weight_decay": [0.0, 0.1]},
         "max_trials": 2, "max_concurrent": 2, "resources": {"cpus": 1}, "promote": False}))
 
-    ray = str(VENV_BIN / "ray")
-    port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="rsw", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block",
-              "--temp-dir", str(temp)]
-    head = Proc("ray-head", [ray, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                             "--ray-client-server-port", str(free_port()), *common], env, tmp_path)
-    node2 = None
-    try:
-        address = f"127.0.0.1:{port}"
-        probe = "import ray; ray.init(address={a!r}); print(sum(1 for n in ray.nodes() if n['Alive']))"
-        deadline = time.monotonic() + 180
-        nodes = 0
-        while time.monotonic() < deadline:
-            assert head.alive(), head.tail()
-            if node2 is None and (temp / "session_latest").exists():
-                node2 = Proc("ray-node2", [ray, "start", "--address", address, *common], env, tmp_path)
-            if node2 is not None:
-                p = subprocess.run([sys.executable, "-c", probe.format(a=address)], env=env, capture_output=True,
-                                   text=True, timeout=120)
-                nodes = int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
-                if nodes == 2:
-                    break
-            time.sleep(2)
-        assert nodes == 2, f"{head.tail()}\n{node2.tail() if node2 else ''}"
+    with two_node_ray_cluster(env, tmp_path, "rsw") as address:
         p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--config", str(sweep), "--ray-address",
                             address, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         out = json.loads(p.stdout[p.stdout.index("{"):])
-    finally:
-        for proc in (node2, head):
-            if proc is not None:
-                proc.stop()
     assert len(out["trials"]) == 2 and {t["status"] for t in out["trials"]} <= {"FINISHED", "PRUNED"}
     assert out["best_trial"] is not None
     # both trials ran at once (one CPU each, one per node), each a nested run that reported to the study
