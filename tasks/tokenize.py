@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.common import ConfigError
 from tasks.base_model import resolve_model
-from tasks.common import atomic_dir, stable_hash
+from tasks.common import atomic_dir, model_class, position_limit, stable_hash
 
 
 def check_model(model: str, max_length: int, masked_lm: bool = False) -> dict:
@@ -68,16 +68,6 @@ def _tf_version() -> str:
     return version("transformers")
 
 
-def model_class(config, auto: str = "AutoModel"):
-    """The class `auto` (e.g. "AutoModelForMaskedLM") builds for `config`, without building it; None when it has none."""
-    import transformers
-
-    try:
-        return getattr(transformers, auto)._model_mapping[type(config)]
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
 def forward_takes(config, name: str, auto: str = "AutoModel") -> bool:
     """Whether the model class's `forward` names the input `name` (a `**kwargs` does not count: DistilBERT and
     ModernBERT accept and silently ignore token_type_ids there)."""
@@ -90,24 +80,6 @@ def forward_takes(config, name: str, auto: str = "AutoModel") -> bool:
 def batch_inputs(tok, config, auto: str = "AutoModel") -> list[str]:
     """What a batch carries: the tokenizer's `model_input_names` that the model's forward takes."""
     return [n for n in tok.model_input_names if forward_takes(config, n, auto)]
-
-
-def position_limit(config) -> int | None:
-    """Longest input the model takes: `max_position_embeddings`, less the offset of families whose position ids
-    start after the padding index (their modeling code makes them with `create_position_ids_from_input_ids`:
-    RoBERTa, XLM-R, CamemBERT..., 514 positions -> 512 tokens). Read from the config and the model's code, not
-    from a list of model types."""
-    import sys
-
-    limit = getattr(config, "max_position_embeddings", None)
-    cls = model_class(config)
-    if limit is None or cls is None:
-        return limit
-    module = sys.modules.get(cls.__module__)
-    padding_offset = hasattr(module, "create_position_ids_from_input_ids") or any(
-        hasattr(obj, "create_position_ids_from_input_ids") for obj in vars(module).values() if isinstance(obj, type))
-    pad = getattr(config, "pad_token_id", None)
-    return limit - (pad + 1) if padding_offset and pad is not None else limit
 
 
 def tokenize_dataset(data_path: str, model: str, max_length: int, pad_to_max_length: bool = False) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 
 from tasks import kinds
-from tasks.common import PROJECT_ROOT, ConfigError
+from tasks.common import PROJECT_ROOT, ConfigError, input_limit
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,10 @@ def log_model(run_id: str, model_dir: str, hf_task: str, input_example: Any = No
         # A pipeline rather than the checkpoint path: MLflow's path-based flavor config breaks on transformers 5.
         pipe = pipeline(hf_task, model=model_dir, tokenizer=model_dir, device="cpu")
         serving = serving_options(model_dir)  # a classifier kind's: model_config, metadata, a pair signature
+        if hf_task == "text-classification":  # pyfunc and `mlflow models serve` truncate a long text at the
+            # model's limit, instead of failing on a text past the position embeddings (the pipeline's default)
+            serving["model_config"] = {"truncation": True, "max_length": input_limit(pipe.tokenizer, pipe.model.config),
+                                       **serving.get("model_config", {})}
         input_example = serving.pop("input_example", input_example)
         # save_pretrained: the run holds the pipeline's own save_pretrained output (safetensors weights, nothing
         # pickled); loading it back reads safetensors
