@@ -11,6 +11,7 @@ the bundled movie reviews (IMDB + Rotten Tomatoes), in file order. bf16 runs wra
 
     python bench/bench_score.py --rows 20000             # the issue's size (long: IMDB reviews ~300 tokens)
     python bench/bench_score.py --rows 1000 --memory     # plus peak RSS of `finetune score` at N and 10N rows
+    python bench/bench_score.py --device cuda --precisions bf16,fp32   # on a GPU: where batching pays
 
 `--memory` runs `finetune score` (CLI, a subprocess each) on N and 10N rows with a tiny 2-layer model (so the 10N
 run is quick; the model's own memory is constant anyway) and reports each run's peak RSS: flat = streaming."""
@@ -78,7 +79,10 @@ def bench_speed(a, tmp: Path) -> list[dict]:
     texts = [t[:a.max_chars] for t in reviews(a.rows)]  # the same rows for every way (see --max-chars)
     write_csv(tmp / "in.csv", texts)
     uri = "models:/bench-minilm/1"
-    bf16 = dev.amp_dtype(torch.device("cpu"), "auto") is not None
+    device = dev.select_device(a.device)
+    if device.type == "cuda":  # MLflow's pyfunc loads a transformers pipeline on the CPU unless told to map it
+        os.environ["MLFLOW_HUGGINGFACE_USE_DEVICE_MAP"] = "true"
+    bf16 = dev.amp_dtype(device, "auto") == torch.bfloat16
     precisions = [p for p in a.precisions if p != "bf16" or bf16]
     rows = []
     for prec in precisions:
@@ -86,7 +90,7 @@ def bench_speed(a, tmp: Path) -> list[dict]:
         # finetune score
         s = score(ScoreConfig(registered_model="bench-minilm", input=str(tmp / "in.csv"),
                               output=str(tmp / f"out-{prec}.parquet"), batch_size=a.batch_size,
-                              chunk_rows=a.chunk_rows, precision=prec, device="cpu"))
+                              chunk_rows=a.chunk_rows, precision=prec, device=device.type))
         rows.append({"way": "finetune score", "precision": prec, "load_s": s["model_load_seconds"],
                      "score_s": s["scoring_seconds"], "rows_per_s": a.rows / s["scoring_seconds"]})
         # mlflow pyfunc
@@ -95,7 +99,7 @@ def bench_speed(a, tmp: Path) -> list[dict]:
         load = time.perf_counter() - t0
         n_py = min(a.pyfunc_rows or a.rows, a.rows)  # pyfunc is slow: its rate may be taken on the first rows only
         t0 = time.perf_counter()
-        with dev.autocast(torch.device("cpu"), dtype):
+        with dev.autocast(device, dtype):
             try:
                 model.predict(pd.DataFrame({"text": texts[:n_py]}))
                 err = None
@@ -108,11 +112,11 @@ def bench_speed(a, tmp: Path) -> list[dict]:
         del model
         # plain pipeline loop, a few batch sizes
         t0 = time.perf_counter()
-        pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+        pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=device)
         load = time.perf_counter() - t0
         for bs in a.pipeline_batch_sizes:
             t0 = time.perf_counter()
-            with torch.inference_mode(), dev.autocast(torch.device("cpu"), dtype):
+            with torch.inference_mode(), dev.autocast(device, dtype):
                 out = []
                 for i in range(0, len(texts), 1000):  # a loop over slices, as a script would
                     out += pipe(texts[i:i + 1000], batch_size=bs, truncation=True)
@@ -172,6 +176,8 @@ def main() -> None:
                          "pyfunc does not truncate, and a review past the model's 512 positions fails there")
     ap.add_argument("--pyfunc-rows", type=int, default=0,
                     help="time the pyfunc path on the first N rows only (0: all); its rows/s is per row alike")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
+                    help="where all three ways run (the speed part); cuda: pyfunc maps its pipeline there too")
     ap.add_argument("--skip-speed", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,7 +195,7 @@ def main() -> None:
         if not a.skip_speed:
             rows = bench_speed(a, tmp)
             base = {r["precision"]: r["rows_per_s"] for r in rows if r["way"] == "finetune score"}
-            print(f"\n{a.rows:,} bundled reviews (first {a.max_chars} characters), MiniLM-L6 classifier, CPU, "
+            print(f"\n{a.rows:,} bundled reviews (first {a.max_chars} characters), MiniLM-L6 classifier, {a.device}, "
                   f"finetune score batch {a.batch_size}")
             print(f"{'way':<40}{'precision':>10}{'load s':>9}{'score s':>10}{'rows/s':>9}{'finetune/this':>15}")
             for r in rows:
