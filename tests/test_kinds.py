@@ -335,3 +335,89 @@ def test_regression_head_starts_at_the_train_mean(tmp_path, tiny_model_dir, monk
 
     mean = sum(load_from_disk(tokenized)["train"]["labels"]) / data.num_train
     assert model.classifier.bias.item() == pytest.approx(mean, rel=1e-5)
+
+
+def _tiny_head(problem_type: str | None, num_labels: int):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=num_labels, problem_type=problem_type)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _batches(labels_of, sizes=(4, 4, 2), length: int = 6):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(5, 60, (n, length), generator=g),
+             "attention_mask": torch.ones(n, length, dtype=torch.long), "labels": labels_of(n, g)} for n in sizes]
+
+
+def test_one_weighted_loss_for_single_and_multi_label():
+    """`tasks.kinds.weighted_loss` is both kinds' loss: weighted cross-entropy (class weights) and BCE (pos_weight)
+    on the fp32 logits, weights in label_names order; all-ones weights give the model's own loss; no weights, no
+    loss of its own."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.jobs import JobSpec
+    from tasks.kinds import multi_label, single_label
+
+    names = ["a", "b", "c"]
+    [single] = _batches(lambda n, g: torch.randint(0, 3, (n,), generator=g), sizes=(5,))
+    [multi] = _batches(lambda n, g: torch.randint(0, 2, (n, 3), generator=g).float(), sizes=(5,))
+    for kind, model, batch, reference, weight_key in (
+            (single_label, _tiny_head(None, 3), single,
+             lambda lg, y, w: F.cross_entropy(lg, y, weight=w), "weight"),
+            (multi_label, _tiny_head("multi_label_classification", 3), multi,
+             lambda lg, y, w: F.binary_cross_entropy_with_logits(lg, y, pos_weight=w), "pos_weight")):
+        spec = JobSpec(job="classify", options={"problem": kind.__name__.rsplit(".", 1)[1],
+                                                "class_weights": '{"b": 3.0, "c": 0.5}'}, label_names=names)
+        loss = kind.loss_for(spec)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            value, out = loss(model, batch, return_outputs=True)
+            want = reference(logits, batch["labels"], torch.tensor([1.0, 3.0, 0.5]))
+            assert value.item() == pytest.approx(want.item(), rel=1e-6), weight_key
+            assert torch.equal(out.logits, logits)
+            ones = spec.model_copy(update={"options": {**spec.options, "class_weights": '{"a": 1, "b": 1, "c": 1}'}})
+            assert kind.loss_for(ones)(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+        assert kind.loss_for(spec.model_copy(update={"options": {"problem": spec.options["problem"]}})) is None
+
+
+def test_one_evaluation_loop_for_every_kind():
+    """Each kind evaluates through `tasks.evaluate.eval_loop`: the loss is the mean over examples of the model's
+    own batch losses (batches of 4, 4 and 2), the predictions those of the logits, and the model comes back in the
+    mode it went in."""
+    import torch
+
+    from tasks.kinds import multi_label, regression, single_label
+
+    cpu = torch.device("cpu")
+    cases = [
+        (single_label, _tiny_head(None, 3), lambda n, g: torch.randint(0, 3, (n,), generator=g), "eval_loss"),
+        (multi_label, _tiny_head("multi_label_classification", 3),
+         lambda n, g: torch.randint(0, 2, (n, 3), generator=g).float(), "eval_loss"),
+        (regression, _tiny_head("regression", 1), lambda n, g: torch.rand(n, generator=g) * 4 + 1, "eval_loss"),
+    ]
+    for kind, model, labels_of, key in cases:
+        batches = _batches(labels_of)
+        with torch.no_grad():
+            outs = [model(**b) for b in batches]
+        want_loss = sum(o.loss.item() * len(b["labels"]) for o, b in zip(outs, batches)) / 10
+        logits = torch.cat([o.logits for o in outs])
+        for training in (True, False):
+            model.train(training)
+            r = kind.evaluate(model, batches, cpu)
+            assert model.training is training, kind.__name__
+        assert r[key] == pytest.approx(want_loss, rel=1e-5), kind.__name__
+        if kind is single_label:
+            assert r["preds"] == logits.argmax(-1).tolist()
+        elif kind is multi_label:
+            assert r["preds"] == (logits.sigmoid() > 0.5).int().tolist()
+            assert r["labels"] == torch.cat([b["labels"] for b in batches]).int().tolist()
+        else:
+            assert r["preds"] == pytest.approx(logits[:, 0].tolist(), rel=1e-5)
+            assert r["eval_rmse"] == pytest.approx(math.sqrt(r["eval_loss"]))
