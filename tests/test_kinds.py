@@ -421,3 +421,49 @@ def test_one_evaluation_loop_for_every_kind():
         else:
             assert r["preds"] == pytest.approx(logits[:, 0].tolist(), rel=1e-5)
             assert r["eval_rmse"] == pytest.approx(math.sqrt(r["eval_loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem,engine", [("multi_label", "manual"), ("regression", "trainer")])
+def test_kinds_under_two_gloo_processes_match_one_process_evaluation(problem, engine, tmp_path, tiny_model_dir,
+                                                                    monkeypatch):
+    """Data-parallel training of each kind: `train` with nproc_per_node 2 runs as torchrun's 2 CPU processes on
+    gloo (multi-label on the plain loop with pos_weight, the weighted loss inside DDP; regression on the HF
+    Trainer, float labels, its head started at the train mean); the run's final metrics (rank 0's evaluation) equal
+    a 1-process evaluation of the saved model on the same eval set."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks import kinds
+    from tasks.data import prepare_dataset
+    from tasks.training import build_loaders, train
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    if problem == "multi_label":
+        path = kinds_data.write_multilabel(tmp_path, 40)
+        over = dict(threshold=0.45, class_weights='{"imdb": 2.0, "positive": 0.5}',
+                    data={"label_column": "tags", "label_separator": "|"})
+    else:
+        path = kinds_data.write_regression(tmp_path, 40)
+        over = dict(data={"label_column": "score"})
+    cfg = cfg_for(path, tiny_model_dir, tmp_path, "ddp", problem=problem, engine=engine,
+                  train={"nproc_per_node": 2, "batch_size": 4, "precision": "fp32"}, **over)
+    data = prepare_dataset(cfg.data, 0, None, problem)
+    spec = cfg.recipe.resolve_spec(cfg.spec(data.label_names), data.path)
+    tokenized = cfg.recipe.tokenize(data.path, tiny_model_dir, spec)
+    run = tmp_path / "run"
+    res = train(spec, tokenized, str(run))
+
+    assert json.loads((run / "distributed" / "command.json").read_text())["command"][1:5] == [
+        "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    assert [r["epoch"] for r in res.history] == [1, 2] and res.final
+    assert res.steps_per_epoch == 4  # 30 training rows, 15 per rank in batches of 4 (one process: 8 steps)
+    model = AutoModelForSequenceClassification.from_pretrained(res.model_dir)
+    one = spec.recipe.evaluate(model, build_loaders(tokenized, spec)["eval"], torch.device("cpu"))
+    metrics = kinds.of_spec(spec).METRICS
+    assert set(metrics) <= set(res.final) and set(metrics) <= set(one)
+    for key in metrics:
+        assert math.isclose(res.final[key], one[key], rel_tol=1e-4, abs_tol=1e-5), (key, res.final, one)
+    extras = json.loads((run / "eval_extras.json").read_text())  # rank 0's predictions, for the artifacts
+    want = one["preds"]
+    assert extras["preds"] == (want if problem == "multi_label" else pytest.approx(want, abs=1e-5))
