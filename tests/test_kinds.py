@@ -43,6 +43,29 @@ def version_tags(name, version):
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, version).tags
 
 
+def check_hint_and_compare(out: dict, name: str, want: set[str], not_want: set[str]) -> None:
+    """The summary's predict hint is `finetune predict` on a text of the run's own eval data, which predict answers
+    in the kind's shape; `finetune compare` shows the kind's own metrics for every version (its narrow table too)."""
+    import shlex
+
+    from flows.manage import compare_rows, format_table
+    from tasks.predict import predict
+
+    words = shlex.split(out["predict_cmd"])
+    assert words[:4] == ["finetune", "predict", "--registered-model", name] and ("--version" in words or
+                                                                                 "--alias" in words)
+    example = words[-1]
+    assert example != "This movie was great!" and len(example.split()) >= 3  # the data's, not the default
+    [answer] = predict(f"models:/{name}/{out['version']}", [example])
+    assert {"labels", "value", "label"} & set(answer)
+    rows = compare_rows(name)
+    assert [r["version"] for r in rows] == list(range(len(rows), 0, -1))
+    for r in rows:
+        assert want <= set(r) and not (not_want & set(r)), r
+    header = format_table(rows).splitlines()[0].split()
+    assert "eval_loss" in header and (want & set(header)), header
+
+
 @pytest.mark.slow
 @flow_test
 def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isolated):
@@ -97,6 +120,8 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert all(w == pytest.approx(1.0, abs=0.5) for w in weights.values())  # half the texts carry each tag
     res2 = predict(f"models:/tiny-tags/2", ["a great film"])
     assert res2[0]["threshold"] == 0.5 and isinstance(res2[0]["labels"], list)
+    check_hint_and_compare(out2, "tiny-tags", want={"eval_f1", "eval_micro_f1", "eval_subset_accuracy"},
+                           not_want={"eval_accuracy", "eval_rmse"})
 
 
 @pytest.mark.slow
@@ -136,6 +161,8 @@ def test_regression_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isola
     cfg2 = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-score", problem="regression", data={"label_column": "score"})
     out2 = classify_flow(cfg2)
     assert set(out2["metrics"]) >= {"eval_rmse", "eval_pearson"} and len(history(out2["run_id"], "eval_rmse")) == 2
+    check_hint_and_compare(out2, "tiny-score", want={"eval_rmse", "eval_mae", "eval_pearson", "eval_spearman"},
+                           not_want={"eval_accuracy", "eval_micro_f1"})
 
 
 @pytest.mark.slow
@@ -200,6 +227,9 @@ def test_sentence_pair_flow_with_class_weights(tmp_path, tiny_model_dir, isolate
                                  "text_pair_column": "second", "label_column": "relation"}))
     w2 = json.loads(open(c.download_artifacts(out2["run_id"], "eval/class_weights.json")).read())
     assert set(w2) == {"different", "same"} and all(0.5 < v < 2.0 for v in w2.values())
+    assert " ||| " in out2["predict_cmd"]  # the hint is a pair of the run's own eval texts
+    check_hint_and_compare(out2, "tiny-pairs", want={"eval_accuracy", "eval_f1"},
+                           not_want={"eval_micro_f1", "eval_rmse"})
 
 
 # --- plain functions: no Prefect, no training -------------------------------------------------------------------
