@@ -91,7 +91,7 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert 0.0 < promo["baseline_scores"]["micro_f1"] < 1.0
     arts = {a.path for a in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(out["run_id"], "eval")}
     assert "eval/per_label_f1.json" in arts and "eval/confusion_matrix.json" not in arts
-    # predict: every label at or above the recorded threshold, highest first; pyfunc returns every label's score
+    # predict: every label above the recorded threshold, highest first; pyfunc returns every label's score
     res = predict(f"models:/tiny-tags/{out['version']}", ["a great film", "awful"])
     assert all(r["threshold"] == 0.4 for r in res)
     for r in res:

@@ -12,9 +12,9 @@ predict takes `TEXT ||| TEXT` (on the command line and in `--file` lines); pyfun
 `{"text": ..., "text_pair": ...}`, as MLflow's text-classification pyfunc does.
 
 Every kind module provides the same functions (see `single_label` for the signatures):
-  encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for (through `weighted_loss`), evaluate (through
-  `tasks.evaluate.eval_loop`), METRICS,
-  PROMOTION, baseline, BASELINE_NAME, artifacts, align_eval, predict, check_prediction, serving."""
+  encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for (through
+  `weighted_loss`), evaluate (through `tasks.evaluate.eval_loop`), METRICS, PROMOTION, baseline, BASELINE_NAME,
+  artifacts, align_eval, predict, check_prediction, serving."""
 from __future__ import annotations
 
 import importlib
