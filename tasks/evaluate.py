@@ -2,8 +2,9 @@
 curve of the final model, and the probe scores a registered model is checked against (`tasks.promotion`)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasks.device import autocast
 from tasks.output import progress_bars
@@ -44,26 +45,52 @@ def majority_baseline(data_path: str, num_labels: int | None = None) -> dict[str
     return {**classification_metrics([majority] * total, labels, n), "loss": entropy}
 
 
-def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
-    """Mean loss over examples, accuracy, macro-F1, and the predictions (for the confusion matrix)."""
+def eval_loop(model, loader, device, dtype=None, desc: str = "eval",
+              each: Callable[[Any, dict], None] | None = None) -> float:
+    """The one evaluation loop of every kind: `model` over `loader` in eval mode, under `torch.inference_mode` and
+    the run's autocast, calling `each(outputs, batch)` per batch (the batch on `device`; keep what it needs as
+    device tensors and read them once at the end). Returns the mean of the model's loss over examples: summed on
+    the device and read once (no host sync per batch on a GPU); nan when the model computes no loss. The
+    model's train/eval mode is restored afterwards."""
     import torch
     from tqdm.auto import tqdm
 
+    was_training = model.training
     model.eval()
-    total, n, preds, labels = 0.0, 0, [], []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, dtype):
-                out = model(**batch)
-            bs = batch["labels"].shape[0]
-            total += out.loss.float().item() * bs
-            n += bs
-            preds += out.logits.argmax(-1).tolist()
-            labels += batch["labels"].tolist()
-    model.train()
+    total, n = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device), 0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, dtype):
+                    out = model(**batch)
+                bs = next(iter(batch.values())).shape[0]
+                if getattr(out, "loss", None) is not None:
+                    total += out.loss.detach().to(total.dtype) * bs
+                    n += bs
+                if each is not None:
+                    each(out, batch)
+            mean = total.item() / n if n else math.nan  # the one read of the loss
+    finally:
+        model.train(was_training)
+    return mean
+
+
+def evaluate_classifier(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
+    """Mean loss over examples, accuracy, macro-F1, and the predictions (for the confusion matrix)."""
+    import torch
+
+    preds, labels = [], []
+
+    def each(out, batch):  # kept on the device: read once, after the loop
+        preds.append(out.logits.argmax(-1))
+        labels.append(batch["labels"])
+
+    loss = eval_loop(model, loader, device, dtype, desc, each)
+    preds = torch.cat(preds).tolist() if preds else []
+    labels = torch.cat(labels).tolist() if labels else []
     m = classification_metrics(preds, labels, model.config.num_labels)
-    return {"loss": total / max(n, 1), **m, "preds": preds, "labels": labels}
+    return {"loss": loss, **m, "preds": preds, "labels": labels}
 
 
 def confusion_matrix_artifacts(preds, labels, label_names: list[str], out_dir: str | Path) -> list[str]:

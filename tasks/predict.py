@@ -112,8 +112,9 @@ def _predict(model_uri: str, texts: list[str], top_k: int) -> list[Any]:
 def format_predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
-        if "labels" in r:  # multi-label: every label at or above the threshold
-            labels = ", ".join(f"{c['label']} {c['score']:.4f}" for c in r["labels"]) or f"(none >= {r['threshold']:g})"
+        if "labels" in r:  # multi-label: every label above the threshold
+            labels = (", ".join(f"{c['label']} {c['score']:.4f}" for c in r["labels"])
+                      or f"(none above {r['threshold']:g})")
             lines.append(f"{labels}\t{r['text']}")
         elif "value" in r:  # regression: the number
             lines.append(f"{r['value']:.4f}\t{r['text']}")

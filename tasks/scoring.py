@@ -15,7 +15,8 @@ How it runs (the plain functions; `flows/score.py` wraps them for Prefect, `fine
   the parts. Same chunks, same batches, same code: the same output as the local path, row for row.
 
 Predictions per model kind (one `Head` each; a new kind is one more class in HEADS): single-label classification
-`label`, `score`; multi-label (problem_type multi_label_classification) `labels`, `scores` above `threshold`;
+`label`, `score`; multi-label (problem_type multi_label_classification) `labels`, `scores` above the threshold
+(`threshold`, else the one the model was trained with: `model_threshold`; recorded in the output's metadata);
 regression (problem_type regression, or one output) `value`; fill-mask `tokens`, `scores` (top-k per mask, one
 list per mask). Every output row also has `row` (its 0-based position in the input) and `skipped`: null, or why
 the row got no prediction (empty text, not text, no mask) — such rows are kept and counted, never dropped."""
@@ -34,9 +35,10 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import device as dev
-from tasks import output, registry, tracking
+from tasks import kinds, output, registry, tracking
 from tasks.common import ConfigError, write_json_atomic
 from tasks.jobs import mlm
+from tasks.kinds.multi_label import DEFAULT_THRESHOLD
 from tasks.predict import to_model_mask
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ class ScoreConfig(BaseModel):
     max_length: int | None = Field(None, gt=0, description="Truncate texts to this many tokens (default: the "
                                                            "model's limit).")
     top_k: int = Field(5, gt=0, description="Fill-mask: candidates per mask.")
-    threshold: float = Field(0.5, ge=0, le=1, description="Multi-label: labels whose score is above this.")
+    threshold: float | None = Field(None, ge=0, le=1, description=(
+        "Multi-label: labels whose score is above this. Default: the threshold the model was trained with (recorded "
+        "on the logged model, as `finetune predict` uses it; 0.5 for a model that recorded none)."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU or a CPU with native bf16, else fp32.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where the model runs.")
@@ -390,7 +394,16 @@ class SingleLabel(Head):
 
 
 class MultiLabel(Head):
+    """Every label whose sigmoid score is above the threshold: `cfg.threshold` (`score` always sets it: the
+    user's, or the logged model's), else the model config's own (`finetune_threshold`), else 0.5."""
+
     kind = "multi-label classification"
+
+    def __init__(self, model, tok, cfg: ScoreConfig):
+        super().__init__(model, tok, cfg)
+        own = getattr(model.config, "finetune_threshold", None)
+        self.threshold = float(cfg.threshold if cfg.threshold is not None else own if own is not None
+                               else DEFAULT_THRESHOLD)
 
     def columns(self):
         import pyarrow as pa
@@ -400,7 +413,7 @@ class MultiLabel(Head):
     def rows(self, logits, batch):
         out = []
         for p in logits.float().sigmoid().tolist():
-            hits = sorted((i for i, s in enumerate(p) if s > self.cfg.threshold), key=lambda i: -p[i])
+            hits = sorted((i for i, s in enumerate(p) if s > self.threshold), key=lambda i: -p[i])
             out.append({"labels": [self.id2label.get(i, str(i)) for i in hits], "scores": [float(p[i]) for i in hits]})
         return out
 
@@ -836,6 +849,8 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, ref: ModelRef | No
     total = sum(plan.rows)
     parts = parts_dir(output)
     ref, done = _start_or_resume(cfg, plan, ref, parts)
+    # the manifest keeps what the user asked for (None: the model's threshold); the scorers get the value itself
+    cfg = cfg.model_copy(update={"threshold": cfg.threshold if cfg.threshold is not None else model_threshold(ref.uri)})
     rows_done = sum(_part_rows(parts, k) for k in done)
     if done:
         log.info("resuming: %d of %d chunks already scored (%d rows)", len(done), _n_chunks(plan, cfg), rows_done)
@@ -864,6 +879,8 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, ref: ModelRef | No
     meta = {"model": {"name": ref.name, "version": ref.version, "run_id": ref.run_id, "uri": ref.uri,
                       "requested": ref.requested},
             "input": [str(f) for f in plan.files], "output": str(output), "format": fmt}
+    if "labels" in part_columns(parts):  # multi-label predictions: the threshold that picked them
+        meta["threshold"] = cfg.threshold
     out = assemble(parts, output, fmt, meta, cfg.id_columns)
     if out["rows_out"] != total:  # every input row exactly once, or no success
         raise RuntimeError(f"scoring wrote {out['rows_out']} rows for {total} input rows; parts kept in {parts}")
@@ -884,6 +901,20 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, ref: ModelRef | No
     return summary
 
 
+def model_threshold(model_uri: str) -> float:
+    """The threshold a multi-label model was trained with, as its logged model recorded it (metadata `threshold`,
+    what `finetune predict` uses); 0.5 for a model that recorded none."""
+    return float(kinds.model_metadata(model_uri).get("threshold", DEFAULT_THRESHOLD))
+
+
+def part_columns(parts: Path) -> list[str]:
+    """The columns of the scored parts (a part's schema; every part has the same prediction columns)."""
+    import pyarrow.parquet as pq
+
+    first = next(iter(sorted(parts.glob("part-*.parquet"))), None)
+    return pq.read_schema(first).names if first else []
+
+
 def _part_rows(parts: Path, ci: int) -> int:
     import pyarrow.parquet as pq
 
@@ -902,6 +933,7 @@ def format_summary(s: dict) -> str:
         f"scored {s['rows_out']:,} of {s['rows_in']:,} rows with {m['name']} version {m['version']} "
         f"(run {m['run_id']}; asked for {m['requested']})",
         f"  skipped (kept with a null prediction): {skipped}",
+        *([f"  multi-label threshold: {s['threshold']:g}"] if s.get("threshold") is not None else []),
         f"  this run: {s['rows_scored_this_run']:,} rows at {rate} on {s['device']} ({s['engine']})"
         + (f", {s['resumed_rows']:,} rows from the interrupted run" if s["resumed_rows"] else ""),
         f"  output: {s['output']} ({s['format']}); model and counts: {sidecar_path(Path(s['output']))}",

@@ -43,6 +43,29 @@ def version_tags(name, version):
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, version).tags
 
 
+def check_hint_and_compare(out: dict, name: str, want: set[str], not_want: set[str]) -> None:
+    """The summary's predict hint is `finetune predict` on a text of the run's own eval data, which predict answers
+    in the kind's shape; `finetune compare` shows the kind's own metrics for every version (its narrow table too)."""
+    import shlex
+
+    from flows.manage import compare_rows, format_table
+    from tasks.predict import predict
+
+    words = shlex.split(out["predict_cmd"])
+    assert words[:4] == ["finetune", "predict", "--registered-model", name] and ("--version" in words or
+                                                                                 "--alias" in words)
+    example = words[-1]
+    assert example != "This movie was great!" and len(example.split()) >= 3  # the data's, not the default
+    [answer] = predict(f"models:/{name}/{out['version']}", [example])
+    assert {"labels", "value", "label"} & set(answer)
+    rows = compare_rows(name)
+    assert [r["version"] for r in rows] == list(range(len(rows), 0, -1))
+    for r in rows:
+        assert want <= set(r) and not (not_want & set(r)), r
+    header = format_table(rows).splitlines()[0].split()
+    assert "eval_loss" in header and (want & set(header)), header
+
+
 @pytest.mark.slow
 @flow_test
 def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isolated):
@@ -68,7 +91,7 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert 0.0 < promo["baseline_scores"]["micro_f1"] < 1.0
     arts = {a.path for a in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(out["run_id"], "eval")}
     assert "eval/per_label_f1.json" in arts and "eval/confusion_matrix.json" not in arts
-    # predict: every label at or above the recorded threshold, highest first; pyfunc returns every label's score
+    # predict: every label above the recorded threshold, highest first; pyfunc returns every label's score
     res = predict(f"models:/tiny-tags/{out['version']}", ["a great film", "awful"])
     assert all(r["threshold"] == 0.4 for r in res)
     for r in res:
@@ -97,6 +120,8 @@ def test_multi_label_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isol
     assert all(w == pytest.approx(1.0, abs=0.5) for w in weights.values())  # half the texts carry each tag
     res2 = predict(f"models:/tiny-tags/2", ["a great film"])
     assert res2[0]["threshold"] == 0.5 and isinstance(res2[0]["labels"], list)
+    check_hint_and_compare(out2, "tiny-tags", want={"eval_f1", "eval_micro_f1", "eval_subset_accuracy"},
+                           not_want={"eval_accuracy", "eval_rmse"})
 
 
 @pytest.mark.slow
@@ -136,6 +161,8 @@ def test_regression_flow_registry_predict_pyfunc(tmp_path, tiny_model_dir, isola
     cfg2 = cfg_for(csv, tiny_model_dir, tmp_path, "tiny-score", problem="regression", data={"label_column": "score"})
     out2 = classify_flow(cfg2)
     assert set(out2["metrics"]) >= {"eval_rmse", "eval_pearson"} and len(history(out2["run_id"], "eval_rmse")) == 2
+    check_hint_and_compare(out2, "tiny-score", want={"eval_rmse", "eval_mae", "eval_pearson", "eval_spearman"},
+                           not_want={"eval_accuracy", "eval_micro_f1"})
 
 
 @pytest.mark.slow
@@ -200,6 +227,9 @@ def test_sentence_pair_flow_with_class_weights(tmp_path, tiny_model_dir, isolate
                                  "text_pair_column": "second", "label_column": "relation"}))
     w2 = json.loads(open(c.download_artifacts(out2["run_id"], "eval/class_weights.json")).read())
     assert set(w2) == {"different", "same"} and all(0.5 < v < 2.0 for v in w2.values())
+    assert " ||| " in out2["predict_cmd"]  # the hint is a pair of the run's own eval texts
+    check_hint_and_compare(out2, "tiny-pairs", want={"eval_accuracy", "eval_f1"},
+                           not_want={"eval_micro_f1", "eval_rmse"})
 
 
 # --- plain functions: no Prefect, no training -------------------------------------------------------------------
@@ -335,3 +365,135 @@ def test_regression_head_starts_at_the_train_mean(tmp_path, tiny_model_dir, monk
 
     mean = sum(load_from_disk(tokenized)["train"]["labels"]) / data.num_train
     assert model.classifier.bias.item() == pytest.approx(mean, rel=1e-5)
+
+
+def _tiny_head(problem_type: str | None, num_labels: int):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=num_labels, problem_type=problem_type)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _batches(labels_of, sizes=(4, 4, 2), length: int = 6):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(5, 60, (n, length), generator=g),
+             "attention_mask": torch.ones(n, length, dtype=torch.long), "labels": labels_of(n, g)} for n in sizes]
+
+
+def test_one_weighted_loss_for_single_and_multi_label():
+    """`tasks.kinds.weighted_loss` is both kinds' loss: weighted cross-entropy (class weights) and BCE (pos_weight)
+    on the fp32 logits, weights in label_names order; all-ones weights give the model's own loss; no weights, no
+    loss of its own."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.jobs import JobSpec
+    from tasks.kinds import multi_label, single_label
+
+    names = ["a", "b", "c"]
+    [single] = _batches(lambda n, g: torch.randint(0, 3, (n,), generator=g), sizes=(5,))
+    [multi] = _batches(lambda n, g: torch.randint(0, 2, (n, 3), generator=g).float(), sizes=(5,))
+    for kind, model, batch, reference, weight_key in (
+            (single_label, _tiny_head(None, 3), single,
+             lambda lg, y, w: F.cross_entropy(lg, y, weight=w), "weight"),
+            (multi_label, _tiny_head("multi_label_classification", 3), multi,
+             lambda lg, y, w: F.binary_cross_entropy_with_logits(lg, y, pos_weight=w), "pos_weight")):
+        spec = JobSpec(job="classify", options={"problem": kind.__name__.rsplit(".", 1)[1],
+                                                "class_weights": '{"b": 3.0, "c": 0.5}'}, label_names=names)
+        loss = kind.loss_for(spec)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            value, out = loss(model, batch, return_outputs=True)
+            want = reference(logits, batch["labels"], torch.tensor([1.0, 3.0, 0.5]))
+            assert value.item() == pytest.approx(want.item(), rel=1e-6), weight_key
+            assert torch.equal(out.logits, logits)
+            ones = spec.model_copy(update={"options": {**spec.options, "class_weights": '{"a": 1, "b": 1, "c": 1}'}})
+            assert kind.loss_for(ones)(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+        assert kind.loss_for(spec.model_copy(update={"options": {"problem": spec.options["problem"]}})) is None
+
+
+def test_one_evaluation_loop_for_every_kind():
+    """Each kind evaluates through `tasks.evaluate.eval_loop`: the loss is the mean over examples of the model's
+    own batch losses (batches of 4, 4 and 2), the predictions those of the logits, and the model comes back in the
+    mode it went in."""
+    import torch
+
+    from tasks.kinds import multi_label, regression, single_label
+
+    cpu = torch.device("cpu")
+    cases = [
+        (single_label, _tiny_head(None, 3), lambda n, g: torch.randint(0, 3, (n,), generator=g), "eval_loss"),
+        (multi_label, _tiny_head("multi_label_classification", 3),
+         lambda n, g: torch.randint(0, 2, (n, 3), generator=g).float(), "eval_loss"),
+        (regression, _tiny_head("regression", 1), lambda n, g: torch.rand(n, generator=g) * 4 + 1, "eval_loss"),
+    ]
+    for kind, model, labels_of, key in cases:
+        batches = _batches(labels_of)
+        with torch.no_grad():
+            outs = [model(**b) for b in batches]
+        want_loss = sum(o.loss.item() * len(b["labels"]) for o, b in zip(outs, batches)) / 10
+        logits = torch.cat([o.logits for o in outs])
+        for training in (True, False):
+            model.train(training)
+            r = kind.evaluate(model, batches, cpu)
+            assert model.training is training, kind.__name__
+        assert r[key] == pytest.approx(want_loss, rel=1e-5), kind.__name__
+        if kind is single_label:
+            assert r["preds"] == logits.argmax(-1).tolist()
+        elif kind is multi_label:
+            assert r["preds"] == (logits.sigmoid() > 0.5).int().tolist()
+            assert r["labels"] == torch.cat([b["labels"] for b in batches]).int().tolist()
+        else:
+            assert r["preds"] == pytest.approx(logits[:, 0].tolist(), rel=1e-5)
+            assert r["eval_rmse"] == pytest.approx(math.sqrt(r["eval_loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem,engine", [("multi_label", "manual"), ("regression", "trainer")])
+def test_kinds_under_two_gloo_processes_match_one_process_evaluation(problem, engine, tmp_path, tiny_model_dir,
+                                                                    monkeypatch):
+    """Data-parallel training of each kind: `train` with nproc_per_node 2 runs as torchrun's 2 CPU processes on
+    gloo (multi-label on the plain loop with pos_weight, the weighted loss inside DDP; regression on the HF
+    Trainer, float labels, its head started at the train mean); the run's final metrics (rank 0's evaluation) equal
+    a 1-process evaluation of the saved model on the same eval set."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks import kinds
+    from tasks.data import prepare_dataset
+    from tasks.training import build_loaders, train
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    if problem == "multi_label":
+        path = kinds_data.write_multilabel(tmp_path, 40)
+        over = dict(threshold=0.45, class_weights='{"imdb": 2.0, "positive": 0.5}',
+                    data={"label_column": "tags", "label_separator": "|"})
+    else:
+        path = kinds_data.write_regression(tmp_path, 40)
+        over = dict(data={"label_column": "score"})
+    cfg = cfg_for(path, tiny_model_dir, tmp_path, "ddp", problem=problem, engine=engine,
+                  train={"nproc_per_node": 2, "batch_size": 4, "precision": "fp32"}, **over)
+    data = prepare_dataset(cfg.data, 0, None, problem)
+    spec = cfg.recipe.resolve_spec(cfg.spec(data.label_names), data.path)
+    tokenized = cfg.recipe.tokenize(data.path, tiny_model_dir, spec)
+    run = tmp_path / "run"
+    res = train(spec, tokenized, str(run))
+
+    assert json.loads((run / "distributed" / "command.json").read_text())["command"][1:5] == [
+        "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    assert [r["epoch"] for r in res.history] == [1, 2] and res.final
+    assert res.steps_per_epoch == 4  # 30 training rows, 15 per rank in batches of 4 (one process: 8 steps)
+    model = AutoModelForSequenceClassification.from_pretrained(res.model_dir)
+    one = spec.recipe.evaluate(model, build_loaders(tokenized, spec)["eval"], torch.device("cpu"))
+    metrics = kinds.of_spec(spec).METRICS
+    assert set(metrics) <= set(res.final) and set(metrics) <= set(one)
+    for key in metrics:
+        assert math.isclose(res.final[key], one[key], rel_tol=1e-4, abs_tol=1e-5), (key, res.final, one)
+    extras = json.loads((run / "eval_extras.json").read_text())  # rank 0's predictions, for the artifacts
+    want = one["preds"]
+    assert extras["preds"] == (want if problem == "multi_label" else pytest.approx(want, abs=1e-5))

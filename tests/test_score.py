@@ -93,6 +93,7 @@ def test_local_csv_scores_every_row_in_order_with_version_metadata(registry, tmp
     assert meta["model"]["version"] == "1" and meta["model"]["run_id"]
     side = json.loads((tmp_path / "out.parquet.meta.json").read_text())
     assert side["model"] == meta["model"] and side["rows_skipped"] == 2
+    assert "threshold" not in side and "threshold" not in meta  # single-label: no threshold picked anything
     assert not (tmp_path / ".out.parquet.parts").exists()
     # the same rows scored one at a time through the pyfunc path: the same labels (bf16 or not: argmax on 2 labels)
     import mlflow
@@ -303,3 +304,52 @@ def test_parquet_glob_with_text_pairs_keeps_id_types(registry, tmp_path):
     lines = (tmp_path / "out.tsv").read_text().splitlines()
     assert lines[0].split("\t")[:3] == ['"row"', '"n"', '"skipped"']
     assert [ln.split("\t")[1] for ln in lines[1:]] == ["0", "1", "2", "3", "4", "10", "11", "12", "13", "14"]
+
+
+def test_multi_label_scores_at_the_models_own_threshold_unless_given(registry, tiny_model_dir, tmp_path, capsys):
+    """A multi-label model trained with threshold 0.3 (config `finetune_threshold`, the logged model's metadata):
+    `score` picks labels above 0.3, as `predict` does, and records 0.3 in the sidecar and the Parquet metadata;
+    `--threshold 0.5` overrides it (and is recorded). The head answers fixed scores: sigmoid(2) = 0.88,
+    sigmoid(-0.3) = 0.43, sigmoid(-3) = 0.05 for every text."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flows.commands.predict import _score
+    from tasks import registry as reg
+    from tasks import tracking
+    from tasks.predict import predict
+    from tasks.scoring import META_KEY, score
+
+    tags = tmp_path / "tags"
+    m = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2}, problem_type="multi_label_classification")
+    with torch.no_grad():
+        m.classifier.weight.zero_()
+        m.classifier.bias.copy_(torch.tensor([2.0, -0.3, -3.0]))
+    m.config.finetune_threshold = 0.3
+    m.save_pretrained(tags)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tags)
+    run = tracking.start_run("score-test", "tiny-tags", {})
+    reg.register_model(tracking.log_model(run, str(tags), "text-classification"), "tiny-tags", run,
+                       tags={"job": "classify"})
+    tracking.end_run(run)
+
+    write_csv(tmp_path / "in.csv", 6, extra={2: ""})
+    s = score(cfg(tmp_path, registered_model="tiny-tags", version=1))
+    t = pq.read_table(tmp_path / "out.parquet")
+    assert t.column_names == ["row", "id", "skipped", "labels", "scores"]
+    assert t.column("labels").to_pylist() == [["a", "b"]] * 2 + [None] + [["a", "b"]] * 3
+    assert s["threshold"] == 0.3 and json.loads(t.schema.metadata[META_KEY])["threshold"] == 0.3
+    assert json.loads((tmp_path / "out.parquet.meta.json").read_text())["threshold"] == 0.3
+    [p] = predict("models:/tiny-tags/1", [texts(1)[0]])  # the same labels as `finetune predict`
+    assert p["threshold"] == 0.3 and [c["label"] for c in p["labels"]] == ["a", "b"]
+
+    # --threshold given: it wins, and is what the output records (through the CLI's own function)
+    out = tmp_path / "given.parquet"
+    assert _score(as_json=True, registered_model="tiny-tags", version=1, input=str(tmp_path / "in.csv"),
+                  output=str(out), text_column="review", threshold=0.5, precision="fp32") == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == 0.5
+    assert pq.read_table(out).column("labels").to_pylist() == [["a"]] * 2 + [None] + [["a"]] * 3
+    assert json.loads(pq.read_table(out).schema.metadata[META_KEY])["threshold"] == 0.5

@@ -12,12 +12,14 @@ predict takes `TEXT ||| TEXT` (on the command line and in `--file` lines); pyfun
 `{"text": ..., "text_pair": ...}`, as MLflow's text-classification pyfunc does.
 
 Every kind module provides the same functions (see `single_label` for the signatures):
-  encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for, evaluate, METRICS,
-  PROMOTION, baseline, BASELINE_NAME, artifacts, align_eval, predict, check_prediction, serving."""
+  encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for (through
+  `weighted_loss`), evaluate (through `tasks.evaluate.eval_loop`), METRICS, PROMOTION, baseline, BASELINE_NAME,
+  artifacts, align_eval, predict, check_prediction, serving."""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Callable
 
 from tasks.common import ConfigError
 
@@ -51,6 +53,28 @@ def of_model(model) -> ModuleType:
 def of_config_dict(config: dict) -> str:
     pt = config.get("problem_type")
     return next((k for k, v in PROBLEM_TYPES.items() if v == pt), "single_label")
+
+
+# --- class weights -------------------------------------------------------------------------------------------
+
+def weighted_loss(spec, weights: dict[str, float] | None, fn: Callable):
+    """The training loss of a kind with per-label weights (single-label: cross-entropy's class weights,
+    multi-label: BCE's pos_weight): `(model, batch, return_outputs=False) -> loss` (and the outputs), which runs
+    the model without its labels and returns `fn(logits in fp32, labels, weights)` with the weights as a tensor in
+    `spec.label_names` order, on the logits' device; None without weights (the model's own loss). Both engines use
+    it: the plain loop as its step loss, the Trainer as `compute_loss`."""
+    if not weights:
+        return None
+    import torch
+
+    w = torch.tensor([weights[n] for n in spec.label_names], dtype=torch.float32)
+
+    def loss(model, batch, return_outputs: bool = False):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        value = fn(out.logits.float(), batch["labels"], w.to(out.logits.device))
+        return (value, out) if return_outputs else value
+
+    return loss
 
 
 # --- sentence pairs -------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ConfigError
-from tasks.device import autocast
-from tasks.kinds import pyfunc_rows
+from tasks.evaluate import eval_loop
+from tasks.kinds import pyfunc_rows, weighted_loss
 from tasks.kinds.single_label import parse_weights
-from tasks.output import progress_bars
 
 METRICS = ("eval_loss", "eval_f1", "eval_micro_f1", "eval_subset_accuracy")
 PROMOTION = ("f1", {"f1": ("eval_f1", True), "micro_f1": ("eval_micro_f1", True),
@@ -123,22 +122,10 @@ def weights_of(spec) -> dict[str, float] | None:
 
 def loss_for(spec):
     """(model, batch) -> BCE with logits and the resolved pos_weight; None without weights (the model's own)."""
-    weights = weights_of(spec)
-    if not weights:
-        return None
-    import torch
+    import torch.nn.functional as F
 
-    w = torch.tensor([weights[n] for n in spec.label_names], dtype=torch.float32)
-
-    def loss(model, batch, return_outputs: bool = False):
-        import torch.nn.functional as F
-
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        value = F.binary_cross_entropy_with_logits(out.logits.float(), batch["labels"].float(),
-                                                   pos_weight=w.to(out.logits.device))
-        return (value, out) if return_outputs else value
-
-    return loss
+    return weighted_loss(spec, weights_of(spec), lambda logits, labels, w: F.binary_cross_entropy_with_logits(
+        logits, labels.float(), pos_weight=w))
 
 
 def init_model(model, tokenized_path: str, spec) -> None:
@@ -161,26 +148,19 @@ def scores(pred, gold) -> dict[str, float]:
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
     """Mean BCE (the model's own loss), the metrics at the model's threshold, and the 0/1 predictions."""
     import torch
-    from tqdm.auto import tqdm
 
     threshold = float(getattr(model.config, "finetune_threshold", DEFAULT_THRESHOLD))
-    model.eval()
-    total, n, preds, labels, probs = 0.0, 0, [], [], []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, dtype):
-                out = model(**batch)
-            bs = batch["labels"].shape[0]
-            total += out.loss.float().item() * bs
-            n += bs
-            p = torch.sigmoid(out.logits.float())
-            probs += p.tolist()
-            preds += (p > threshold).int().tolist()
-            labels += batch["labels"].round().int().tolist()
-    model.train()
+    preds, labels = [], []
+
+    def each(out, batch):  # kept on the device: read once, after the loop
+        preds.append(torch.sigmoid(out.logits.float()) > threshold)
+        labels.append(batch["labels"].round().int())
+
+    loss = eval_loop(model, loader, device, dtype, desc, each)
+    preds = torch.cat(preds).int().tolist() if preds else []
+    labels = torch.cat(labels).tolist() if labels else []
     m = scores(preds, labels)
-    return {"eval_loss": total / max(n, 1), "eval_f1": m["f1"], "eval_micro_f1": m["micro_f1"],
+    return {"eval_loss": loss, "eval_f1": m["f1"], "eval_micro_f1": m["micro_f1"],
             "eval_subset_accuracy": m["subset_accuracy"], "preds": preds, "labels": labels}
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import ConfigError
-from tasks.device import autocast
+from tasks.evaluate import eval_loop
 from tasks.kinds import pyfunc_rows
-from tasks.output import progress_bars
 from tasks.training import NEW_WEIGHTS
 
 METRICS = ("eval_loss", "eval_rmse", "eval_mae", "eval_pearson", "eval_spearman")
@@ -133,19 +132,19 @@ def scores(pred, gold) -> dict[str, float]:
 
 
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
+    """RMSE, MAE, Pearson and Spearman of the outputs against the labels; eval_loss is their MSE (computed from
+    the same fp32 outputs, so eval_rmse = sqrt(eval_loss) exactly)."""
     import torch
-    from tqdm.auto import tqdm
 
-    model.eval()
     preds, labels = [], []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_bars()):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, dtype):
-                out = model(**batch)
-            preds += out.logits.float().reshape(-1).tolist()
-            labels += batch["labels"].float().reshape(-1).tolist()
-    model.train()
+
+    def each(out, batch):  # kept on the device: read once, after the loop
+        preds.append(out.logits.float().reshape(-1))
+        labels.append(batch["labels"].float().reshape(-1))
+
+    eval_loop(model, loader, device, dtype, desc, each)
+    preds = torch.cat(preds).tolist() if preds else []
+    labels = torch.cat(labels).tolist() if labels else []
     m = scores(preds, labels)
     return {**{f"eval_{k}": v for k, v in m.items()}, "preds": preds, "labels": labels}
 

@@ -12,7 +12,7 @@ import tasks.evaluate
 from tasks.common import ConfigError
 from tasks.data import _encode_labels, _label_classes
 from tasks.evaluate import confusion_matrix_artifacts, majority_baseline
-from tasks.kinds import pyfunc_rows
+from tasks.kinds import pyfunc_rows, weighted_loss
 
 METRICS = ("eval_loss", "eval_accuracy", "eval_f1")
 PROMOTION = ("f1", {"accuracy": ("eval_accuracy", True), "f1": ("eval_f1", True), "loss": ("eval_loss", False)})
@@ -91,21 +91,9 @@ def weights_of(spec) -> dict[str, float] | None:
 def loss_for(spec):
     """(model, batch) -> weighted cross-entropy with the spec's resolved class weights; None without weights (the
     model's own loss)."""
-    weights = weights_of(spec)
-    if not weights:
-        return None
-    import torch
+    import torch.nn.functional as F
 
-    w = torch.tensor([weights[n] for n in spec.label_names], dtype=torch.float32)
-
-    def loss(model, batch, return_outputs: bool = False):
-        import torch.nn.functional as F
-
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        value = F.cross_entropy(out.logits.float(), batch["labels"], weight=w.to(out.logits.device))
-        return (value, out) if return_outputs else value
-
-    return loss
+    return weighted_loss(spec, weights_of(spec), lambda logits, labels, w: F.cross_entropy(logits, labels, weight=w))
 
 
 def init_model(model, tokenized_path: str, spec) -> None:
