@@ -7,7 +7,8 @@ How it runs (the plain functions; `flows/score.py` wraps them for Prefect, `fine
 - the input streams: the files are read one after the other by pyarrow's streaming readers, never whole, and cut
   into chunks of `chunk_rows` rows: chunk k is rows [k * chunk_rows, (k + 1) * chunk_rows) on every run;
 - within a chunk the texts are tokenized once, sorted by length and batched with dynamic padding; the model runs
-  under the run's precision (`tasks.device`: bf16 where native) and is loaded once per process (or per Ray actor);
+  under the run's precision (`tasks.device`: bf16 where native; fp32 for a regression model, whose output is the
+  number) and is loaded once per process (or per Ray actor);
 - each chunk's predictions are written atomically as one part file; `resume` skips the parts already written, and
   the final file is assembled from the parts (each input row exactly once), then the parts are removed;
 - on Ray (`workers` / `ray_address`) the same chunk reader and the same scorer run inside Ray Data: a reading task
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import device as dev
 from tasks import kinds, output, registry, tracking
-from tasks.common import ConfigError, write_json_atomic
+from tasks.common import ConfigError, input_limit, write_json_atomic
 from tasks.jobs import mlm
 from tasks.kinds.multi_label import DEFAULT_THRESHOLD
 from tasks.predict import to_model_mask
@@ -78,7 +79,7 @@ class ScoreConfig(BaseModel):
         "Multi-label: labels whose score is above this. Default: the threshold the model was trained with (recorded "
         "on the logged model, as `finetune predict` uses it; 0.5 for a model that recorded none)."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU or a CPU with native bf16, else fp32.")
+        "auto", description="auto: bf16 on a GPU or a CPU with native bf16, else fp32 (fp32 for a regression model).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where the model runs.")
     resume: bool = Field(False, description="Continue an interrupted job at its first unfinished chunk.")
     workers: int | None = Field(None, gt=0, description="Score on Ray Data with this many actors (a local Ray "
@@ -481,15 +482,6 @@ def head_class(task: str, config) -> type[Head]:
     raise ConfigError(f"{task or 'this'} models cannot be batch-scored yet: text-classification and fill-mask can")
 
 
-def model_limit(tok, config) -> int:
-    """The longest input the model takes: the tokenizer's limit, capped by the position embeddings."""
-    limits = [tok.model_max_length if tok.model_max_length and tok.model_max_length < 1_000_000 else 512]
-    pos = getattr(config, "max_position_embeddings", None)
-    if pos:
-        limits.append(pos)
-    return min(limits)
-
-
 class Scorer:
     """The model loaded once (this process or one Ray actor); `score(table)` -> prediction columns per row."""
 
@@ -503,10 +495,12 @@ class Scorer:
         pipe = mlflow.transformers.load_model(model_uri)  # the logged pipeline: model + tokenizer (LoRA too)
         self.device = dev.select_device(cfg.device)
         self.dtype = dev.amp_dtype(self.device, cfg.precision)
+        if cfg.precision == "auto" and getattr(pipe.model.config, "problem_type", None) == "regression":
+            self.dtype = None  # the number itself is the output: bf16 has steps of 1/64 near 3 (fp32 by default)
         self.model = pipe.model.to(self.device).eval()
         self.tok = pipe.tokenizer
         self.head = head_class(pipe.task, self.model.config)(self.model, self.tok, cfg)
-        self.max_length = min(cfg.max_length or 1 << 30, model_limit(self.tok, self.model.config))
+        self.max_length = min(cfg.max_length or 1 << 30, input_limit(self.tok, self.model.config))
         params = inspect.signature(self.model.forward).parameters
         open_sig = any(p.kind == p.VAR_KEYWORD for p in params.values())  # PeftModel: forward(*args, **kwargs)
         self.keys = [k for k in self.tok.model_input_names if open_sig or k in params]

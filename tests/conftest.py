@@ -12,6 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINETUNE_MLFLOW_RETRY_SECONDS", "5")
 
+# Prefect sets up its logging (console handlers bound to the stderr of that moment) when prefect.main is first
+# imported. Here, at the session's start, they keep the session's stderr; first imported inside a test that uses
+# capsys (a CLI call), they would keep that test's stream, closed after it, and a later flow's log line would fail
+# (a RecursionError through log_prints): tests/test_score.py run alone did.
+import prefect.main  # noqa: E402,F401
+
 POSITIVE = ["a great and wonderful film", "excellent acting , loved it", "brilliant , great fun", "wonderful story , great cast",
             "i loved this excellent movie", "great , great , great", "a brilliant wonderful joy", "loved the excellent music"]
 NEGATIVE = ["a terrible and awful film", "boring acting , hated it", "awful , terrible mess", "dull story , awful cast",

@@ -142,7 +142,9 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
         preds.append(out.logits.float().reshape(-1))
         labels.append(batch["labels"].float().reshape(-1))
 
-    eval_loop(model, loader, device, dtype, desc, each)
+    # fp32, whatever the run trains in: the metric measures the number itself, and a bf16 output has steps of 1/64
+    # near 3 (a tiny model's distinct outputs collapsed to 2 values, Pearson 0)
+    eval_loop(model, loader, device, None, desc, each)
     preds = torch.cat(preds).tolist() if preds else []
     labels = torch.cat(labels).tolist() if labels else []
     m = scores(preds, labels)
