@@ -47,13 +47,13 @@ def test_corrupt_or_truncated_checkpoint_is_skipped(tmp_path):
     path, st = load_latest_checkpoint(root)
     assert path.name == "step-00000002" and st["epoch"] == 2
     # truncate the newest: the previous complete one is used
-    f = root / "step-00000002" / "state.pt"
+    f = root / "step-00000002" / "loop_state.pt"
     f.write_bytes(f.read_bytes()[:50])
     path, st = load_latest_checkpoint(root)
     assert path.name == "step-00000001" and st["epoch"] == 1
     # a dir left by a crash before its marker was written is ignored too
     (root / "step-00000003").mkdir()
-    (root / "step-00000003" / "state.pt").write_bytes(b"partial")
+    (root / "step-00000003" / "loop_state.pt").write_bytes(b"partial")
     assert load_latest_checkpoint(root)[0].name == "step-00000001"
 
 
