@@ -195,7 +195,7 @@ def _write_failure(e: BaseException | None, final: Path) -> BaseException:
     no = _storage_errno(e)
     if no is None:
         return e
-    reason = os.strerror(no) if no != errno.EIO or isinstance(e, OSError) else f"a write failed ({e})"
+    reason = os.strerror(no) if no != errno.EIO or isinstance(e, OSError) else f"a file was cut short ({_gist(e)})"
     return OSError(no, f"{where}: {reason}. Free disk space or point --output-dir at a writable location; {keep}")
 
 

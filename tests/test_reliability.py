@@ -74,6 +74,54 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
     assert load_latest_checkpoint(root)[1]["epoch"] == 1
 
 
+def _safetensors_write(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(100_000)}, folder / "model.safetensors")
+
+
+def _torch_save_write(folder):
+    import torch
+
+    torch.save({"state": torch.zeros(100_000)}, folder / "optimizer.bin")  # straight to the file, as accelerate does
+
+
+@pytest.mark.parametrize("write", [_safetensors_write, _torch_save_write], ids=["safetensors", "torch.save"])
+def test_accelerates_writers_on_a_full_disk_fail_cleanly(write, tmp_path):
+    """save_state's writers report a short write in their own ways (safetensors: an error naming the OS error;
+    torch.save to a file: a RuntimeError of its zip writer): each becomes one OSError naming the fix, the staging
+    folder goes, the previous checkpoint stays."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+    try:
+        with pytest.raises(OSError, match=r"could not write checkpoint step-00000002 under .*Free disk space") as e:
+            save_checkpoint(root, 2, {"epoch": 2}, write=write)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+    assert load_latest_checkpoint(root)[1]["epoch"] == 1
+
+
+def test_a_checkpoint_fails_on_every_process_when_one_fails_or_misses_files(tmp_path):
+    """Rank 0's view: another process failed to write its part (the barrier says so) -> an OSError, no staging
+    folder; every process wrote but a process's files are not in the folder (nodes without a shared output dir) ->
+    one ConfigError naming them. Either way the previous checkpoint stays the newest."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    phases = iter([False, True])  # prepare: fine; writing: another process failed
+    with pytest.raises(OSError, match="another process failed to write its part; the previous checkpoint is intact"):
+        save_checkpoint(root, 2, {"epoch": 2}, any_failed=lambda failed: failed or next(phases))
+    with pytest.raises(ConfigError, match=r"random_states_1.pkl, loop_rng_1.pt not found .* filesystem all of them"):
+        save_checkpoint(root, 2, {"epoch": 2}, expected=["random_states_1.pkl", "loop_rng_1.pt"])
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+
+
 @pytest.mark.parametrize("engine", ["manual", "trainer"])
 def test_resume_after_interruption_matches_uninterrupted(engine, sentiment_csv, tiny_model_dir, tmp_path, isolated):
     cfg = cfg_for(sentiment_csv, tiny_model_dir, tmp_path / "a", engine=engine, checkpoint_every_steps=2)
