@@ -362,8 +362,11 @@ def test_a_checkpoint_is_accelerates_folder_and_a_corrupt_one_falls_back(sentime
                                                                          isolated, caplog):
     """A checkpoint is the folder Accelerator.save_state writes (model, optimizer, this process's RNG states) plus
     the loop's own files and a marker with every file's sha256; a corrupted optimizer.bin makes resume skip that
-    checkpoint with a warning and resume from the previous one."""
-    from tasks.checkpoint import MARKER, safe_load
+    checkpoint with a warning and resume from the previous one. Before anything loads, a checkpoint of another
+    gradient accumulation or number of processes is refused in one line."""
+    import shutil
+
+    from tasks.checkpoint import MARKER, _sha256, safe_load, write_state_file
     from tasks.training import train
 
     spec, tokenized, (older, newest) = cut_classify_run(sentiment_csv, tiny_model_dir, tmp_path, precision="fp32")
@@ -374,6 +377,17 @@ def test_a_checkpoint_is_accelerates_folder_and_a_corrupt_one_falls_back(sentime
     assert not list(newest.parent.glob(".*"))  # no staging folder left
     own = safe_load(newest / "loop_state.pt")  # the loop's state loads with weights_only=True
     assert (own["epoch"], own["batches_done"], own["step"], own["world_size"]) == (2, 0, 9, 1)
+    # the checks before anything loads: another gradient accumulation, another number of processes
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1, this run has 2: resume with "):
+        train(with_train(spec, resume=True, gradient_accumulation_steps=2), tokenized, str(tmp_path / "cut"))
+    two = tmp_path / "two" / "checkpoints" / newest.name
+    shutil.copytree(newest, two)
+    write_state_file(two / "loop_state.pt", {**own, "world_size": 2})
+    marker = json.loads((two / MARKER).read_text())
+    (two / MARKER).write_text(json.dumps({**marker, "files": {**marker["files"],
+                                                              "loop_state.pt": _sha256(two / "loop_state.pt")}}))
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1: resume with --nproc-per-node"):
+        train(with_train(spec, resume=True), tokenized, str(tmp_path / "two"))
     opt = newest / "optimizer.bin"
     data = bytearray(opt.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -16,6 +16,7 @@ No stalls: the loss is summed on the device and read at logging steps, checkpoin
 non-finite loss stops the run (`TrainingDiverged`)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,6 +139,23 @@ def adapter_only_checkpoints(acc, model) -> None:
     acc.register_load_state_pre_hook(load_adapter)
 
 
+@contextmanager
+def _accelerate_quiet():
+    """accelerate logs every file it saves or loads at info level (six lines a checkpoint on rank 0's console, the
+    staging folder's name among them); the loop logs what matters (resumed from, warnings)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def save_state(acc, folder: Path, rank: int) -> None:
     """`acc.save_state(folder)` on every process. accelerate writes the loss scaler's state from every process into
     the same file; it is the same everywhere (gradients are all-reduced before unscaling), so rank 0 writes it
@@ -146,7 +164,8 @@ def save_state(acc, folder: Path, rank: int) -> None:
     if rank:
         acc.scaler = None
     try:
-        acc.save_state(str(folder))
+        with _accelerate_quiet():
+            acc.save_state(str(folder))
     finally:
         acc.scaler = scaler
 
@@ -160,7 +179,8 @@ def load_state(acc, path: Path) -> None:
     if scaler is not None and not (path / SCALER_NAME).is_file():
         acc.scaler = None
     try:
-        acc.load_state(str(path))
+        with _accelerate_quiet():
+            acc.load_state(str(path))
     finally:
         acc.scaler = scaler
 
