@@ -191,7 +191,7 @@ def _write_failure(e: BaseException | None, final: Path) -> BaseException:
     where = f"could not write checkpoint {final.name} under {final.parent}"
     keep = "the previous checkpoint is intact"
     if e is None:
-        return OSError(errno.EIO, f"{where}: another process failed to write its part; {keep}")
+        return OSError(errno.EIO, f"{where}: another process failed (its own error says why); {keep}")
     no = _storage_errno(e)
     if no is None:
         return e
