@@ -108,6 +108,22 @@ def test_accelerates_writers_on_a_full_disk_fail_cleanly(write, tmp_path):
     assert load_latest_checkpoint(root)[1]["epoch"] == 1
 
 
+def test_a_crash_mid_checkpoint_leaves_nothing_a_later_run_trips_on(tmp_path):
+    """A run killed while writing leaves a staging folder (never read) and maybe a corrupt folder of the step it was
+    at; the resumed run reaches that step again: the stale staging folders go, the corrupt one is replaced."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    (root / ".step-00000002.tmp-staging").mkdir()
+    (root / ".step-00000002.tmp-staging" / "model.safetensors").write_bytes(b"torn")
+    (root / ".step-00000005.tmp-staging").mkdir()  # a step the resumed run may not reach again
+    (root / "step-00000002").mkdir()
+    (root / "step-00000002" / "COMPLETE.json").write_text("{}")  # no checksums: skipped
+    assert load_latest_checkpoint(root)[0].name == "step-00000001"
+    save_checkpoint(root, 2, {"epoch": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002"]
+    assert load_latest_checkpoint(root)[1]["epoch"] == 2
+
+
 def test_a_checkpoint_fails_on_every_process_when_one_fails_or_misses_files(tmp_path):
     """Rank 0's view: another process failed to write its part (the barrier says so) -> an OSError, no staging
     folder; every process wrote but a process's files are not in the folder (nodes without a shared output dir) ->
