@@ -284,6 +284,8 @@ def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_
     """The GPU's fp16 path (autocast fp16, scaled backward, unscale, skipped steps) on the CPU: it trains, the
     scaler's state is checkpointed, and a run resumed after epoch 1 ends as the uninterrupted one. Not covered here:
     fp16 kernels' own overflow behaviour on a GPU."""
+    import torch
+
     from tasks.checkpoint import load_latest_checkpoint
     from tasks.training import train
 
@@ -291,8 +293,9 @@ def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_
                                                      precision="fp16", learning_rate=5e-3))
     full = train(spec, tokenized, str(tmp_path / "full"))
     assert "float16" in full.device and all(math.isfinite(r["train_loss"]) for r in full.history)
-    _, st = load_latest_checkpoint(tmp_path / "full" / "checkpoints")
-    assert st["scaler"]["scale"] > 0 and st["world_size"] == 1 and len(st["rng_by_rank"]) == 1
+    path, st = load_latest_checkpoint(tmp_path / "full" / "checkpoints")
+    assert torch.load(path / "scaler.pt", weights_only=True)["scale"] > 0 and st["world_size"] == 1
+    assert (path / "random_states_0.pkl").exists() and not (path / "random_states_1.pkl").exists()
 
     def crash(metrics, step):
         if step == 1:
@@ -305,13 +308,17 @@ def test_fp16_with_loss_scaling_runs_and_resumes_on_the_cpu(sentiment_csv, tiny_
     assert res.final["eval_loss"] == pytest.approx(full.final["eval_loss"], rel=1e-5)
 
 
-def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_dir, tmp_path, isolated):
-    """Checkpoints written before this version (one RNG state, no scaler, no world size: the keys of the
-    pre-accelerate loop's checkpoints, commit 3ae0c12) resume; with another gradient accumulation they are refused
-    in one line that names the setting to use."""
-    import torch
+@pytest.mark.parametrize("per_rank", [True, False], ids=["every-rank-rng", "one-rng"])
+def test_a_checkpoint_of_the_single_file_format_resumes(per_rank, sentiment_csv, tiny_model_dir, tmp_path,
+                                                         isolated):
+    """Checkpoints written before save_state (one `state.pt`, tests/legacy_checkpoint.py: the same keys, types and
+    shapes as a checkpoint written by that code, compared once by hand) resume: the format with every rank's RNG
+    state, and the one before it (one RNG state, no scaler, no world size: the keys of the pre-accelerate loop's
+    checkpoints, commit 3ae0c12). With another gradient accumulation they are refused in one line that names the
+    setting to use."""
+    from tests.legacy_checkpoint import to_single_file
 
-    from tasks.checkpoint import MARKER, STATE, _sha256, load_latest_checkpoint
+    from tasks.checkpoint import STATE, load_latest_checkpoint
     from tasks.training import train
 
     spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o", epochs=2))
@@ -322,17 +329,112 @@ def test_a_checkpoint_of_the_previous_format_resumes(sentiment_csv, tiny_model_d
 
     with pytest.raises(Boom):
         train(spec, tokenized, str(tmp_path / "cut"), on_metrics=crash)
-    path, st = load_latest_checkpoint(tmp_path / "cut" / "checkpoints")
-    for k in ("rng_by_rank", "world_size", "scaler"):
-        st.pop(k)
-    torch.save(st, path / STATE)
-    marker = json.loads((path / MARKER).read_text())
-    (path / MARKER).write_text(json.dumps({**marker, "sha256": _sha256(path / STATE)}))
+    path, _ = load_latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    to_single_file(path, per_rank=per_rank)
+    assert sorted(f.name for f in path.iterdir()) == ["COMPLETE.json", STATE]
     # its config has no gradient_accumulation_steps: it counted single batches, and says so to a run that would not
     with pytest.raises(ConfigError, match=r"resume with --gradient-accumulation-steps 1 \(or start afresh"):
         train(with_train(spec, resume=True, gradient_accumulation_steps=2), tokenized, str(tmp_path / "cut"))
     res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
     assert res.resumed_from == str(path) and [r["epoch"] for r in res.history] == [1, 2]
+
+
+def cut_classify_run(sentiment_csv, tiny_model_dir, tmp_path, **train_opts):
+    """A classify run (9 optimizer steps an epoch, a checkpoint every 4 and at each epoch's end) killed after epoch
+    1: its checkpoints are steps 8 and 9 (the default keeps two)."""
+    from tasks.training import train
+
+    spec, tokenized = prepared_classify(classify_cfg(sentiment_csv, tiny_model_dir, tmp_path / "o",
+                                                     checkpoint_every_steps=4, **train_opts))
+
+    def crash(metrics, step):
+        if step == 1:
+            raise Boom("killed after epoch 1")
+
+    with pytest.raises(Boom):
+        train(spec, tokenized, str(tmp_path / "cut"), on_metrics=crash)
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-00000008", "step-00000009"]
+    return spec, tokenized, ckpts
+
+
+def test_a_checkpoint_is_accelerates_folder_and_a_corrupt_one_falls_back(sentiment_csv, tiny_model_dir, tmp_path,
+                                                                         isolated, caplog):
+    """A checkpoint is the folder Accelerator.save_state writes (model, optimizer, this process's RNG states) plus
+    the loop's own files and a marker with every file's sha256; a corrupted optimizer.bin makes resume skip that
+    checkpoint with a warning and resume from the previous one. Before anything loads, a checkpoint of another
+    gradient accumulation or number of processes is refused in one line."""
+    import shutil
+
+    from tasks.checkpoint import MARKER, _sha256, safe_load, write_state_file
+    from tasks.training import train
+
+    spec, tokenized, (older, newest) = cut_classify_run(sentiment_csv, tiny_model_dir, tmp_path, precision="fp32")
+    names = {f.name for f in newest.iterdir()}
+    assert names == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "loop_state.pt", "loop_rng_0.pt",
+                     MARKER}
+    assert set(json.loads((newest / MARKER).read_text())["files"]) == names - {MARKER}
+    assert not list(newest.parent.glob(".*"))  # no staging folder left
+    own = safe_load(newest / "loop_state.pt")  # the loop's state loads with weights_only=True
+    assert (own["epoch"], own["batches_done"], own["step"], own["world_size"]) == (2, 0, 9, 1)
+    # the checks before anything loads: another gradient accumulation, another number of processes
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1, this run has 2: resume with "):
+        train(with_train(spec, resume=True, gradient_accumulation_steps=2), tokenized, str(tmp_path / "cut"))
+    two = tmp_path / "two" / "checkpoints" / newest.name
+    shutil.copytree(newest, two)
+    write_state_file(two / "loop_state.pt", {**own, "world_size": 2})
+    marker = json.loads((two / MARKER).read_text())
+    (two / MARKER).write_text(json.dumps({**marker, "files": {**marker["files"],
+                                                              "loop_state.pt": _sha256(two / "loop_state.pt")}}))
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1: resume with --nproc-per-node"):
+        train(with_train(spec, resume=True), tokenized, str(tmp_path / "two"))
+    opt = newest / "optimizer.bin"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert any("step-00000009" in r.getMessage() and "optimizer.bin: checksum mismatch" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert res.resumed_from == str(older) and [r["epoch"] for r in res.history] == [1, 2]
+
+
+def test_a_missing_or_unloadable_rng_file_is_not_silent(sentiment_csv, tiny_model_dir, tmp_path, isolated, caplog):
+    """accelerate's load_state goes on with the current RNG when a process's random_states_{rank}.pkl does not load
+    (it says so at info level only). Missing from a checkpoint, the file makes it incomplete: skipped with a warning
+    that names it. Present but not loadable the way accelerate loads it (an object weights_only refuses): the run
+    resumes from it and warns that this process draws other random numbers than the interrupted run would have."""
+    import random
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from tasks.checkpoint import MARKER, _sha256, load_latest_checkpoint
+    from tasks.training import train
+
+    spec, tokenized, (older, newest) = cut_classify_run(sentiment_csv, tiny_model_dir, tmp_path)
+    kept = tmp_path / "kept"
+    shutil.copytree(newest, kept)
+    (newest / "random_states_0.pkl").unlink()
+    with caplog.at_level("WARNING"):
+        assert load_latest_checkpoint(newest.parent)[0] == older
+    assert "random_states_0.pkl is missing" in caplog.text and "step-00000009" in caplog.text
+    shutil.rmtree(newest)
+    shutil.copytree(kept, newest)
+    bad = newest / "random_states_0.pkl"
+    # numpy's RandomState object needs full unpickling: refused by weights_only, as accelerate loads the file
+    torch.save({"random_state": random.getstate(), "numpy_random_seed": np.random.RandomState(0),
+                "torch_manual_seed": torch.get_rng_state()}, bad)
+    marker = json.loads((newest / MARKER).read_text())
+    marker["files"][bad.name] = _sha256(bad)
+    (newest / MARKER).write_text(json.dumps(marker))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        res = train(with_train(spec, resume=True), tokenized, str(tmp_path / "cut"))
+    assert res.resumed_from == str(newest)
+    [warning] = [r.getMessage() for r in caplog.records if "random_states_0.pkl" in r.getMessage()]
+    assert "does not load" in warning and "Unsupported global" in warning and "draws other random numbers" in warning
 
 
 def test_a_diverging_run_stops_with_one_line(sentiment_csv, tiny_model_dir, tmp_path, isolated):
@@ -412,7 +514,7 @@ def test_warmup_and_steps_per_epoch_count_global_batches_under_torchrun(engine, 
         from tasks.checkpoint import safe_load
 
         ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
-        states = [safe_load(c / "state.pt")["scheduler"] for c in ckpts]
+        states = [safe_load(c / "loop_state.pt")["scheduler"] for c in ckpts]
         assert [s["last_epoch"] for s in states] == [per_epoch, 2 * per_epoch]
         assert states[0]["_last_lr"][0] == pytest.approx(lr) and states[1]["_last_lr"][0] == pytest.approx(0.0)
     else:
@@ -452,13 +554,19 @@ def test_mlm_under_two_gloo_processes_masks_per_rank_and_resumes(engine, mlm_cor
     cut.mkdir()
     shutil.copy(full_dir / "epoch0_metrics.json", cut)
     if engine == "manual":
-        _, st = load_latest_checkpoint(full_dir / "checkpoints")
-        r0, r1 = st["rng_by_rank"]
+        from accelerate.utils import load
+
+        path, st = load_latest_checkpoint(full_dir / "checkpoints")
+        # accelerate's layout, each process's RNG file written by that process, and the loop's per-process file
+        assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "loop_rng_0.pt",
+                "loop_rng_1.pt", "loop_state.pt"} <= {f.name for f in path.iterdir()}
+        r0, r1 = (safe_load(path / f"loop_rng_{r}.pt") for r in (0, 1))
         assert st["world_size"] == 2 and r0["collator"] and r1["collator"]
         assert not bool((r0["collator"][0] == r1["collator"][0]).all())
-        assert not bool((r0["rng"]["torch"] == r1["rng"]["torch"]).all())  # dropout draws differ too
+        g0, g1 = (load(path / f"random_states_{r}.pkl")["torch_manual_seed"] for r in (0, 1))
+        assert not bool((g0 == g1).all())  # dropout draws differ too
         mid = sorted((full_dir / "checkpoints").glob("step-*"))[-2]
-        at = safe_load(mid / "state.pt")
+        at = safe_load(mid / "loop_state.pt")
         assert at["epoch"] == 2 and at["batches_done"] == (at["step"] - per_epoch) * 2 > 0
         shutil.copytree(mid, cut / "checkpoints" / mid.name)
     else:

@@ -94,7 +94,7 @@ def test_lora_resume_from_adapter_checkpoint_matches_uninterrupted(sentiment_csv
     with pytest.raises(Boom):
         train_classifier(cfg, data, tok, str(tmp_path / "cut"), on_metrics=crash_after_epoch_2)
     ckpt = next((tmp_path / "cut" / "checkpoints").glob("step-*"))
-    assert (ckpt / "state.pt").stat().st_size < 1_000_000  # adapter + head only, not the base weights
+    assert (ckpt / "model.safetensors").stat().st_size < 1_000_000  # adapter + head only, not the base weights
     resumed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": True})})
     res = train_classifier(resumed, data, tok, str(tmp_path / "cut"))
     assert res.resumed_from and [h["epoch"] for h in res.history] == [1, 2, 3]

@@ -47,13 +47,13 @@ def test_corrupt_or_truncated_checkpoint_is_skipped(tmp_path):
     path, st = load_latest_checkpoint(root)
     assert path.name == "step-00000002" and st["epoch"] == 2
     # truncate the newest: the previous complete one is used
-    f = root / "step-00000002" / "state.pt"
+    f = root / "step-00000002" / "loop_state.pt"
     f.write_bytes(f.read_bytes()[:50])
     path, st = load_latest_checkpoint(root)
     assert path.name == "step-00000001" and st["epoch"] == 1
     # a dir left by a crash before its marker was written is ignored too
     (root / "step-00000003").mkdir()
-    (root / "step-00000003" / "state.pt").write_bytes(b"partial")
+    (root / "step-00000003" / "loop_state.pt").write_bytes(b"partial")
     assert load_latest_checkpoint(root)[0].name == "step-00000001"
 
 
@@ -72,6 +72,70 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
         signal.signal(signal.SIGXFSZ, old_sig)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temp dir left behind
     assert load_latest_checkpoint(root)[1]["epoch"] == 1
+
+
+def _safetensors_write(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(100_000)}, folder / "model.safetensors")
+
+
+def _torch_save_write(folder):
+    import torch
+
+    torch.save({"state": torch.zeros(100_000)}, folder / "optimizer.bin")  # straight to the file, as accelerate does
+
+
+@pytest.mark.parametrize("write", [_safetensors_write, _torch_save_write], ids=["safetensors", "torch.save"])
+def test_accelerates_writers_on_a_full_disk_fail_cleanly(write, tmp_path):
+    """save_state's writers report a short write in their own ways (safetensors: an error naming the OS error;
+    torch.save to a file: a RuntimeError of its zip writer): each becomes one OSError naming the fix, the staging
+    folder goes, the previous checkpoint stays."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+    try:
+        with pytest.raises(OSError, match=r"could not write checkpoint step-00000002 under .*Free disk space") as e:
+            save_checkpoint(root, 2, {"epoch": 2}, write=write)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+    assert load_latest_checkpoint(root)[1]["epoch"] == 1
+
+
+def test_a_crash_mid_checkpoint_leaves_nothing_a_later_run_trips_on(tmp_path):
+    """A run killed while writing leaves a staging folder (never read) and maybe a corrupt folder of the step it was
+    at; the resumed run reaches that step again: the stale staging folders go, the corrupt one is replaced."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    (root / ".step-00000002.tmp-staging").mkdir()
+    (root / ".step-00000002.tmp-staging" / "model.safetensors").write_bytes(b"torn")
+    (root / ".step-00000005.tmp-staging").mkdir()  # a step the resumed run may not reach again
+    (root / "step-00000002").mkdir()
+    (root / "step-00000002" / "COMPLETE.json").write_text("{}")  # no checksums: skipped
+    assert load_latest_checkpoint(root)[0].name == "step-00000001"
+    save_checkpoint(root, 2, {"epoch": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002"]
+    assert load_latest_checkpoint(root)[1]["epoch"] == 2
+
+
+def test_a_checkpoint_fails_on_every_process_when_one_fails_or_misses_files(tmp_path):
+    """Rank 0's view: another process failed to write its part (the barrier says so) -> an OSError, no staging
+    folder; every process wrote but a process's files are not in the folder (nodes without a shared output dir) ->
+    one ConfigError naming them. Either way the previous checkpoint stays the newest."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, {"epoch": 1})
+    phases = iter([False, True])  # prepare: fine; writing: another process failed
+    with pytest.raises(OSError, match=r"another process failed \(its own error says why\); the previous checkpoint"):
+        save_checkpoint(root, 2, {"epoch": 2}, any_failed=lambda failed: failed or next(phases))
+    with pytest.raises(ConfigError, match=r"random_states_1.pkl, loop_rng_1.pt not found .* filesystem all of them"):
+        save_checkpoint(root, 2, {"epoch": 2}, expected=["random_states_1.pkl", "loop_rng_1.pt"])
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
 
 
 @pytest.mark.parametrize("engine", ["manual", "trainer"])

@@ -86,19 +86,20 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     import numpy as np
     import torch
 
-    from tasks.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from tasks.checkpoint import load_latest_checkpoint, save_checkpoint, set_rng_state
+    from tests.legacy_checkpoint import rng_state, write_single_file
 
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     st = rng_state()
     save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}, "rng": st, "history": [{"epoch": 1, "loss": 0.5}]})
-    torch.load(tmp_path / "step-00000001" / "state.pt", weights_only=True)  # plain content: no allowlist needed
+    torch.load(tmp_path / "step-00000001" / "loop_state.pt", weights_only=True)  # plain content: no allowlist needed
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     _, loaded = load_latest_checkpoint(tmp_path)
     set_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
-    # an old-format checkpoint (numpy state as an ndarray) still loads safely
+    # a checkpoint of the single-file format, numpy state as an ndarray (its oldest form), still loads safely
     old = {"rng": {**st, "numpy": np.random.get_state()}}
-    save_checkpoint(tmp_path, 2, old)
+    write_single_file(tmp_path, 2, old)
     assert load_latest_checkpoint(tmp_path)[0].name == "step-00000002"
 
 

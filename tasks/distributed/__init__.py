@@ -11,7 +11,8 @@ from the last checkpoint). Ranks get paths and ids, never objects. Each rank rea
 (torch's DistributedSampler, seeded, reshuffled per epoch); the plain loop wraps the model in
 DistributedDataParallel (gradients all-reduced), the HF Trainer and TRL's SFTTrainer do the same themselves. Only
 rank 0 evaluates (the row is broadcast so every rank agrees on early stopping), logs to MLflow (into the flow's run,
-whose id is passed in), and writes checkpoints, the model dir and the result. The global batch is the per-rank
+whose id is passed in), and writes the model dir and the result; of a checkpoint every rank writes its own
+RNG states and rank 0 the rest (tasks/checkpoint.py). The global batch is the per-rank
 `train.batch_size` times the number of processes (times `train.gradient_accumulation_steps`). Backend: nccl when
 CUDA is available, gloo otherwise; the plain loop runs on accelerate, which joins this process group. The group's
 timeout (FINETUNE_DIST_TIMEOUT_MINUTES, default 120) bounds how long the other ranks wait while rank 0 evaluates or

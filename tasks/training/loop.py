@@ -1,22 +1,29 @@
 """The plain training loop (engine `manual`) on `accelerate.Accelerator`, as transformers' `run_glue_no_trainer.py`
 does it: `prepare` (device, DDP under torchrun: gloo on the CPU, nccl on GPUs), `autocast` and the loss scaler
 (mixed precision), `accumulate` (gradient accumulation: no DDP all-reduce, clipping or optimizer step until a
-group's last batch), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch. One code path for 1
-or N processes.
+group's last batch), `backward`, `clip_grad_norm_`, `skip_first_batches` for a resumed epoch, `save_state` /
+`load_state` for checkpoints. One code path for 1 or N processes.
 
-Checkpoints stay this project's atomic, checksummed single file (tasks/checkpoint.py), which is what
-`save_state`/`load_state` would otherwise write, plus what they add: EVERY rank's RNG state (gathered to rank 0),
-the loss scaler's state and the masking collator's generator; checkpoints of earlier versions (one RNG state)
-resume as before. No stalls: the loss is summed on the device and read at logging steps, checkpoints and epoch
-ends only. A non-finite loss stops the run (`TrainingDiverged`)."""
+A checkpoint (tasks/checkpoint.py) is the folder `save_state` writes — the model (with LoRA the adapter and head
+only, through save/load pre-hooks), the optimizer, the loss scaler, every process's RNG states, each written by its
+own process — plus the project's own files for what accelerate does not hold: the position in the epoch, history,
+best-epoch weights, the scheduler (stepped only when the optimizer stepped, so not `prepare`d) and each process's
+masking-collator and loader generators. The project adds what makes it safe to resume from: every process writes
+into one staging folder that rank 0 checksums and renames into place atomically, corrupt folders are skipped for
+the previous one, and a process whose RNG file would not load says so instead of `load_state`'s silent fallback.
+Checkpoints of the single-file format before it (`state.pt`, with one or every rank's RNG state) resume as before.
+No stalls: the loss is summed on the device and read at logging steps, checkpoints and epoch ends only. A
+non-finite loss stops the run (`TrainingDiverged`)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks import adapters, distributed
-from tasks.checkpoint import (_collator_rngs, collator_rng_state, load_latest_checkpoint, rng_state, save_checkpoint,
-                              set_collator_rng_state, set_rng_state)
+from tasks.checkpoint import (_collator_rngs, collator_rng_state, is_single_file, load_latest_checkpoint, rank_file,
+                              read_checkpoint, read_rank_state, rng_file, rng_file_problem, save_checkpoint,
+                              set_collator_rng_state, set_rng_state, write_state_file)
 from tasks.common import ConfigError, run_logger
 from tasks.device import mixed_precision_name
 from tasks.output import progress_bars
@@ -109,6 +116,93 @@ def accumulation_scale(acc, i: int, batches: int) -> float:
     return k / min(k, batches - (i // k) * k)
 
 
+def adapter_only_checkpoints(acc, model) -> None:
+    """LoRA: a checkpoint holds the adapter and the head (`adapters.model_state`), not the frozen base that every
+    run loads from its own checkpoint. `save_state` writes them as its model file in place of the full state dict;
+    `load_state` loads them into the model (peft's own loader, which refuses an adapter that does not fit) and leaves
+    the base as it is. Other models: accelerate's own save and load (safetensors, shared weights handled)."""
+    if not adapters.is_peft(model):
+        return
+    from collections import OrderedDict
+
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    def save_adapter(models, weights, output_dir) -> None:
+        weights[0] = OrderedDict(adapters.model_state(model)["peft_adapter"])
+
+    def load_adapter(models, input_dir) -> None:
+        adapters.load_model_state(model, {"peft_adapter": load_file(Path(input_dir) / SAFE_WEIGHTS_NAME)})
+        models.clear()  # loaded: accelerate loads no model
+
+    acc.register_save_state_pre_hook(save_adapter)
+    acc.register_load_state_pre_hook(load_adapter)
+
+
+@contextmanager
+def _accelerate_quiet():
+    """accelerate logs every file it saves or loads at info level (six lines a checkpoint on rank 0's console, the
+    staging folder's name among them); the loop logs what matters (resumed from, warnings)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def save_state(acc, folder: Path, rank: int) -> None:
+    """`acc.save_state(folder)` on every process. accelerate writes the loss scaler's state from every process into
+    the same file; it is the same everywhere (gradients are all-reduced before unscaling), so rank 0 writes it
+    alone."""
+    scaler = acc.scaler
+    if rank:
+        acc.scaler = None
+    try:
+        with _accelerate_quiet():
+            acc.save_state(str(folder))
+    finally:
+        acc.scaler = scaler
+
+
+def load_state(acc, path: Path) -> None:
+    """`acc.load_state(path)`. A checkpoint written without a loss scaler (another precision) leaves an fp16 run's
+    scaler fresh, as the single-file format did, rather than failing on the missing file."""
+    from accelerate.utils import SCALER_NAME
+
+    scaler = acc.scaler
+    if scaler is not None and not (path / SCALER_NAME).is_file():
+        acc.scaler = None
+    try:
+        with _accelerate_quiet():
+            acc.load_state(str(path))
+    finally:
+        acc.scaler = scaler
+
+
+def resume_single_file(path: Path, st: dict, acc, model, opt, rank: int) -> dict:
+    """A checkpoint of the single-file format before save_state (`state.pt`): the model, optimizer, loss scaler and
+    this rank's RNG states from it. Returns this rank's generator states (collator, loader), as far as it has them."""
+    check_optimizer_groups(path, group_sizes(st["optimizer"]["param_groups"]), group_sizes(opt.param_groups))
+    adapters.load_model_state(model, st["model"])
+    opt.load_state_dict(st["optimizer"])
+    if acc.scaler is not None and st.get("scaler"):
+        acc.scaler.load_state_dict(st["scaler"])
+    by_rank = st.get("rng_by_rank")
+    mine = by_rank[rank] if by_rank else {"rng": st["rng"], "collator": None}
+    if not by_rank and rank:  # a checkpoint of one RNG state (before per-rank states): keep this rank's own
+        run_logger(__name__).warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own",
+                                     path, rank)
+    else:
+        set_rng_state(mine["rng"])
+    return mine
+
+
 def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn, on_metrics: MetricsFn | None,
                device, dtype, on_step: MetricsFn | None = None, on_evaluation: EvalHook | None = None) -> FitOutput:
     """The plain loop: AdamW, scheduler, clipping, mean train loss per epoch (and every `logging_steps` to
@@ -117,7 +211,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     import time
 
     import torch
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
 
     log = run_logger(__name__)
@@ -136,6 +230,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     steps_per_epoch = optimizer_steps(batches_per_epoch, accumulation)
     opt, sched, total = _optimizer_and_scheduler(model, t, steps_per_epoch, device)
     ddp_model, opt = acc.prepare(model, opt)  # the scheduler steps only when the optimizer did (see below)
+    adapter_only_checkpoints(acc, model)
     every = loss_log_every(t, total)
     history: list[dict] = []
     # Position in training: the epoch under way, batches of it already done, and its running loss.
@@ -150,36 +245,42 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
     best_state: dict | None = None
 
     if t.resume:
-        found = load_latest_checkpoint(ckpt_root)
+        # rank 0 verifies every file's checksum and chooses; every rank resumes from that folder
+        found = load_latest_checkpoint(ckpt_root) if rank == 0 else None
+        if world > 1:
+            [chosen] = broadcast_object_list([str(found[0]) if found else None])
+            if rank and chosen:
+                found = Path(chosen), read_checkpoint(Path(chosen))
         if found:
             path, st = found
             saved_world = st.get("world_size", world)
             if saved_world != world:
                 raise ConfigError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}: "
                                   f"resume with --nproc-per-node/--nnodes giving {saved_world} processes")
-            saved_acc = (st.get("config") or {}).get("train", {}).get("gradient_accumulation_steps", 1)
+            saved_acc = st.get("gradient_accumulation_steps",
+                               (st.get("config") or {}).get("train", {}).get("gradient_accumulation_steps", 1))
             if saved_acc != accumulation:  # the schedule's length and the position in the epoch count its steps
                 raise ConfigError(f"checkpoint {path} was written with gradient_accumulation_steps={saved_acc}, this "
                                   f"run has {accumulation}: resume with --gradient-accumulation-steps {saved_acc} "
                                   "(or start afresh without --resume)")
-            check_optimizer_groups(path, group_sizes(st["optimizer"]["param_groups"]), group_sizes(opt.param_groups))
-            adapters.load_model_state(model, st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            if acc.scaler is not None and st.get("scaler"):
-                acc.scaler.load_state_dict(st["scaler"])
-            by_rank = st.get("rng_by_rank")
-            mine = by_rank[rank] if by_rank else {"rng": st["rng"], "collator": None}
-            if not by_rank and rank:  # a checkpoint of one RNG state (before per-rank states): keep this rank's own
-                log.warning("checkpoint %s holds rank 0's RNG state only: rank %d continues with its own", path, rank)
+            if is_single_file(path):
+                mine = resume_single_file(path, st, acc, model, opt, rank)
             else:
-                set_rng_state(mine["rng"])
+                check_optimizer_groups(path, st["optimizer_groups"], group_sizes(opt.param_groups))
+                problem = rng_file_problem(path, rank)
+                if problem:
+                    log.warning("checkpoint %s: %s: process %d goes on with its current random state, so the resumed "
+                                "run draws other random numbers (dropout, masks) than the interrupted one would have",
+                                path, problem, rank)
+                load_state(acc, path)
+                mine = read_rank_state(path, rank) or {}
+            sched.load_state_dict(st["scheduler"])
             if mine.get("collator"):
                 set_collator_rng_state(train_loader.collate_fn, mine["collator"])
             elif _collator_rngs(train_loader.collate_fn):
                 log.warning("checkpoint %s holds no masking-collator state (written before it was saved): the "
                             "resumed run draws other masks than the interrupted one would have", path)
-            gen_state = mine.get("loader_gen", st["epoch_start_gen_state"])  # this rank's; before: rank 0's
+            gen_state = mine.get("loader_gen", st.get("epoch_start_gen_state"))  # this rank's; before: rank 0's
             if gen is not None and gen_state is not None:
                 gen.set_state(gen_state)  # replays the epoch's shuffle; done batches are skipped
             history, step = st["history"], st["step"]
@@ -201,25 +302,29 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
                     on_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     def checkpoint(epoch: int, batches_done: int, epoch_start_gen, epoch_loss: tuple[float, int]) -> None:
-        # The best epoch so far follows from the history; its weights travel with the checkpoint unless they are
-        # the checkpoint's own model (the end of the best epoch), which resume copies aside again. Every rank's
-        # RNG (dropout, masks) goes to rank 0, which writes the checkpoint (all ranks hold the same weights).
+        # Every process writes its part (save_state: rank 0 the model and optimizer, each its RNG file; here each
+        # its generators), rank 0 the loop's state. The best epoch so far follows from the history; its weights
+        # travel with the checkpoint unless they are the checkpoint's own model (the end of the best epoch), which
+        # resume copies aside again.
         epoch_loss = distributed.sum_over_ranks(*epoch_loss)  # data-parallel: the partial epoch over all ranks
-        mine = {"rng": rng_state(), "collator": collator_rng_state(train_loader.collate_fn),
-                "loader_gen": epoch_start_gen}
-        by_rank = gather_object([mine]) if world > 1 else [mine]
-        if rank:
-            return
-        at_best = batches_done == 0 and history and track_best(history, key, higher).best_epoch == history[-1]["epoch"]
-        save_checkpoint(ckpt_root, step, {
-            "model": adapters.model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": by_rank[0]["rng"], "rng_by_rank": by_rank, "world_size": world,
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "epoch_start_gen_state": epoch_start_gen, "epoch": epoch,
-            "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
-            "best_state": None if at_best else best_state,
-            "config": spec.model_dump(mode="json"),  # plain values: the checkpoint loads with weights_only=True
-        })
+        own = None
+        if rank == 0:
+            at_best = (batches_done == 0 and history
+                       and track_best(history, key, higher).best_epoch == history[-1]["epoch"])
+            own = {"scheduler": sched.state_dict(), "optimizer_groups": group_sizes(opt.param_groups),
+                   "world_size": world, "gradient_accumulation_steps": accumulation, "epoch": epoch,
+                   "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
+                   "best_state": None if at_best else best_state,
+                   "config": spec.model_dump(mode="json")}  # plain values: it loads with weights_only=True
+
+        def write(folder: Path) -> None:
+            save_state(acc, folder, rank)
+            write_state_file(folder / rank_file(rank), {"collator": collator_rng_state(train_loader.collate_fn),
+                                                        "loader_gen": epoch_start_gen})
+
+        save_checkpoint(ckpt_root, step, own, write=write, rank=rank,
+                        expected=[f(r) for r in range(world) for f in (rng_file, rank_file)],
+                        any_failed=lambda failed: distributed.sum_over_ranks(float(failed))[0] > 0)
 
     def read_losses(loss_sum, bad_step) -> float:
         """The one host sync of a logging step: the summed loss, and the first step whose loss was not finite."""
