@@ -156,18 +156,26 @@ def _accelerate_quiet():
             lg.setLevel(level)
 
 
+@contextmanager
+def _scaler_aside(acc, aside: bool):
+    """accelerate's save/load quiet, with the loss scaler set aside when `aside` (save_state and load_state write
+    and read its file whenever the accelerator has one)."""
+    scaler = acc.scaler
+    if aside:
+        acc.scaler = None
+    try:
+        with _accelerate_quiet():
+            yield
+    finally:
+        acc.scaler = scaler
+
+
 def save_state(acc, folder: Path, rank: int) -> None:
     """`acc.save_state(folder)` on every process. accelerate writes the loss scaler's state from every process into
     the same file; it is the same everywhere (gradients are all-reduced before unscaling), so rank 0 writes it
     alone."""
-    scaler = acc.scaler
-    if rank:
-        acc.scaler = None
-    try:
-        with _accelerate_quiet():
-            acc.save_state(str(folder))
-    finally:
-        acc.scaler = scaler
+    with _scaler_aside(acc, rank != 0):
+        acc.save_state(str(folder))
 
 
 def load_state(acc, path: Path) -> None:
@@ -175,14 +183,8 @@ def load_state(acc, path: Path) -> None:
     scaler fresh, as the single-file format did, rather than failing on the missing file."""
     from accelerate.utils import SCALER_NAME
 
-    scaler = acc.scaler
-    if scaler is not None and not (path / SCALER_NAME).is_file():
-        acc.scaler = None
-    try:
-        with _accelerate_quiet():
-            acc.load_state(str(path))
-    finally:
-        acc.scaler = scaler
+    with _scaler_aside(acc, acc.scaler is not None and not (path / SCALER_NAME).is_file()):
+        acc.load_state(str(path))
 
 
 def resume_single_file(path: Path, st: dict, acc, model, opt, rank: int) -> dict:
