@@ -8,7 +8,7 @@ A checkpoint is a folder `<run>/checkpoints/step-XXXXXXXX` holding
 - what accelerate does not hold, in the project's own files: `loop_state.pt` (rank 0: the position in training —
   epoch, batches of it done, optimizer step —, the history, the partial epoch's loss sums, the best epoch's weights,
   the LR scheduler (the loop steps it only when the optimizer stepped, so it is not `prepare`d), the optimizer's
-  group sizes, the world size, the gradient accumulation, the job's spec as JSON) and `loop_rng_{rank}.pt` (each
+  group sizes, the world size, the job's spec as JSON, which holds the gradient accumulation) and `loop_rng_{rank}.pt` (each
   process's masking-collator generator and its loader generator at the epoch's start: masks and shuffles that
   accelerate's RNG file does not cover);
 - `COMPLETE.json`: the sha256 of every other file in the folder, written last.

@@ -259,8 +259,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             if saved_world != world:
                 raise ConfigError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}: "
                                   f"resume with --nproc-per-node/--nnodes giving {saved_world} processes")
-            saved_acc = st.get("gradient_accumulation_steps",
-                               (st.get("config") or {}).get("train", {}).get("gradient_accumulation_steps", 1))
+            saved_acc = (st.get("config") or {}).get("train", {}).get("gradient_accumulation_steps", 1)
             if saved_acc != accumulation:  # the schedule's length and the position in the epoch count its steps
                 raise ConfigError(f"checkpoint {path} was written with gradient_accumulation_steps={saved_acc}, this "
                                   f"run has {accumulation}: resume with --gradient-accumulation-steps {saved_acc} "
@@ -314,7 +313,7 @@ def fit_manual(spec: "JobSpec", model, loaders: dict, run_dir: Path, evaluate_fn
             at_best = (batches_done == 0 and history
                        and track_best(history, key, higher).best_epoch == history[-1]["epoch"])
             own = {"scheduler": sched.state_dict(), "optimizer_groups": group_sizes(opt.param_groups),
-                   "world_size": world, "gradient_accumulation_steps": accumulation, "epoch": epoch,
+                   "world_size": world, "epoch": epoch,
                    "batches_done": batches_done, "epoch_loss": epoch_loss, "step": step, "history": history,
                    "best_state": None if at_best else best_state,
                    "config": spec.model_dump(mode="json")}  # plain values: it loads with weights_only=True
