@@ -87,12 +87,18 @@ def bench_speed(a, tmp: Path) -> list[dict]:
     rows = []
     for prec in precisions:
         dtype = torch.bfloat16 if prec == "bf16" else None
-        # finetune score
-        s = score(ScoreConfig(registered_model="bench-minilm", input=str(tmp / "in.csv"),
-                              output=str(tmp / f"out-{prec}.parquet"), batch_size=a.batch_size,
-                              chunk_rows=a.chunk_rows, precision=prec, device=device.type))
-        rows.append({"way": "finetune score", "precision": prec, "load_s": s["model_load_seconds"],
-                     "score_s": s["scoring_seconds"], "rows_per_s": a.rows / s["scoring_seconds"]})
+        # finetune score: this process, then on a local Ray with N actors (Ray's start and the actors' model
+        # loads are inside its score seconds: the whole scoring step as a user waits for it)
+        ways = [(None, t) for t in a.batch_tokens] + [(w, a.batch_tokens[0]) for w in a.score_workers]
+        for workers, tokens in ways:
+            s = score(ScoreConfig(registered_model="bench-minilm", input=str(tmp / "in.csv"),
+                                  output=str(tmp / f"out-{prec}-{workers}.parquet"), batch_size=a.batch_size,
+                                  batch_tokens=tokens, chunk_rows=a.chunk_rows, precision=prec,
+                                  device=device.type, workers=workers))
+            rows.append({"way": "finetune score" + (f" --workers {workers} (Ray)" if workers else "")
+                         + (f" --batch-tokens {tokens}" if tokens != a.batch_tokens[0] else ""),
+                         "precision": prec, "load_s": s["model_load_seconds"] or 0.0,
+                         "score_s": s["scoring_seconds"], "rows_per_s": a.rows / s["scoring_seconds"]})
         # mlflow pyfunc
         t0 = time.perf_counter()
         model = mlflow.pyfunc.load_model(uri)
@@ -164,6 +170,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64, help="finetune score's batch size")
+    ap.add_argument("--batch-tokens", type=lambda s: [int(x) if x != "default" else None for x in s.split(",")],
+                    default=[None], help="finetune score's token budget per forward pass; a list (e.g. "
+                    "default,100000: its own, then batches of --batch-size texts whatever their length) scores once "
+                    "per value, the first being the base of the ratios")
+    ap.add_argument("--score-workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="also `finetune score --workers N` on a local Ray, for each N (e.g. 2: one actor per core; "
+                         "chunks are the units of work, so pass --chunk-rows <= rows / N)")
     ap.add_argument("--chunk-rows", type=int, default=10000)
     ap.add_argument("--pipeline-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
     ap.add_argument("--memory", action="store_true", help="also peak RSS at --memory-rows and 10x that")
@@ -196,7 +209,7 @@ def main() -> None:
             rows = bench_speed(a, tmp)
             base = {r["precision"]: r["rows_per_s"] for r in rows if r["way"] == "finetune score"}
             print(f"\n{a.rows:,} bundled reviews (first {a.max_chars} characters), MiniLM-L6 classifier, {a.device}, "
-                  f"finetune score batch {a.batch_size}")
+                  f"finetune score batch {a.batch_size}, tokens {a.batch_tokens[0] or 'default'}, chunks of {a.chunk_rows}")
             print(f"{'way':<40}{'precision':>10}{'load s':>9}{'score s':>10}{'rows/s':>9}{'finetune/this':>15}")
             for r in rows:
                 rate = r["rows_per_s"]

@@ -53,6 +53,14 @@ SKIP_EMPTY, SKIP_NOT_TEXT, SKIP_NO_MASK = "empty text", "not text", "no mask"
 _CHUNK, _ROW, _N, _NONTEXT = "_chunk", "_row", "_n", "_nontext"
 
 
+# Default token budgets per forward pass. CPU: MiniLM in bf16 on 2 cores (AVX512-BF16), 1,280 reviews cut to
+# 1,000 characters: 80 rows/s at 4,096 tokens, 64 at 64 texts of up to 250 tokens, 51 at one text per pass
+# (bench/bench_score.py). GPU: 64 texts of 1,024 tokens; unmeasured here, chosen so that a 512-token model keeps
+# its 64-text batches and a long-context one (ModernBERT: 8,192) does not put 500k tokens through one pass.
+CPU_BATCH_TOKENS = 4096
+GPU_BATCH_TOKENS = 65536
+
+
 class ScoreConfig(BaseModel):
     """One batch scoring job: the flow's parameter, the deployment's `config`, and `finetune score`'s flags."""
 
@@ -71,7 +79,10 @@ class ScoreConfig(BaseModel):
     output_format: Literal["parquet", "csv", "tsv", "jsonl", "input"] = Field(
         "parquet", description="Output format; `input`: the (first) input file's format.")
     chunk_rows: int = Field(10_000, gt=0, description="Rows read, scored and written per chunk (the resume unit).")
-    batch_size: int = Field(64, gt=0, description="Texts per forward pass (sorted by length within a chunk).")
+    batch_size: int = Field(64, gt=0, description="Texts per forward pass, at most (sorted by length within a chunk).")
+    batch_tokens: int | None = Field(None, gt=0, description=(
+        "Padded tokens per forward pass, at most (texts x the batch's longest); a longer text runs alone. Default: "
+        f"{CPU_BATCH_TOKENS} on the CPU (larger batches spill the cache: slower), {GPU_BATCH_TOKENS} on a GPU."))
     max_length: int | None = Field(None, gt=0, description="Truncate texts to this many tokens (default: the "
                                                            "model's limit).")
     top_k: int = Field(5, gt=0, description="Fill-mask: candidates per mask.")
@@ -482,17 +493,34 @@ def head_class(task: str, config) -> type[Head]:
     raise ConfigError(f"{task or 'this'} models cannot be batch-scored yet: text-classification and fill-mask can")
 
 
+def length_batches(order: list[int], lengths: list[int], max_rows: int, max_tokens: int) -> Iterator[list[int]]:
+    """`order` (positions, longest first) cut into batches of at most `max_rows` texts and `max_tokens` padded
+    tokens (texts x the first, longest one); a text longer than `max_tokens` runs alone, never dropped."""
+    batch: list[int] = []
+    for j in order:
+        if batch and (len(batch) == max_rows or (len(batch) + 1) * lengths[batch[0]] > max_tokens):
+            yield batch
+            batch = []
+        batch.append(j)
+    if batch:
+        yield batch
+
+
 class Scorer:
     """The model loaded once (this process or one Ray actor); `score(table)` -> prediction columns per row."""
 
-    def __init__(self, model_uri: str, cfg: ScoreConfig):
+    def __init__(self, model: str | Any, cfg: ScoreConfig):
+        """`model`: a models:/ URI (its logged pipeline is loaded: model + tokenizer, LoRA too), or a loaded
+        transformers pipeline."""
         import inspect
 
-        import mlflow
+        if isinstance(model, str):
+            import mlflow
 
-        tracking.configure()
+            tracking.configure()
+            model = mlflow.transformers.load_model(model)
+        pipe = model
         self.cfg = cfg
-        pipe = mlflow.transformers.load_model(model_uri)  # the logged pipeline: model + tokenizer (LoRA too)
         self.device = dev.select_device(cfg.device)
         self.dtype = dev.amp_dtype(self.device, cfg.precision)
         if cfg.precision == "auto" and getattr(pipe.model.config, "problem_type", None) == "regression":
@@ -501,6 +529,7 @@ class Scorer:
         self.tok = pipe.tokenizer
         self.head = head_class(pipe.task, self.model.config)(self.model, self.tok, cfg)
         self.max_length = min(cfg.max_length or 1 << 30, input_limit(self.tok, self.model.config))
+        self.batch_tokens = cfg.batch_tokens or (CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS)
         params = inspect.signature(self.model.forward).parameters
         open_sig = any(p.kind == p.VAR_KEYWORD for p in params.values())  # PeftModel: forward(*args, **kwargs)
         self.keys = [k for k in self.tok.model_input_names if open_sig or k in params]
@@ -538,10 +567,10 @@ class Scorer:
         if todo:
             enc = self.tok(a, b if pairs is not None else None, truncation=True, max_length=self.max_length)
             feats = [{k: enc[k][j] for k in self.keys if k in enc} for j in range(len(todo))]
-            order = sorted(range(len(todo)), key=lambda j: -len(feats[j]["input_ids"]))  # longest first
+            lengths = [len(f["input_ids"]) for f in feats]
+            order = sorted(range(len(todo)), key=lambda j: -lengths[j])  # longest first
             with torch.inference_mode(), dev.autocast(self.device, self.dtype):
-                for s in range(0, len(order), self.cfg.batch_size):
-                    idx = order[s:s + self.cfg.batch_size]
+                for idx in length_batches(order, lengths, self.cfg.batch_size, self.batch_tokens):
                     batch = self.tok.pad([feats[j] for j in idx], return_tensors="pt")  # dynamic padding
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     for j, r in zip(idx, self.head.rows(self.head.forward(batch), batch)):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEGATIVE, POSITIVE
+from tests.conftest import FAMILIES, NEGATIVE, POSITIVE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -353,3 +353,41 @@ def test_multi_label_scores_at_the_models_own_threshold_unless_given(registry, t
     assert json.loads(capsys.readouterr().out)["threshold"] == 0.5
     assert pq.read_table(out).column("labels").to_pylist() == [["a"]] * 2 + [None] + [["a"]] * 3
     assert json.loads(pq.read_table(out).schema.metadata[META_KEY])["threshold"] == 0.5
+
+
+def test_length_batches_cap_texts_and_padded_tokens():
+    from tasks.scoring import length_batches
+
+    lengths = [5, 30, 12, 30, 8, 100, 7]
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])  # longest first, as the scorer sorts them
+    # 100 tokens are past the budget: alone, not dropped; 3 x 30 > 64 tokens; the third batch stops at 3 texts
+    assert list(length_batches(order, lengths, 3, 64)) == [[5], [1, 3], [2, 4, 6], [0]]
+    assert list(length_batches(order, lengths, 64, 10_000)) == [order]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_scores_equal_one_text_at_a_time_for_every_family(family, family_model_dirs):
+    """Length-sorted batches under a token budget, dynamically padded with the family's own pad token and side, give
+    each text the prediction it gets alone (fp32): classification and fill-mask (asked with `[MASK]`)."""
+    import numpy as np
+    import pyarrow as pa
+    from transformers import pipeline
+
+    from tasks.scoring import Scorer, ScoreConfig
+
+    words = [" ".join(["a great film about the sea"] * k) for k in (1, 9, 3, 20, 2, 6, 4)] + ["awful"]
+    for task, texts, cols in (("text-classification", words, ("label", "score")),
+                              ("fill-mask", [f"{t} [MASK] ." for t in words], ("tokens", "scores"))):
+        pipe = pipeline(task, model=family_model_dirs[family], tokenizer=family_model_dirs[family], device="cpu")
+        table = pa.table({"text": texts})
+        got = {}
+        for name, kw in (("alone", dict(batch_size=1)), ("batched", dict(batch_size=4, batch_tokens=120))):
+            cfg = ScoreConfig(registered_model="x", input="in.csv", output="out.parquet", precision="fp32",
+                              device="cpu", top_k=3, **kw)
+            got[name] = Scorer(pipe, cfg).score(table).to_pydict()
+        alone, batched = got["alone"], got["batched"]
+        assert alone["skipped"] == batched["skipped"] == [None] * len(texts)
+        label_col, score_col = cols
+        assert batched[label_col] == alone[label_col], task
+        for b, a in zip(batched[score_col], alone[score_col]):  # fill-mask: a list of top-k scores per mask
+            np.testing.assert_allclose(np.array(b, dtype=float), np.array(a, dtype=float), atol=1e-5, err_msg=task)

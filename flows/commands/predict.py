@@ -88,6 +88,7 @@ def _score_options() -> list[click.Parameter]:
         opt("--output-format", "output_format", type=click.Choice(["parquet", "csv", "tsv", "jsonl", "input"])),
         opt("--chunk-rows", "chunk_rows", type=int, metavar="N"),
         opt("--batch-size", "batch_size", type=int, metavar="N"),
+        opt("--batch-tokens", "batch_tokens", type=int, metavar="N"),
         opt("--max-length", "max_length", type=int, metavar="N"),
         opt("--top-k", "top_k", type=int, metavar="K"),
         opt("--threshold", "threshold", type=float, metavar="F"),
