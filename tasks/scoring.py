@@ -6,7 +6,8 @@ How it runs (the plain functions; `flows/score.py` wraps them for Prefect, `fine
   the version, its run and URI go into a manifest beside the output parts and into the output's metadata;
 - the input streams: the files are read one after the other by pyarrow's streaming readers, never whole, and cut
   into chunks of `chunk_rows` rows: chunk k is rows [k * chunk_rows, (k + 1) * chunk_rows) on every run;
-- within a chunk the texts are tokenized once, sorted by length and batched with dynamic padding; the model runs
+- within a chunk the texts are tokenized once, sorted by length and batched with dynamic padding, each batch at most
+  `batch_size` texts and `batch_tokens` padded tokens (`length_batches`: on a CPU long batches spill the cache); the model runs
   under the run's precision (`tasks.device`: bf16 where native; fp32 for a regression model, whose output is the
   number) and is loaded once per process (or per Ray actor);
 - each chunk's predictions are written atomically as one part file; `resume` skips the parts already written, and
@@ -523,8 +524,8 @@ class Scorer:
         self.cfg = cfg
         self.device = dev.select_device(cfg.device)
         self.dtype = dev.amp_dtype(self.device, cfg.precision)
-        if cfg.precision == "auto" and getattr(pipe.model.config, "problem_type", None) == "regression":
-            self.dtype = None  # the number itself is the output: bf16 has steps of 1/64 near 3 (fp32 by default)
+        if cfg.precision == "auto" and kinds.of_model(pipe.model).EVAL_FP32:
+            self.dtype = None  # regression: the number itself is the output (tasks.kinds.regression.EVAL_FP32)
         self.model = pipe.model.to(self.device).eval()
         self.tok = pipe.tokenizer
         self.head = head_class(pipe.task, self.model.config)(self.model, self.tok, cfg)

@@ -14,7 +14,7 @@ predict takes `TEXT ||| TEXT` (on the command line and in `--file` lines); pyfun
 Every kind module provides the same functions (see `single_label` for the signatures):
   encode_labels, check_labels, model_config, init_model, resolve (class weights), loss_for (through
   `weighted_loss`), evaluate (through `tasks.evaluate.eval_loop`), METRICS, PROMOTION, baseline, BASELINE_NAME,
-  artifacts, align_eval, predict, check_prediction, serving."""
+  artifacts, align_eval, predict, check_prediction, serving, EVAL_FP32 (evaluate and score in fp32: regression)."""
 from __future__ import annotations
 
 import importlib

@@ -24,6 +24,7 @@ METRICS = ("eval_loss", "eval_f1", "eval_micro_f1", "eval_subset_accuracy")
 PROMOTION = ("f1", {"f1": ("eval_f1", True), "micro_f1": ("eval_micro_f1", True),
                     "subset_accuracy": ("eval_subset_accuracy", True), "loss": ("eval_loss", False)})
 BASELINE_NAME = "majority-label-set"
+EVAL_FP32 = False  # evaluated and scored in the run's precision
 DEFAULT_THRESHOLD = 0.5
 
 

@@ -19,6 +19,9 @@ METRICS = ("eval_loss", "eval_rmse", "eval_mae", "eval_pearson", "eval_spearman"
 PROMOTION = ("rmse", {"rmse": ("eval_rmse", False), "mae": ("eval_mae", False), "pearson": ("eval_pearson", True),
                       "spearman": ("eval_spearman", True), "loss": ("eval_loss", False)})
 BASELINE_NAME = "predict-the-mean"
+# Evaluated and (precision auto) batch-scored in fp32, whatever the run trains in: the output is the number itself,
+# and bf16 has steps of 1/64 near 3 (a tiny model's distinct outputs collapsed to 2 values, Pearson 0)
+EVAL_FP32 = True
 
 
 # --- labels ---------------------------------------------------------------------------------------------------
@@ -142,9 +145,7 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
         preds.append(out.logits.float().reshape(-1))
         labels.append(batch["labels"].float().reshape(-1))
 
-    # fp32, whatever the run trains in: the metric measures the number itself, and a bf16 output has steps of 1/64
-    # near 3 (a tiny model's distinct outputs collapsed to 2 values, Pearson 0)
-    eval_loop(model, loader, device, None, desc, each)
+    eval_loop(model, loader, device, None if EVAL_FP32 else dtype, desc, each)
     preds = torch.cat(preds).tolist() if preds else []
     labels = torch.cat(labels).tolist() if labels else []
     m = scores(preds, labels)

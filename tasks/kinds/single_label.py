@@ -17,6 +17,7 @@ from tasks.kinds import pyfunc_rows, weighted_loss
 METRICS = ("eval_loss", "eval_accuracy", "eval_f1")
 PROMOTION = ("f1", {"accuracy": ("eval_accuracy", True), "f1": ("eval_f1", True), "loss": ("eval_loss", False)})
 BASELINE_NAME = "majority-class"
+EVAL_FP32 = False  # evaluated and scored in the run's precision (an argmax: bf16 does not move it)
 
 
 # --- labels ---------------------------------------------------------------------------------------------------
