@@ -510,17 +510,16 @@ def length_batches(order: list[int], lengths: list[int], max_rows: int, max_toke
 class Scorer:
     """The model loaded once (this process or one Ray actor); `score(table)` -> prediction columns per row."""
 
-    def __init__(self, model: str | Any, cfg: ScoreConfig):
-        """`model`: a models:/ URI (its logged pipeline is loaded: model + tokenizer, LoRA too), or a loaded
-        transformers pipeline."""
+    def __init__(self, pipe: str | Any, cfg: ScoreConfig):
+        """`pipe`: a loaded transformers pipeline, or a models:/ URI (its logged pipeline is loaded: model +
+        tokenizer, LoRA too)."""
         import inspect
 
-        if isinstance(model, str):
+        if isinstance(pipe, str):
             import mlflow
 
             tracking.configure()
-            model = mlflow.transformers.load_model(model)
-        pipe = model
+            pipe = mlflow.transformers.load_model(pipe)
         self.cfg = cfg
         self.device = dev.select_device(cfg.device)
         self.dtype = dev.amp_dtype(self.device, cfg.precision)

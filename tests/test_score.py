@@ -391,3 +391,29 @@ def test_batched_scores_equal_one_text_at_a_time_for_every_family(family, family
         assert batched[label_col] == alone[label_col], task
         for b, a in zip(batched[score_col], alone[score_col]):  # fill-mask: a list of top-k scores per mask
             np.testing.assert_allclose(np.array(b, dtype=float), np.array(a, dtype=float), atol=1e-5, err_msg=task)
+
+
+def test_regression_evaluates_and_scores_in_fp32_other_kinds_in_the_run_precision(tiny_model_dir, monkeypatch):
+    """The kind's EVAL_FP32, asked at both dispatch points: the recipe's evaluate hands the kind no autocast dtype
+    for regression, the run's for the others; batch scoring at precision auto does the same."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    import tasks.kinds.regression as regression
+    import tasks.kinds.single_label as single_label
+    from tasks.device import amp_dtype
+    from tasks.jobs import classify
+    from tasks.scoring import Scorer, ScoreConfig
+
+    seen = {}
+    for mod in (regression, single_label):
+        monkeypatch.setattr(mod, "evaluate", lambda m, loader, device, dtype, desc, _n=mod.__name__:
+                            seen.__setitem__(_n, dtype))
+    for problem, kw in (("regression", dict(num_labels=1, problem_type="regression")), ("single", dict(num_labels=2))):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, **kw)
+        classify.evaluate(model, [], torch.device("cpu"), torch.bfloat16)
+        pipe = pipeline("text-classification", model=model, tokenizer=tiny_model_dir, device="cpu")
+        cfg = ScoreConfig(registered_model="x", input="in.csv", output="out.parquet", precision="auto", device="cpu")
+        run_dtype = amp_dtype(torch.device("cpu"), "auto")  # bf16 where the CPU has it natively, else None
+        assert Scorer(pipe, cfg).dtype == (None if problem == "regression" else run_dtype), problem
+    assert seen == {regression.__name__: None, single_label.__name__: torch.bfloat16}

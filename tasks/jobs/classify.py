@@ -97,8 +97,10 @@ def collator(tok, spec: JobSpec):
 
 
 def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str, Any]:
-    """The kind's evaluation, found from the model's problem_type (a registry model says what it is)."""
-    return kinds.of_model(model).evaluate(model, loader, device, dtype, desc=desc)
+    """The kind's evaluation, found from the model's problem_type (a registry model says what it is), in the run's
+    precision unless the kind is evaluated in fp32 (`EVAL_FP32`: regression)."""
+    kind = kinds.of_model(model)
+    return kind.evaluate(model, loader, device, None if kind.EVAL_FP32 else dtype, desc=desc)
 
 
 def init_model(model, tokenized_path: str, spec: JobSpec) -> None:

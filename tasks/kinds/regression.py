@@ -19,7 +19,8 @@ METRICS = ("eval_loss", "eval_rmse", "eval_mae", "eval_pearson", "eval_spearman"
 PROMOTION = ("rmse", {"rmse": ("eval_rmse", False), "mae": ("eval_mae", False), "pearson": ("eval_pearson", True),
                       "spearman": ("eval_spearman", True), "loss": ("eval_loss", False)})
 BASELINE_NAME = "predict-the-mean"
-# Evaluated and (precision auto) batch-scored in fp32, whatever the run trains in: the output is the number itself,
+# Evaluated (tasks.jobs.classify.evaluate) and, at precision auto, batch-scored (tasks.scoring.Scorer) in fp32,
+# whatever the run trains in: the output is the number itself,
 # and bf16 has steps of 1/64 near 3 (a tiny model's distinct outputs collapsed to 2 values, Pearson 0)
 EVAL_FP32 = True
 
@@ -145,7 +146,7 @@ def evaluate(model, loader, device, dtype=None, desc: str = "eval") -> dict[str,
         preds.append(out.logits.float().reshape(-1))
         labels.append(batch["labels"].float().reshape(-1))
 
-    eval_loop(model, loader, device, None if EVAL_FP32 else dtype, desc, each)
+    eval_loop(model, loader, device, dtype, desc, each)  # None from the recipe: EVAL_FP32
     preds = torch.cat(preds).tolist() if preds else []
     labels = torch.cat(labels).tolist() if labels else []
     m = scores(preds, labels)
